@@ -1,0 +1,56 @@
+"""The ``metaprune`` command line: a thin argparse front end over the library.
+
+Each sub-module registers its commands (``register(subparsers)``) and imports the library only
+when a command runs. Every :class:`~metaprune.errors.MetapruneError` is printed as one
+``error: ...`` line with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from metaprune import __version__
+from metaprune.cli import demo_cmd, graph_cmds, metanet_cmds, prune_cmds, spa_cmds, train_cmds
+from metaprune.cli.common import apply_config, setup_runtime
+from metaprune.errors import MetapruneError
+
+COMMAND_MODULES = (train_cmds, graph_cmds, prune_cmds, metanet_cmds, spa_cmds, demo_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (all sub-commands)."""
+    parser = argparse.ArgumentParser(
+        prog="metaprune",
+        description="Compress trained CNNs and ViTs: convert to graphs, edit with a metanetwork, "
+        "prune structurally, adapt per task with Structured Pruning Adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"metaprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in COMMAND_MODULES:
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``metaprune`` command."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "command", None) is None:
+            parser.print_help()
+            return 2
+        args = apply_config(parser, args, argv)
+        setup_runtime(args)
+        return int(args.func(args) or 0)
+    except MetapruneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, nothing half-written was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

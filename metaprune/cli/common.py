@@ -1,0 +1,159 @@
+"""Options and helpers shared by the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from metaprune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINTS = ROOT / "checkpoints"
+DEFAULT_MODEL = CHECKPOINTS / "cifar_resnet20_fmnist.safetensors"
+DEFAULT_METANET = CHECKPOINTS / "metanet_cifar_resnet_fmnist"
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """--config, --device, --seed, --quiet."""
+    p.add_argument("--config", help="YAML preset (see configs/); flags given on the command line override it")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+
+
+def add_data(p: argparse.ArgumentParser, required: bool = False, default: str | None = None) -> None:
+    """--data, --data-dir, --download, --val-fraction, --train-subset."""
+    p.add_argument("--data", required=required, default=default,
+                   help="dataset or task: fashion-mnist, cifar10, cifar100, imagefolder:PATH, synthetic, or a task "
+                   "(see `metaprune list-models --data`)")
+    p.add_argument("--data-dir", help="folder holding the dataset files")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs a network)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training data held out for selection")
+    p.add_argument("--train-subset", type=int, help="use only this many training images (short runs)")
+
+
+def add_train(p: argparse.ArgumentParser, epochs: int = 30, lr: float = 0.1) -> None:
+    """The options of :class:`metaprune.engine.TrainConfig`."""
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "step", "constant"])
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-resume", action="store_true", help="ignore a resume checkpoint in the output folder")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch (quick runs)")
+
+
+def train_config(args: argparse.Namespace, **over):
+    """A :class:`TrainConfig` from parsed options."""
+    from metaprune.engine import TrainConfig
+
+    kw = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+              weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
+              augment=not args.no_augment, amp=not args.no_amp, seed=args.seed, device=args.device,
+              resume=not args.no_resume, max_steps_per_epoch=args.max_steps_per_epoch,
+              sparse_reg=getattr(args, "sparse_reg", 0.0) or 0.0)
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Load ``--config`` YAML as defaults, then re-parse so flags given on the command line win."""
+    if not getattr(args, "config", None):
+        return args
+    import yaml
+
+    path = Path(args.config)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; presets are in {ROOT / 'configs'}")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must be a mapping of option: value")
+    cfg = {k.replace("-", "_"): v for k, v in cfg.items() if k not in ("description", "command")}
+    unknown = sorted(k for k in cfg if not hasattr(args, k))
+    if unknown:
+        raise ConfigError(f"{path}: options {unknown} do not exist for `metaprune {args.command}`; "
+                          f"valid: {sorted(k for k in vars(args) if k not in ('func', 'command'))}")
+    sub = _subparser(parser, args.command)
+    sub.set_defaults(**cfg)
+    return parser.parse_args(argv)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public accessor
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def setup_runtime(args: argparse.Namespace) -> None:
+    """Logging, progress bars and threads, from the common options."""
+    from metaprune.engine.runtime import set_quiet
+
+    set_quiet(bool(getattr(args, "quiet", False)))
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+
+
+def status(args: argparse.Namespace, msg: str) -> None:
+    """One status line on stderr (silent with --quiet, and on non-zero ranks)."""
+    if not getattr(args, "quiet", False) and os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def model_path(args: argparse.Namespace, attr: str = "model") -> str:
+    """The model the user named, or the shipped default (said so on stderr)."""
+    p = getattr(args, attr, None)
+    if p:
+        return p
+    if not DEFAULT_MODEL.exists():
+        raise ConfigError(f"no model given and the shipped default {DEFAULT_MODEL} is missing; pass a model file")
+    status(args, f"no model given: using the shipped default {DEFAULT_MODEL.relative_to(ROOT)}")
+    return str(DEFAULT_MODEL)
+
+
+def load_data_for(args: argparse.Namespace, model=None, name: str | None = None):
+    """Load ``--data`` (synthetic data is shaped to fit ``model``)."""
+    from metaprune.data import load_dataset
+
+    name = name or args.data
+    kw = {}
+    if name == "synthetic" or (name or "").startswith("imagefolder:"):
+        spec = getattr(model, "metaprune_arch", {}).get("args", {}) if model is not None else {}
+        kw = {"in_chans": spec.get("in_chans"), "num_classes": spec.get("num_classes"),
+              "image_size": spec.get("image_size") or _image_size(model)}
+    return load_dataset(name, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+                        download=args.download, train_subset=args.train_subset, **kw)
+
+
+def _image_size(model) -> int:
+    from metaprune.models import get_entry
+
+    spec = getattr(model, "metaprune_arch", None)
+    if spec is None:
+        return 32
+    return min(get_entry(spec["arch"]).default_image_size, 64) if spec["arch"] != "vit_b_16" else 224
+
+
+def check_fits(model, data) -> None:
+    """Refuse a dataset whose channels or classes don't fit the model."""
+    args = getattr(model, "metaprune_arch", {}).get("args", {})
+    if args.get("in_chans") not in (None, data.in_chans):
+        raise ConfigError(f"the model takes {args['in_chans']}-channel images but {data.name} has {data.in_chans}; "
+                          f"build the model with in_chans={data.in_chans}")
+    if args.get("num_classes") not in (None, data.num_classes):
+        raise ConfigError(f"the model has {args['num_classes']} classes but {data.name} has {data.num_classes}")
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))

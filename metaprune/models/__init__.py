@@ -1,0 +1,22 @@
+"""Architecture registry: ``create_model(name, num_classes=, in_chans=)`` and ``list_models()``.
+
+Registered families: CIFAR ResNets (``cifar_resnet20/32/44/56/110``), CIFAR VGG-BN
+(``cifar_vgg11_bn/13_bn/16_bn/19_bn``), torchvision ``resnet18/34/50``, ``vit_b_16`` and the small
+``vit_tiny_p4`` for 28-32 px inputs. A new architecture is one ``@register_model`` builder.
+"""
+
+from metaprune.models import cifar_resnet, cifar_vgg, torchvision_models  # noqa: F401  (registration)
+from metaprune.models.layers import SelfAttention
+from metaprune.models.registry import arch_spec, create_model, get_entry, list_models, register_model
+from metaprune.models.widths import apply_widths, get_widths
+
+__all__ = [
+    "SelfAttention",
+    "apply_widths",
+    "arch_spec",
+    "create_model",
+    "get_entry",
+    "get_widths",
+    "list_models",
+    "register_model",
+]

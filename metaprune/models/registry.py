@@ -1,0 +1,94 @@
+"""Architecture registry (timm style): ``@register_model`` builders, ``create_model``, ``list_models``."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from metaprune.errors import ConfigError, UnknownNameError
+
+ARCH_ATTR = "metaprune_arch"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered architecture: its builder, family and default input size."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    family: str
+    default_image_size: int
+    description: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str, *, family: str, image_size: int, description: str = ""
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a builder ``fn(num_classes=..., in_chans=..., **kw) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelEntry(name, fn, family, image_size, description or (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of registered architectures matching a glob ``pattern``, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; unknown names raise an error listing the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown model {name!r}; valid names: {', '.join(list_models())} (see `metaprune list-models`)"
+        ) from None
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build a registered architecture with fresh weights.
+
+    Args:
+        name: registry name, e.g. ``"cifar_resnet56"``.
+        num_classes: size of the classifier output.
+        in_chans: number of input image channels (1 for Fashion-MNIST).
+        **kwargs: builder-specific arguments (e.g. ``image_size`` for ViTs).
+
+    The returned module carries its spec in ``model.metaprune_arch`` (``{"arch", "args"}``),
+    which :func:`metaprune.io.save_model` writes next to the weights.
+    """
+    entry = get_entry(name)
+    if num_classes < 1 or in_chans < 1:
+        raise ConfigError(f"num_classes and in_chans must be >= 1 (got {num_classes}, {in_chans})")
+    params = inspect.signature(entry.builder).parameters
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        valid = [p for p in params if p not in ("num_classes", "in_chans")]
+        raise ConfigError(f"model {name!r} does not take {unknown}; it takes {valid}")
+    model = entry.builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    setattr(model, ARCH_ATTR, {"arch": name, "args": {"num_classes": num_classes, "in_chans": in_chans, **kwargs}})
+    return model
+
+
+def arch_spec(model: nn.Module) -> dict:
+    """The ``{"arch", "args"}`` spec of a model built by :func:`create_model`."""
+    spec = getattr(model, ARCH_ATTR, None)
+    if spec is None:
+        raise ConfigError(
+            f"{type(model).__name__} was not built by metaprune.create_model, so it has no architecture spec; "
+            "build it with create_model(name, ...) or load it with metaprune.io.load_model"
+        )
+    return spec
