@@ -1,0 +1,125 @@
+"""``to_graph`` / ``from_graph`` / ``graph_params``: the network <-> graph mapping.
+
+``from_graph(to_graph(m))`` equals ``m`` exactly: every parameter and buffer (BatchNorm running
+statistics and ``num_batches_tracked`` included) and the train/eval mode. ``graph_params`` is the
+differentiable half of the inverse: it maps (possibly edited) node and edge features to tensors
+keyed like ``model.state_dict()``, for ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metaprune.errors import GraphError
+from metaprune.graph.graph import GRAPH_FORMAT_VERSION, Graph
+from metaprune.graph.trace import trace
+from metaprune.models import apply_widths, create_model, get_entry, get_widths
+from metaprune.models.registry import ARCH_ATTR
+
+
+def _input_shape(arch: dict) -> tuple[int, int, int, int]:
+    args = arch.get("args", {})
+    size = args.get("image_size") or get_entry(arch["arch"]).default_image_size
+    return (1, int(args.get("in_chans", 3)), int(size), int(size))
+
+
+def to_graph(model: nn.Module) -> Graph:
+    """Convert ``model`` (built by :func:`metaprune.models.create_model` or loaded with
+    :func:`metaprune.io.load_model`, pruned or not) into a :class:`Graph`. The model is not changed.
+
+    Raises:
+        GraphError: the model has no architecture spec, a layer type has no rule (the message
+            names the module and lists the supported types), or its channels cannot be followed.
+    """
+    arch = getattr(model, ARCH_ATTR, None)
+    if not arch or "arch" not in arch:
+        raise GraphError(f"{type(model).__name__} has no architecture spec (model.{ARCH_ATTR}); build it with "
+                         "metaprune.models.create_model or load it with metaprune.io.load_model")
+    shape = _input_shape(arch)
+    builder, _ = trace(model, shape)
+    sd = model.state_dict()
+    covered = {e["key"] for e in builder.layout}
+    if len(covered) != len(builder.layout):
+        dup = sorted({e["key"] for e in builder.layout if sum(f["key"] == e["key"] for f in builder.layout) > 1})
+        raise GraphError(f"the parameters {dup[:5]} are used by more than one layer call (weight sharing), "
+                         "which the graph cannot represent")
+    missing = [k for k in sd if k not in covered]
+    if missing:
+        raise GraphError(f"the graph does not cover the tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                         "they are never used in forward, or used by an operation without a graph rule")
+    spec = {"format_version": GRAPH_FORMAT_VERSION, "arch": arch["arch"], "arch_args": dict(arch.get("args", {})),
+            "widths": get_widths(model), "training": bool(model.training), "input_shape": list(shape),
+            "keys": list(sd), "layout": builder.layout, "layers": builder.layers}
+    return builder.build(spec)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def graph_params(graph: Graph, x: torch.Tensor | None = None,
+                 edge_attr: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Map node features ``x`` [N, F] and edge features ``edge_attr`` (group -> [E, D]) to the
+    model's parameters and buffers, keyed like ``model.state_dict()`` and in its order.
+
+    Differentiable: the returned tensors are views / reshapes of ``x`` and ``edge_attr`` (cast to
+    each tensor's dtype), so gradients of a loss computed with
+    ``torch.func.functional_call(model, graph_params(g, x, ea), inputs)`` flow back to ``x`` and
+    ``edge_attr``. Defaults are the graph's own features. Slots that hold no parameter (see
+    ``graph.x_mask``) and identity edges are not read. In train mode BatchNorm updates its running
+    statistics in place: pass detached copies then, or use eval mode.
+    """
+    x = graph.x if x is None else x
+    ea = graph.edge_attr() if edge_attr is None else {**graph.edge_attr(), **edge_attr}
+    if tuple(x.shape) != tuple(graph.x.shape):
+        raise GraphError(f"node features have shape {tuple(x.shape)}, the graph needs {tuple(graph.x.shape)}")
+    for k, g in graph.edges.items():
+        if tuple(ea[k].shape) != tuple(g.attr.shape):
+            raise GraphError(f"edge features of group {k!r} have shape {tuple(ea[k].shape)}, "
+                             f"the graph needs {tuple(g.attr.shape)}")
+    out: dict[str, torch.Tensor] = {}
+    for e in graph.spec["layout"]:
+        kind, shape, dt = e["kind"], e["shape"], _dtype(e["dtype"])
+        if kind == "node":
+            s, n, slots = e["start"], e["count"], e["slots"]
+            v = x[s:s + n, slots[0]] if len(slots) == 1 else x[s:s + n, slots].t()
+            t = v.reshape(shape)
+        elif kind == "edge":
+            a = ea[e["group"]][e["offset"]:e["offset"] + e["count"]]
+            if e["view"] == "qkv":
+                hd, c = shape[0] // 3, shape[1]
+                t = a.reshape(hd, c, 3).permute(2, 0, 1).reshape(shape)
+            else:
+                t = a.reshape(shape)
+        else:
+            t = torch.tensor(e["value"], dtype=dt, device=x.device).reshape(shape)
+        out[e["key"]] = t if t.dtype == dt else t.to(dt)
+    keys = graph.spec.get("keys")
+    return {k: out[k] for k in keys} if keys else out
+
+
+def build_module(spec: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Build the architecture of a graph spec at its widths and load ``state_dict`` into it (the
+    tensors are taken over, not copied). Construction happens on the ``meta`` device, so no time
+    is spent on random initialisation."""
+    with torch.device("meta"):
+        model = create_model(spec["arch"], **spec["arch_args"])
+        apply_widths(model, spec.get("widths", {}), state_dict)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise GraphError(f"the graph's tensors do not fit architecture {spec['arch']!r}: "
+                         f"{' '.join(str(e).splitlines()[:2])}") from None
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:
+        raise GraphError(f"the graph spec leaves {left[:3]} unset; the graph is incomplete")
+    return model.train(bool(spec.get("training", False)))
+
+
+def from_graph(graph: Graph) -> nn.Module:
+    """Rebuild the network of ``graph`` (the exact inverse of :func:`to_graph`). The module owns
+    fresh copies of its tensors, so training it does not change the graph."""
+    params = graph_params(graph)
+    sd = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in params.items()}
+    return build_module(graph.spec, sd)

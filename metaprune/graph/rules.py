@@ -1,0 +1,178 @@
+"""Encode rules, one per layer type. Adding a layer type to the graph means adding one rule here.
+
+A rule receives the :class:`Flow` (node set + channel dimension) of the layer's input and
+declares on the :class:`~metaprune.graph.builder.GraphBuilder` the nodes it creates, the edges
+that carry its weights and the node slots that carry its per-channel vectors. It returns the
+flow of its output. Decoding needs no per-type code: every declaration is recorded in the
+layout that :func:`metaprune.graph.graph_params` inverts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metaprune.errors import GraphError
+from metaprune.graph.builder import GraphBuilder, NodeSet
+from metaprune.graph.graph import SLOT
+from metaprune.models.layers import SelfAttention
+
+
+@dataclass
+class Flow:
+    """Which graph nodes the channels of a tensor are, and which dimension holds the channels."""
+
+    ns: NodeSet
+    cdim: int
+
+
+Rule = Callable[[GraphBuilder, str, nn.Module, Flow, torch.Tensor], object]
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Register ``fn(builder, module_path, module, input_flow, input_meta) -> output flow`` for ``types``."""
+
+    def deco(fn: Rule) -> Rule:
+        for t in types:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``'s type (or its nearest registered base class)."""
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+    return None
+
+
+def supported_types() -> str:
+    """Names of the layer types that have a rule (for error messages)."""
+    return ", ".join(sorted(t.__name__ for t in RULES))
+
+
+def _key(name: str, attr: str) -> str:
+    return f"{name}.{attr}" if name else attr
+
+
+def _kernel_group(kh: int, kw: int) -> str:
+    return f"k{kh * kw}" if kh == kw else f"k{kh}x{kw}"
+
+
+def _expect(cond: bool, name: str, mod: nn.Module, what: str) -> None:
+    if not cond:
+        raise GraphError(f"{name} ({type(mod).__name__}): {what}; the graph cannot map its channels")
+
+
+def _norm_nodes(b: GraphBuilder, name: str, mod: nn.Module, flow: Flow, slots: list[int]) -> NodeSet:
+    """The nodes a norm layer writes its vectors to: the input's nodes if their slots are free,
+    else new nodes joined one-to-one to them (two norms reading the same channels)."""
+    if not flow.ns.used_slots.intersection(slots):
+        return flow.ns
+    layer = b.new_layer(name, type(mod).__name__)
+    ns = b.new_nodes(flow.ns.size, "norm", flow.ns.depth + 1, layer)
+    b.identity_edges(flow.ns, ns, layer)
+    return ns
+
+
+@register_rule(nn.Conv2d)
+def conv2d(b: GraphBuilder, name: str, mod: nn.Conv2d, x: Flow, meta: torch.Tensor) -> Flow:
+    """Conv2d (grouped and depthwise included): one node per output channel; one edge per
+    (input, output) pair of a group with the kernel slice as feature; bias in slot ``bias``."""
+    _expect(x.cdim == 1 and x.ns.size == mod.in_channels, name, mod,
+            f"expects {mod.in_channels} channels in dim 1, gets {x.ns.size} in dim {x.cdim}")
+    kh, kw = mod.kernel_size
+    layer = b.new_layer(name, "Conv2d")
+    out = b.new_nodes(mod.out_channels, "conv", x.ns.depth + 1, layer)
+    w = mod.weight.detach()
+    value = w.reshape(-1, kh * kw)
+    role = "patch" if tuple(mod.stride) == (kh, kw) and kh > 1 else ("grouped_conv" if mod.groups > 1 else "conv")
+    group = _kernel_group(kh, kw)
+    if mod.groups == 1:
+        b.dense_edges(group, x.ns, out, value, role, layer, key=_key(name, "weight"), shape=list(w.shape),
+                      dtype=w.dtype)
+    else:
+        b.grouped_edges(group, x.ns, out, mod.groups, value, role, layer, key=_key(name, "weight"),
+                        shape=list(w.shape), dtype=w.dtype)
+    if mod.bias is not None:
+        b.node_param(_key(name, "bias"), mod.bias, out, [SLOT["bias"]])
+    return Flow(out, 1)
+
+
+@register_rule(nn.Linear)
+def linear(b: GraphBuilder, name: str, mod: nn.Linear, x: Flow, meta: torch.Tensor) -> Flow:
+    """Linear: one node per output feature, one 1-feature edge per weight, bias in slot ``bias``."""
+    _expect(x.cdim == meta.ndim - 1 and x.ns.size == mod.in_features, name, mod,
+            f"expects {mod.in_features} features in the last dim, gets {x.ns.size} in dim {x.cdim} of {meta.ndim}")
+    layer = b.new_layer(name, "Linear")
+    out = b.new_nodes(mod.out_features, "linear", x.ns.depth + 1, layer)
+    w = mod.weight.detach()
+    b.dense_edges("k1", x.ns, out, w.reshape(-1, 1), "linear", layer, key=_key(name, "weight"),
+                  shape=list(w.shape), dtype=w.dtype)
+    if mod.bias is not None:
+        b.node_param(_key(name, "bias"), mod.bias, out, [SLOT["bias"]])
+    return Flow(out, meta.ndim - 1)
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def batchnorm(b: GraphBuilder, name: str, mod: nn.modules.batchnorm._BatchNorm, x: Flow, meta: torch.Tensor) -> Flow:
+    """BatchNorm: weight, bias, running mean and var in slots 0-3 of the channels it normalises;
+    ``num_batches_tracked`` is kept as a constant in the spec."""
+    _expect(x.cdim == 1 and x.ns.size == mod.num_features, name, mod,
+            f"expects {mod.num_features} channels in dim 1, gets {x.ns.size} in dim {x.cdim}")
+    ns = _norm_nodes(b, name, mod, x, [0, 1, 2, 3])
+    for attr, slot in (("weight", "bn_weight"), ("bias", "bn_bias"), ("running_mean", "bn_mean"),
+                       ("running_var", "bn_var")):
+        t = getattr(mod, attr)
+        if t is not None:
+            b.node_param(_key(name, attr), t, ns, [SLOT[slot]])
+    if mod.num_batches_tracked is not None:
+        b.constant(_key(name, "num_batches_tracked"), mod.num_batches_tracked)
+    return Flow(ns, x.cdim)
+
+
+@register_rule(nn.LayerNorm)
+def layernorm(b: GraphBuilder, name: str, mod: nn.LayerNorm, x: Flow, meta: torch.Tensor) -> Flow:
+    """LayerNorm over the channel dimension: weight and bias in slots ``ln_weight`` / ``ln_bias``."""
+    _expect(tuple(mod.normalized_shape) == (x.ns.size,) and x.cdim == meta.ndim - 1, name, mod,
+            f"normalises {tuple(mod.normalized_shape)}, but the channels are {x.ns.size} in dim {x.cdim}")
+    ns = _norm_nodes(b, name, mod, x, [SLOT["ln_weight"], SLOT["ln_bias"]])
+    if mod.weight is not None:
+        b.node_param(_key(name, "weight"), mod.weight, ns, [SLOT["ln_weight"]])
+    if mod.bias is not None:
+        b.node_param(_key(name, "bias"), mod.bias, ns, [SLOT["ln_bias"]])
+    return Flow(ns, x.cdim)
+
+
+@register_rule(SelfAttention)
+def self_attention(b: GraphBuilder, name: str, mod: SelfAttention, x: Flow, meta: torch.Tensor):
+    """Multi-head self-attention: one node per query/key/value dimension j (heads side by side)
+    whose edges to the input carry the 3 features (W_q[j,i], W_k[j,i], W_v[j,i]) (group ``qkv3``)
+    and whose slots ``q/k/v_bias`` hold the biases; then ``proj`` as a linear layer (role ``attn_out``)."""
+    c = mod.qkv.in_features
+    _expect(x.cdim == meta.ndim - 1 and x.ns.size == c, name, mod,
+            f"expects {c} features in the last dim, gets {x.ns.size} in dim {x.cdim}")
+    hd = mod.qkv.out_features // 3
+    _expect(hd * 3 == mod.qkv.out_features and hd % mod.num_heads == 0, name, mod,
+            f"qkv has {mod.qkv.out_features} outputs, not 3 x num_heads ({mod.num_heads}) x head_dim")
+    lq = b.new_layer(_key(name, "qkv"), "SelfAttention.qkv")
+    att = b.new_nodes(hd, "attention", x.ns.depth + 1, lq)
+    w = mod.qkv.weight.detach()
+    b.dense_edges("qkv3", x.ns, att, w.reshape(3, hd, c).permute(1, 2, 0).reshape(hd * c, 3), "qkv", lq,
+                  key=_key(name, "qkv.weight"), view="qkv", shape=list(w.shape), dtype=w.dtype)
+    if mod.qkv.bias is not None:
+        b.node_param(_key(name, "qkv.bias"), mod.qkv.bias, att, [SLOT["q_bias"], SLOT["k_bias"], SLOT["v_bias"]])
+    lp = b.new_layer(_key(name, "proj"), "SelfAttention.proj")
+    out = b.new_nodes(mod.proj.out_features, "linear", x.ns.depth + 2, lp)
+    wp = mod.proj.weight.detach()
+    b.dense_edges("k1", att, out, wp.reshape(-1, 1), "attn_out", lp, key=_key(name, "proj.weight"),
+                  shape=list(wp.shape), dtype=wp.dtype)
+    if mod.proj.bias is not None:
+        b.node_param(_key(name, "proj.bias"), mod.proj.bias, out, [SLOT["bias"]])
+    return (Flow(out, x.cdim), None)
