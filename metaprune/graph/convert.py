@@ -8,11 +8,16 @@ keyed like ``model.state_dict()``, for ``torch.func.functional_call``.
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from metaprune.errors import GraphError
-from metaprune.graph.graph import GRAPH_FORMAT_VERSION, Graph
+from metaprune.graph.builder import single_thread
+from metaprune.graph.graph import GRAPH_FORMAT_VERSION, NODE_NEUTRAL, EdgeGroup, Graph
 from metaprune.graph.trace import trace
 from metaprune.models import apply_widths, create_model, get_entry, get_widths
 from metaprune.models.registry import ARCH_ATTR
@@ -24,9 +29,73 @@ def _input_shape(arch: dict) -> tuple[int, int, int, int]:
     return (1, int(args.get("in_chans", 3)), int(size), int(size))
 
 
-def to_graph(model: nn.Module) -> Graph:
+@dataclass
+class _Structure:
+    """Everything about a graph that depends only on the architecture and its widths."""
+
+    node_role: torch.Tensor
+    node_layer: torch.Tensor
+    node_depth: torch.Tensor
+    x_mask: torch.Tensor
+    edges: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]   # index, role, layer, dim
+    spec: dict
+
+
+_CACHE: OrderedDict[tuple, _Structure] = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def clear_cache() -> None:
+    """Forget the cached graph structures (see :func:`to_graph`)."""
+    _CACHE.clear()
+
+
+def _structure_key(model: nn.Module, arch: dict, shape: tuple) -> tuple:
+    mods = tuple((n, type(m).__qualname__) for n, m in model.named_modules())
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
+    return (json.dumps(arch, sort_keys=True, default=str), json.dumps(get_widths(model), sort_keys=True),
+            shape, mods, tensors)
+
+
+def _fill(st: _Structure, model: nn.Module) -> Graph:
+    """A graph of ``model`` on a cached structure: only the features are computed."""
+    sd = model.state_dict()
+    with single_thread():
+        n = st.node_role.shape[0]
+        x = torch.tensor(NODE_NEUTRAL, dtype=torch.float32).repeat(n, 1)
+        attr = {g: torch.empty(e[0].shape[1], e[3]) for g, e in st.edges.items()}
+        layout = []
+        for e in st.spec["layout"]:
+            t = sd[e["key"]].detach()
+            if e["kind"] == "node":
+                s, c, slots = e["start"], e["count"], e["slots"]
+                x[s:s + c, slots] = t.reshape(len(slots), c).t().to(torch.float32)
+            elif e["kind"] == "edge":
+                a = attr[e["group"]][e["offset"]:e["offset"] + e["count"]]
+                if e["view"] == "qkv":
+                    hd, c = e["shape"][0] // 3, e["shape"][1]
+                    a.view(hd, c, 3).copy_(t.reshape(3, hd, c).permute(1, 2, 0))
+                else:
+                    a.copy_(t.reshape(a.shape))
+            else:
+                e = {**e, "value": t.item()}
+            layout.append(e)
+        for g in st.edges:
+            if g == "id":
+                attr[g].fill_(1.0)
+    edges = {g: EdgeGroup(index, attr[g], role, layer) for g, (index, role, layer, _) in st.edges.items()}
+    spec = {**st.spec, "layout": layout, "training": bool(model.training)}
+    return Graph(x, st.x_mask, st.node_role, st.node_layer, st.node_depth, edges, spec)
+
+
+def to_graph(model: nn.Module, cache: bool = True) -> Graph:
     """Convert ``model`` (built by :func:`metaprune.models.create_model` or loaded with
     :func:`metaprune.io.load_model`, pruned or not) into a :class:`Graph`. The model is not changed.
+
+    The structure of a graph (edge index, roles, layers, layout) depends only on the architecture
+    and its widths; with ``cache=True`` the structures of the last few architectures are kept, so
+    converting another model of the same shape only copies its weights. Graphs of the same shape
+    then share their (read-only) ``edge index / role / layer``, ``node_*`` and ``x_mask`` tensors.
 
     Raises:
         GraphError: the model has no architecture spec, a layer type has no rule (the message
@@ -37,6 +106,10 @@ def to_graph(model: nn.Module) -> Graph:
         raise GraphError(f"{type(model).__name__} has no architecture spec (model.{ARCH_ATTR}); build it with "
                          "metaprune.models.create_model or load it with metaprune.io.load_model")
     shape = _input_shape(arch)
+    key = _structure_key(model, arch, shape) if cache else None
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _fill(_CACHE[key], model)
     builder, _ = trace(model, shape)
     sd = model.state_dict()
     covered = {e["key"] for e in builder.layout}
@@ -51,7 +124,13 @@ def to_graph(model: nn.Module) -> Graph:
     spec = {"format_version": GRAPH_FORMAT_VERSION, "arch": arch["arch"], "arch_args": dict(arch.get("args", {})),
             "widths": get_widths(model), "training": bool(model.training), "input_shape": list(shape),
             "keys": list(sd), "layout": builder.layout, "layers": builder.layers}
-    return builder.build(spec)
+    g = builder.build(spec)
+    if key is not None:
+        _CACHE[key] = _Structure(g.node_role, g.node_layer, g.node_depth, g.x_mask,
+                                 {k: (e.index, e.role, e.layer, e.feature_dim) for k, e in g.edges.items()}, spec)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return g
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -121,5 +200,6 @@ def from_graph(graph: Graph) -> nn.Module:
     """Rebuild the network of ``graph`` (the exact inverse of :func:`to_graph`). The module owns
     fresh copies of its tensors, so training it does not change the graph."""
     params = graph_params(graph)
-    sd = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in params.items()}
+    with single_thread():
+        sd = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in params.items()}
     return build_module(graph.spec, sd)
