@@ -1,5 +1,153 @@
-"""Commands of this stage (filled in by the stage that owns them)."""
+"""``prune``, ``curve``, ``report``: structured pruning, prunability curves, reading reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from metaprune.cli.common import (
+    add_common,
+    add_data,
+    add_train,
+    load_data_for,
+    model_path,
+    print_json,
+    status,
+    train_config,
+)
+from metaprune.errors import ConfigError
+
+
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--criterion", default="l2", choices=["l2", "l1", "bn", "taylor", "random"],
+                   help="channel importance: group L2/L1 magnitude, BatchNorm scale, Taylor (needs --data), random")
+    p.add_argument("--global", dest="global_pruning", action="store_true",
+                   help="rank all layers together (non-uniform widths) instead of the same share per layer")
+    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="layer (module path, e.g. layer1.0.conv1) whose output width is kept; repeatable. "
+                   "The classifier is always kept")
 
 
 def register(sub) -> None:
-    """No commands yet."""
+    p = sub.add_parser("prune", help="remove channels / heads structurally (torch-pruning DepGraph)",
+                       description="Prune a model file to a channel ratio, a MAC speed-up or a parameter reduction; "
+                       "writes OUT/model.safetensors and OUT/report.json and prints before/after numbers.")
+    p.add_argument("model", nargs="?", help="model file (default: the shipped checkpoint)")
+    tgt = p.add_mutually_exclusive_group()
+    tgt.add_argument("--ratio", type=float, help="share of prunable channels (and heads) removed, 0 < R < 1")
+    tgt.add_argument("--speedup", type=float, help="prune until base MACs / pruned MACs reaches S (within 2%%)")
+    tgt.add_argument("--params-ratio", type=float, help="prune until base params / pruned params reaches P")
+    _add_prune_options(p)
+    p.add_argument("--round-to", type=int, help="keep a multiple of this many channels per layer (8 for GPUs)")
+    p.add_argument("--max-layer-ratio", type=float, default=0.9, help="largest share any layer may lose")
+    p.add_argument("--keep-heads", action="store_true", help="do not remove attention heads (ViTs)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the pruned model this many epochs (--data)")
+    add_data(p)
+    add_train(p, epochs=0, lr=0.01)
+    p.add_argument("--eval-batches", type=int, help="evaluate accuracy on at most this many test batches")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--task", action="append", default=[], help="adapt the source to this task with spa: one pruned "
+                   "adapter bundle per task; repeatable")
+    p.add_argument("--method", default="splora", help="spa adapter method used with --task")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt holding a whole module")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_common(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("curve", help="accuracy vs MAC speed-up without finetuning, and its AUC (prunability)",
+                       description="Prune step by step (no finetuning), recalibrate BatchNorm on a few training "
+                       "batches, measure validation accuracy; writes OUT/curve.json and OUT/curve.png.")
+    p.add_argument("model", nargs="?", help="model file (default: the shipped checkpoint)")
+    add_data(p, default="fashion-mnist")
+    _add_prune_options(p)
+    p.add_argument("--max-speedup", type=float, default=3.0, help="right end of the curve and of its AUC")
+    p.add_argument("--steps", type=int, default=6, help="number of pruned points")
+    p.add_argument("--val-batches", type=int, default=8, help="validation batches per point (0: all)")
+    p.add_argument("--calib-batches", type=int, default=8, help="training batches for BatchNorm recalibration")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt holding a whole module")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    add_common(p)
+    p.set_defaults(func=cmd_curve)
+
+    p = sub.add_parser("report", help="print a prune report.json as a table")
+    p.add_argument("path", help="report.json or the folder that holds it")
+    p.add_argument("--json", action="store_true", help="print the JSON itself")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    src = model_path(args)
+    if args.task:
+        try:
+            from spa.api import adapt_tasks
+        except ImportError as e:
+            raise ConfigError(f"--task needs the spa package's adapt_tasks (spa.api), which is not available ({e}); "
+                              "prune without --task, or install/update spa") from None
+        if args.ratio is None:
+            raise ConfigError("--task needs --ratio (the share of channels the adapters prune)")
+        adapt_tasks(src, args.task, args.method, args.ratio, args)
+        return 0
+    from metaprune.pruning import PruneConfig, format_table
+    from metaprune.pruning.pipeline import prune_file
+
+    cfg = PruneConfig(ratio=args.ratio, speedup=args.speedup, params_ratio=args.params_ratio,
+                      criterion=args.criterion, global_pruning=args.global_pruning, round_to=args.round_to,
+                      ignore=tuple(args.ignore), max_layer_ratio=args.max_layer_ratio,
+                      prune_heads=not args.keep_heads, seed=args.seed)
+    data = None
+    if args.data:
+        from metaprune.io import load_model
+
+        probe, _ = load_model(src, trust_pickle=args.trust_pickle)
+        data = load_data_for(args, probe)
+    elif args.finetune_epochs or args.criterion == "taylor":
+        raise ConfigError("--finetune-epochs and --criterion taylor need --data")
+    ft = train_config(args, epochs=args.finetune_epochs) if args.finetune_epochs else None
+    status(args, f"prune: {src} ({cfg.target[0]} {cfg.target[1]:g}, criterion {cfg.criterion})")
+    report = prune_file(src, Path(args.output), cfg, data=data, finetune=ft, device=args.device,
+                        latency=not args.no_latency, eval_batches=args.eval_batches, trust_pickle=args.trust_pickle)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_table(report))
+    return 0
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    from metaprune.engine.runtime import resolve_device
+    from metaprune.io import check_output, load_model, write_json
+    from metaprune.pruning import plot_curve, prunability_curve
+
+    src = model_path(args)
+    out = Path(args.output)
+    check_output(out / "curve.json", (src,))
+    model, info = load_model(src, trust_pickle=args.trust_pickle)
+    data = load_data_for(args, model)
+    device = resolve_device(args.device)
+    curve = prunability_curve(model, data, max_speedup=args.max_speedup, steps=args.steps, criterion=args.criterion,
+                              val_batches=args.val_batches or None, calib_batches=args.calib_batches,
+                              batch_size=args.batch_size, device=device, seed=args.seed,
+                              global_pruning=args.global_pruning, ignore=tuple(args.ignore))
+    curve.update(source=src, arch=info.arch, data=data.name)
+    write_json(out / "curve.json", curve)
+    plot_curve(curve, out / "curve.png", title=f"{info.arch} on {data.name}: AUC {curve['auc']:.2f}% to "
+               f"{args.max_speedup:g}x")
+    print(f"{'speed-up':>10s}{'ratio':>8s}{'val acc':>10s}")
+    for s, r, a in zip(curve["speedups"], curve["ratios"], curve["accs"]):
+        print(f"{s:>9.2f}x{r:>8.3f}{a:>9.2f}%")
+    print(f"prunability (mean val acc over 1..{args.max_speedup:g}x): {curve['auc']:.2f}% "
+          f"({curve['auc_rel']:.3f} of unpruned) -> {out / 'curve.json'}, {out / 'curve.png'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from metaprune.pruning import format_table, load_report
+
+    report = load_report(args.path)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_table(report))
+    return 0

@@ -37,8 +37,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key=None, value=None, need_weights: bool = False, **_):
         b, n, _c = query.shape
-        qkv = self.qkv(query).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # unbind (not indexing) so torch-pruning maps qkv rows to heads and to proj columns
+        q, k, v = self.qkv(query).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(b, n, -1))
         return out, None
 

@@ -1,0 +1,86 @@
+"""Options of :func:`metaprune.pruning.prune` (and of ``metaprune prune``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metaprune.errors import ConfigError
+
+CRITERIA = ("l2", "l1", "bn", "taylor", "random")
+
+
+@dataclass
+class PruneConfig:
+    """What to remove and how to rank it.
+
+    Exactly one target is given:
+
+    Args:
+        ratio: share of the prunable channels (and attention heads) removed from every group, in (0, 1).
+        speedup: target MAC reduction ``base MACs / pruned MACs`` (> 1); the channel ratio is
+            searched until the achieved value is within ``tolerance`` of it.
+        params_ratio: target parameter reduction ``base params / pruned params`` (> 1), searched likewise.
+        criterion: channel importance: ``l2`` / ``l1`` group magnitude, ``bn`` (BatchNorm scale),
+            ``taylor`` (|w * dL/dw|, needs calibration batches) or ``random``.
+        global_pruning: rank all groups against one threshold (non-uniform widths) instead of
+            removing the same share from each group.
+        round_to: keep a multiple of this many channels in every layer.
+        ignore: module names (as in ``model.named_modules()``) that must keep their output width;
+            the classifier is always protected.
+        max_layer_ratio: no layer loses more than this share of its channels (global pruning), and
+            the upper end of the target search.
+        prune_heads: in attention layers remove whole heads (else attention widths are kept).
+        tolerance: relative tolerance of a speed-up / params target.
+        search_iters: bisection steps of the target search (it stops early once within tolerance).
+        global_steps: pruning steps of global pruning (small steps enforce ``max_layer_ratio``).
+        taylor_batches: batches used to accumulate gradients for the ``taylor`` criterion.
+        seed: seed of the ``random`` criterion.
+    """
+
+    ratio: float | None = None
+    speedup: float | None = None
+    params_ratio: float | None = None
+    criterion: str = "l2"
+    global_pruning: bool = False
+    round_to: int | None = None
+    ignore: tuple[str, ...] = ()
+    max_layer_ratio: float = 0.9
+    prune_heads: bool = True
+    tolerance: float = 0.02
+    search_iters: int = 16
+    global_steps: int = 5
+    taylor_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.ignore = tuple(self.ignore)
+        given = [n for n in ("ratio", "speedup", "params_ratio") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ConfigError("give exactly one pruning target: --ratio R (share of channels removed, 0<R<1), "
+                              f"--speedup S (MAC reduction, S>1) or --params-ratio P (parameter reduction, P>1); got {given or 'none'}")
+        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1); it is the share of channels removed, e.g. 0.5")
+        if self.speedup is not None and not self.speedup > 1.0:
+            raise ConfigError(f"--speedup {self.speedup} must be > 1 (base MACs / pruned MACs, e.g. 2.5)")
+        if self.params_ratio is not None and not self.params_ratio > 1.0:
+            raise ConfigError(f"--params-ratio {self.params_ratio} must be > 1 (base params / pruned params, e.g. 2 "
+                              "halves the parameters)")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"unknown criterion {self.criterion!r}; valid: {', '.join(CRITERIA)}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"--round-to {self.round_to} must be >= 1")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise ConfigError(f"max_layer_ratio {self.max_layer_ratio} must be in (0, 1)")
+        if not 0.0 < self.tolerance < 0.5:
+            raise ConfigError(f"tolerance {self.tolerance} must be in (0, 0.5)")
+        if self.search_iters < 1 or self.global_steps < 1 or self.taylor_batches < 1:
+            raise ConfigError("search_iters, global_steps and taylor_batches must be >= 1")
+
+    @property
+    def target(self) -> tuple[str, float]:
+        """``(kind, value)`` of the target: ``ratio``, ``speedup`` or ``params_ratio``."""
+        for name in ("ratio", "speedup", "params_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                return name, float(value)
+        raise AssertionError("unreachable: validated in __post_init__")

@@ -1,0 +1,278 @@
+"""Structured pruning with torch-pruning's DepGraph: a channel ratio, or a MAC / parameter target
+reached by searching the ratio. Whole attention heads are removed from ViTs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from metaprune.engine.measure import count_macs, count_params
+from metaprune.errors import PruningError
+from metaprune.models import get_widths
+from metaprune.pruning.config import PruneConfig
+from metaprune.pruning.criteria import accumulate_gradients, check_criterion, make_importance
+from metaprune.pruning.structure import (
+    attention_layers,
+    find_classifier,
+    resolve_ignored,
+    sync_attributes,
+    unwrapped_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """A pruned model and what was achieved.
+
+    ``speedup`` and ``params_reduction`` are base / pruned (MACs per image, parameter count);
+    ``ratio`` is the channel ratio that was applied; ``target_met`` says whether a speed-up or
+    params target was hit within the tolerance (always True for a plain ratio).
+    """
+
+    model: nn.Module
+    ratio: float
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    heads_before: list[int] = field(default_factory=list)
+    heads_after: list[int] = field(default_factory=list)
+    target: tuple[str, float] = ("ratio", 0.0)
+    target_met: bool = True
+    trials: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.macs_before / max(1, self.macs_after)
+
+    @property
+    def params_reduction(self) -> float:
+        return self.params_before / max(1, self.params_after)
+
+    def summary(self) -> dict:
+        """JSON-ready description (no model)."""
+        return {"ratio": self.ratio, "macs_before": self.macs_before, "macs_after": self.macs_after,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "speedup": self.speedup, "params_reduction": self.params_reduction,
+                "heads_before": self.heads_before, "heads_after": self.heads_after,
+                "target": {"kind": self.target[0], "value": self.target[1]}, "target_met": self.target_met,
+                "search": self.trials, "notes": self.notes}
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | None, input_shape: tuple[int, ...] | None) -> torch.Tensor:
+    if example_input is None:
+        if input_shape is None:
+            from metaprune.engine.report import input_shape as default_shape
+
+            input_shape = default_shape(model)
+        example_input = torch.randn(1, *input_shape)
+    device = next(model.parameters()).device
+    return example_input[:1].to(device)
+
+
+def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_input: torch.Tensor,
+               grads_ready: bool = False) -> nn.Module:
+    """Remove ``ratio`` of the channels (and heads) of every group of ``model``, in place.
+
+    The classifier and ``config.ignore`` keep their widths. With ``taylor`` the parameters must
+    already hold gradients (``grads_ready``). Returns the model, in the train/eval mode it had.
+    """
+    was_training = model.training
+    ignored = resolve_ignored(model, config.ignore)
+    heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
+    head_ratio = 0.0
+    if heads:  # keep at least one head per layer; TP removes ceil(ratio * heads)
+        fewest = min(heads.values())
+        head_ratio = min(ratio, (fewest - 1) / fewest) if fewest > 1 else 0.0
+    if config.criterion == "taylor" and not grads_ready:
+        raise PruningError("criterion 'taylor' needs gradients: call prune() with calibration batches")
+    if config.criterion == "random":
+        torch.manual_seed(config.seed)
+    steps = config.global_steps if config.global_pruning else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(
+            model, example_input, make_importance(config.criterion), pruning_ratio=ratio,
+            global_pruning=config.global_pruning, iterative_steps=steps,
+            max_pruning_ratio=config.max_layer_ratio if config.global_pruning else 1.0,
+            ignored_layers=ignored, round_to=config.round_to, num_heads=heads, prune_num_heads=bool(heads),
+            prune_head_dims=not heads, head_pruning_ratio=head_ratio,
+            unwrapped_parameters=unwrapped_parameters(model))
+        try:
+            for _ in range(steps):
+                pruner.step()
+        except (IndexError, RuntimeError) as e:
+            raise PruningError(f"torch-pruning could not prune {type(model).__name__}: {e}. The model's forward may "
+                               "use an operation it cannot trace (chunk/indexing on channels); try --ignore on the "
+                               "failing block") from None
+    sync_attributes(model, pruner.num_heads)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return model
+
+
+def _heads(model: nn.Module) -> list[int]:
+    return [a.num_heads for a in attention_layers(model)]
+
+
+def _check_runs(model: nn.Module, x: torch.Tensor, classes: int) -> None:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        raise PruningError(f"the pruned model does not run ({str(e).splitlines()[0]}); this is a bug, please "
+                           "report it with the architecture name") from None
+    finally:
+        model.train(was)
+    if out.shape[-1] != classes or not torch.isfinite(out).all():
+        raise PruningError(f"the pruned model gives {tuple(out.shape)} outputs (expected {classes} classes) or "
+                           "non-finite values")
+
+
+def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | None = None,
+          input_shape: tuple[int, ...] | None = None,
+          calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+          inplace: bool = False) -> PruneResult:
+    """Prune ``model`` structurally to ``config``'s target and return the smaller model.
+
+    Args:
+        model: any registered architecture (CNN or ViT), trained or not.
+        config: the target (ratio, speed-up or params reduction) and how to rank channels.
+        example_input: a batch of the model's input (only its first sample is used for tracing);
+            or give ``input_shape`` (C, H, W); default: the architecture's input size.
+        calibration: ``(x, y)`` batches, needed by the ``taylor`` criterion.
+        inplace: prune ``model`` itself (a plain ratio only); by default the input is left untouched.
+
+    A speed-up / params target is reached by bisection over the channel ratio (each trial prunes
+    a fresh copy); the result is within ``config.tolerance`` of the target where the model's
+    granularity allows, else ``target_met`` is False and ``notes`` says how close it got. An
+    unreachable target raises :class:`PruningError`.
+    """
+    x = _example(model, example_input, input_shape)
+    shape = tuple(x.shape[1:])
+    check_criterion(config.criterion, model, calibration is not None)
+    resolve_ignored(model, config.ignore)  # validate names before any work
+    classifier = find_classifier(model)[1]
+    classes = getattr(classifier, "out_features", None) or getattr(classifier, "out_channels", 0)
+    macs0, params0 = count_macs(model, shape), count_params(model)
+    heads0 = _heads(model)
+    base = model
+    grads = False
+    if config.criterion == "taylor":
+        base = model if inplace else copy.deepcopy(model)
+        if accumulate_gradients(base, calibration, config.taylor_batches) == 0:
+            raise PruningError("criterion 'taylor' got no calibration batches")
+        grads = True
+    kind, value = config.target
+
+    def trial(ratio: float, final: bool = False) -> tuple[nn.Module, int, int]:
+        m = base if (final and inplace) else copy.deepcopy(base)
+        prune_once(m, config, ratio, x, grads_ready=grads)
+        return m, count_macs(m, shape), count_params(m)
+
+    if kind == "ratio":
+        m, macs1, params1 = trial(value, final=True)
+        result = PruneResult(m, value, macs0, macs1, params0, params1, heads0, _heads(m), (kind, value))
+    else:
+        result = _search(trial, config, kind, value, macs0, params0, heads0)
+    _check_runs(result.model, x, classes)
+    if result.model is not model and config.criterion == "taylor" and not inplace:
+        model.zero_grad(set_to_none=True)
+    return result
+
+
+def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, params0: int,
+            heads0: list[int]) -> PruneResult:
+    """Find the channel ratio whose pruning reaches ``kind`` (speedup / params_ratio) within tolerance.
+
+    Widths shrink by ``(1 - ratio)``, so MACs and params fall roughly like ``(1 - ratio) ** 2``:
+    the search starts from that guess and then interpolates ``log(achieved)`` against
+    ``log(1 - ratio)`` inside a bracket that always holds the target (regula falsi, with a
+    bisection fallback), so it usually needs 2-4 trial prunes.
+    """
+    tol = config.tolerance
+    trials: list[dict] = []
+
+    def measure(r: float):
+        m, macs, params = trial(r)
+        achieved = macs0 / max(1, macs) if kind == "speedup" else params0 / max(1, params)
+        trials.append({"ratio": round(r, 6), kind: achieved, "macs": macs, "params": params})
+        return r, m, achieved, macs, params
+
+    def good(a: float) -> bool:
+        return abs(a / target - 1) <= tol / 2
+
+    lo, f_lo = 0.0, 1.0
+    hi, f_hi = config.max_layer_ratio, None
+    best = measure(min(1.0 - target ** -0.5, config.max_layer_ratio))
+    if best[2] >= target:
+        hi, f_hi = best[0], best[2]
+    else:
+        lo, f_lo = best[0], best[2]
+    if f_hi is None and not good(best[2]):
+        top = measure(hi)
+        if top[2] < target * (1 - tol):
+            what = "MAC speed-up" if kind == "speedup" else "parameter reduction"
+            raise PruningError(f"a {what} of {target:g}x is unreachable: removing {hi:.0%} of every group's "
+                               f"channels (the max_layer_ratio cap) gives only {top[2]:.2f}x; ask for less, or "
+                               "raise --max-layer-ratio")
+        f_hi = top[2]
+        best = top if _closer(top[2], best[2], target) else best
+    side = 0
+    for _ in range(config.search_iters):
+        if good(best[2]) or hi - lo < 1e-4:
+            break
+        x_lo, x_hi = math.log(1 - lo), math.log(1 - hi)
+        y_lo, y_hi = math.log(f_lo), math.log(f_hi)
+        mid = 0.5 * (lo + hi)
+        if y_hi > y_lo and abs(side) < 2:  # interpolate inside the bracket; bisect if one end is stuck
+            t = min(0.95, max(0.05, (math.log(target) - y_lo) / (y_hi - y_lo)))
+            mid = 1 - math.exp(x_lo + t * (x_hi - x_lo))
+        cur = measure(mid)
+        if cur[2] >= target:
+            hi, f_hi = mid, cur[2]
+            side = side + 1 if side > 0 else 1
+        else:
+            lo, f_lo = mid, cur[2]
+            side = side - 1 if side < 0 else -1
+        if _closer(cur[2], best[2], target):
+            best = cur
+    r_best, m, achieved, macs, params = best
+    met = abs(achieved / target - 1) <= tol
+    notes = [] if met else [f"the closest reachable {kind} is {achieved:.3f}x (target {target:g}x, tolerance "
+                            f"{tol:.0%}); the model's channel granularity (or --round-to) allows no closer value"]
+    if not met:
+        log.warning(notes[0])
+    return PruneResult(m, r_best, macs0, macs, params0, params, heads0, _heads(m), (kind, target), met,
+                       trials, notes)
+
+
+def _closer(a: float, b: float, target: float) -> bool:
+    """Is ``a`` a better hit of ``target`` than ``b`` (values at or above the target win ties)?"""
+    da, db = abs(math.log(a / target)), abs(math.log(b / target))
+    if abs(da - db) < 1e-9:
+        return a >= target > b
+    return da < db
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv / linear layer and head count of every attention layer (for reports)."""
+    out: dict[str, int] = {}
+    for name, attrs in get_widths(model).items():
+        for key in ("out_channels", "out_features", "num_heads"):
+            if key in attrs:
+                out[name + (".heads" if key == "num_heads" else "")] = int(attrs[key])
+    return out
