@@ -1,5 +1,86 @@
-"""Commands of this stage (filled in by the stage that owns them)."""
+"""``adapt`` and ``merge``: Structured Pruning Adapter bundles (the library is :mod:`spa`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from metaprune.cli.common import add_common, model_path, print_json, status
 
 
 def register(sub) -> None:
-    """No commands yet."""
+    p = sub.add_parser("adapt", help="train a pruned adapter bundle for a task on a frozen source model",
+                       description="Adapt a frozen source model to a task with Structured Pruning Adapters: adapters, "
+                       "norms and a new head are trained while channels are pruned iteratively (criterion on the fused "
+                       "weights) with recovery epochs; base and adapters are pruned together along torch-pruning's "
+                       "dependency groups. Writes OUT/adapter_config.json, OUT/adapter_model.safetensors, OUT/report.json.")
+    p.add_argument("source", nargs="?", help="source model file (default: the shipped checkpoint)")
+    p.add_argument("--task", required=True, help="registered task (see `metaprune list-models --data`), dataset, "
+                   "or imagefolder:PATH")
+    p.add_argument("--method", default="splora", help="splora, sppara, hydra, lora (unpruned reference) or full "
+                   "(fine-pruning baseline)")
+    p.add_argument("--rank", type=int, default=8, help="adapter rank")
+    p.add_argument("--ratio", type=float, default=0.5, help="share of channels pruned in every dependency group")
+    p.add_argument("--steps", type=int, default=3, help="pruning steps (the ratio rises linearly)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="transfer epochs before pruning")
+    p.add_argument("--recovery-epochs", type=int, default=1, help="training epochs after each pruning step")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", default="cosine", choices=["onecycle", "cosine", "step", "constant"])
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--train-subset", type=int, help="use only this many training images (short runs)")
+    p.add_argument("--latency", action="store_true", help="also measure CPU latency of source and merged model")
+    p.add_argument("-o", "--output", required=True, help="bundle folder")
+    add_common(p)
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("merge", help="fuse a bundle with its source into a plain dense pruned model",
+                       description="Rebuild the task model from BUNDLE and its source, remove the pruned channels "
+                       "and fuse the adapters away: a registered architecture at pruned widths, reloadable with "
+                       "`metaprune eval`.")
+    p.add_argument("bundle", help="bundle folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--source", help="the bundle's source model (default: the shipped checkpoint)")
+    p.add_argument("-o", "--output", required=True, help="output model file (.safetensors) or folder")
+    p.add_argument("--json", action="store_true", help="print a summary as JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from spa.api import AdaptConfig, adapt_task
+
+    src = model_path(args, "source")
+    cfg = AdaptConfig.from_namespace(args)
+    res = adapt_task(src, args.task, args.output, cfg)
+    r = res.report
+    status(args, f"adapt {args.task}: test {r['test_acc']:.2f}% (masked {r['test_acc_masked']:.2f}%), "
+           f"{r['learned_params']['total']:,} learned params, bundle {r['bundle_bytes']:,} B = "
+           f"{100 * r['bundle_to_dense']:.1f}% of the dense pruned model ({r['dense_pruned_bytes']:,} B), "
+           f"{r['macs']['pruned'] / 1e6:.2f} M MACs (source {r['macs']['source'] / 1e6:.2f} M) -> {res.bundle_dir}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from metaprune.engine import count_params
+    from metaprune.io import load_model, save_model
+    from spa.bundle import merge, read_bundle
+
+    src = model_path(args, "source")
+    cfg, _ = read_bundle(args.bundle)
+    source, _ = load_model(src)
+    model = merge(args.bundle, source.eval())
+    out = save_model(model, Path(args.output), extra={"command": "merge", "bundle": str(args.bundle),
+                                                      "task": cfg.get("task"), "method": cfg.get("method"),
+                                                      "source_sha256": cfg["source_sha256"]},
+                     inputs=(src, args.bundle))
+    summary = {"output": str(out), "task": cfg.get("task"), "params": count_params(model),
+               "source_params": count_params(source), "bytes": out.stat().st_size}
+    if args.json:
+        print_json(summary)
+    status(args, f"merge: {summary['params']:,} params (source {summary['source_params']:,}) -> {out}")
+    return 0
