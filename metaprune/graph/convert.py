@@ -121,6 +121,9 @@ def to_graph(model: nn.Module, cache: bool = True) -> Graph:
     if missing:
         raise GraphError(f"the graph does not cover the tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                          "they are never used in forward, or used by an operation without a graph rule")
+    buffers = {k for k, _ in model.named_buffers()}
+    for e in builder.layout:
+        e["buffer"] = e["key"] in buffers
     spec = {"format_version": GRAPH_FORMAT_VERSION, "arch": arch["arch"], "arch_args": dict(arch.get("args", {})),
             "widths": get_widths(model), "training": bool(model.training), "input_shape": list(shape),
             "keys": list(sd), "layout": builder.layout, "layers": builder.layers}
@@ -142,12 +145,13 @@ def graph_params(graph: Graph, x: torch.Tensor | None = None,
     """Map node features ``x`` [N, F] and edge features ``edge_attr`` (group -> [E, D]) to the
     model's parameters and buffers, keyed like ``model.state_dict()`` and in its order.
 
-    Differentiable: the returned tensors are views / reshapes of ``x`` and ``edge_attr`` (cast to
-    each tensor's dtype), so gradients of a loss computed with
+    Differentiable: parameters are views / reshapes of ``x`` and ``edge_attr`` (cast to each
+    tensor's dtype), so gradients of a loss computed with
     ``torch.func.functional_call(model, graph_params(g, x, ea), inputs)`` flow back to ``x`` and
-    ``edge_attr``. Defaults are the graph's own features. Slots that hold no parameter (see
-    ``graph.x_mask``) and identity edges are not read. In train mode BatchNorm updates its running
-    statistics in place: pass detached copies then, or use eval mode.
+    ``edge_attr``. Buffers (BatchNorm running statistics) take their values from ``x`` too, but as
+    detached copies: ``batch_norm`` cannot differentiate through them, and in train mode it updates
+    them in place, which must not write into the graph. Defaults are the graph's own features.
+    Slots that hold no parameter (see ``graph.x_mask``) and identity edges are not read.
     """
     x = graph.x if x is None else x
     ea = graph.edge_attr() if edge_attr is None else {**graph.edge_attr(), **edge_attr}
@@ -173,7 +177,8 @@ def graph_params(graph: Graph, x: torch.Tensor | None = None,
                 t = a.reshape(shape)
         else:
             t = torch.tensor(e["value"], dtype=dt, device=x.device).reshape(shape)
-        out[e["key"]] = t if t.dtype == dt else t.to(dt)
+        t = t if t.dtype == dt else t.to(dt)
+        out[e["key"]] = t.detach().clone() if e.get("buffer") and kind != "const" else t
     keys = graph.spec.get("keys")
     return {k: out[k] for k in keys} if keys else out
 

@@ -23,6 +23,8 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(m, nn.LayerNorm):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, nn.Linear) and not m.weight.any():  # torchvision zero-inits the ViT head
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
             for name, p in m.named_parameters(recurse=False):
                 if name == "bias" or "token" in name or "pos_embedding" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.1)
