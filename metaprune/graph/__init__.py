@@ -7,7 +7,7 @@ to the network's parameters. The channel structure comes from tracing the model 
 each layer type has one encode rule in :mod:`metaprune.graph.rules`.
 """
 
-from metaprune.graph.convert import build_module, from_graph, graph_params, to_graph
+from metaprune.graph.convert import build_module, clear_cache, from_graph, graph_params, to_graph
 from metaprune.graph.graph import (
     EDGE_ROLES,
     NODE_NEUTRAL,
@@ -30,6 +30,7 @@ __all__ = [
     "EdgeGroup",
     "Graph",
     "build_module",
+    "clear_cache",
     "from_graph",
     "graph_params",
     "is_graph_file",
