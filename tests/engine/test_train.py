@@ -1,0 +1,34 @@
+import torch
+
+from metaprune import create_model
+from metaprune.engine import TrainConfig, evaluate, measure_latency, profile_model, train
+
+
+def test_training_learns_and_selects_on_validation(synthetic_data, tmp_path):
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    before = evaluate(m, synthetic_data.val)["acc"]
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, device="cpu", augment=False)
+    r = train(m, synthetic_data, cfg, out_dir=tmp_path)
+    assert r.best_val_acc == max([before] + [h["val_acc"] for h in r.history])
+    assert r.best_val_acc > 50 > before
+    assert abs(evaluate(r.model, synthetic_data.val)["acc"] - r.best_val_acc) < 1e-6
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_resume_continues_from_last_epoch(synthetic_data, tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu", max_steps_per_epoch=2)
+    train(create_model("cifar_resnet20", in_chans=1), synthetic_data, cfg, out_dir=tmp_path)
+    cfg2 = TrainConfig(epochs=2, batch_size=64, lr=0.05, device="cpu", max_steps_per_epoch=2)
+    r = train(create_model("cifar_resnet20", in_chans=1), synthetic_data, cfg2, out_dir=tmp_path)
+    assert [h["epoch"] for h in r.history] == [0, 1]
+    st = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert st["epoch"] == 1
+
+
+def test_profile_reports_params_macs_latency(tiny_resnet):
+    p = profile_model(tiny_resnet, (1, 28, 28), batches=(1, 4), repeats=2)
+    assert p["params"] == sum(x.numel() for x in tiny_resnet.parameters())
+    assert 30e6 < p["macs"] < 33e6
+    assert set(p["latency"]) == {"1", "4"} and p["latency"]["4"]["ms"] > 0
+    assert measure_latency(tiny_resnet, (1, 28, 28), 2, repeats=2)["batch"] == 2

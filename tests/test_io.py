@@ -1,0 +1,116 @@
+import os
+
+import pytest
+import torch
+
+from metaprune import create_model
+from metaprune.errors import ModelFileError, OutputError
+from metaprune.io import file_sha256, load_model, save_model, state_dict_sha256
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_save_load_round_trip(tmp_path, tiny_resnet):
+    p = save_model(tiny_resnet, tmp_path / "m", extra={"note": "x"})
+    assert p.name == "model.safetensors"
+    m, info = load_model(tmp_path / "m")
+    assert info.arch == "cifar_resnet20" and info.extra == {"note": "x"}
+    assert _same(m, tiny_resnet)
+    assert not list(tmp_path.glob("m/.*tmp"))
+
+
+def test_pruned_widths_reload_without_pickle(tmp_path):
+    import torch_pruning as tp
+
+    m = create_model("cifar_vgg11_bn", num_classes=4, in_chans=1).eval()
+    x = torch.randn(1, 1, 28, 28)
+    dg = tp.DependencyGraph().build_dependency(m, x)
+    dg.get_pruning_group(m.features[0], tp.prune_conv_out_channels, idxs=[0, 3, 5]).prune()
+    p = save_model(m, tmp_path / "v.safetensors")
+    m2, _ = load_model(p)
+    assert m2.features[0].out_channels == 61
+    assert torch.equal(m(x), m2(x))
+
+
+def test_bare_state_dict_pt_is_matched_by_keys_and_shapes(tmp_path):
+    m = create_model("cifar_resnet32", num_classes=5, in_chans=1).eval()
+    torch.save(m.state_dict(), tmp_path / "resnet32.pt")
+    m2, info = load_model(tmp_path / "resnet32.pt")
+    assert info.arch == "cifar_resnet32" and info.arch_args == {"num_classes": 5, "in_chans": 1}
+    assert _same(m, m2)
+
+
+def test_checkpoint_dict_and_module_prefix(tmp_path):
+    m = create_model("cifar_resnet20").eval()
+    torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}, "epoch": 3}, tmp_path / "c.pt")
+    m2, info = load_model(tmp_path / "c.pt")
+    assert info.arch == "cifar_resnet20" and _same(m, m2)
+
+
+def test_unmatched_state_dict_lists_candidates(tmp_path):
+    sd = create_model("cifar_resnet20").state_dict()
+    sd.pop("fc.bias")
+    sd["extra.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "x.pt")
+    with pytest.raises(ModelFileError, match="closest: cifar_resnet20"):
+        load_model(tmp_path / "x.pt")
+
+
+def test_pickled_module_needs_trust(tmp_path, tiny_resnet):
+    torch.save(tiny_resnet, tmp_path / "whole.pt")
+    with pytest.raises(ModelFileError, match="--trust-pickle"):
+        load_model(tmp_path / "whole.pt")
+    m, _ = load_model(tmp_path / "whole.pt", trust_pickle=True)
+    assert _same(m, tiny_resnet)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_truncated_files_give_clear_errors(tmp_path, tiny_resnet, suffix):
+    p = tmp_path / f"m{suffix}"
+    if suffix == ".pt":
+        torch.save(tiny_resnet.state_dict(), p)
+    else:
+        save_model(tiny_resnet, p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_model(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_input_is_never_overwritten(tmp_path, tiny_resnet):
+    p = save_model(tiny_resnet, tmp_path / "a.safetensors")
+    h = file_sha256(p)
+    with pytest.raises(OutputError, match="overwrite the input"):
+        save_model(create_model("cifar_resnet20", in_chans=1), p, inputs=(p,))
+    assert file_sha256(p) == h
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(tmp_path, tiny_resnet):
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    with pytest.raises(OutputError):
+        save_model(tiny_resnet, d / "m.safetensors")
+
+
+def test_output_under_a_file_is_refused(tmp_path, tiny_resnet):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="cannot create"):
+        save_model(tiny_resnet, tmp_path / "f" / "m.safetensors")
+
+
+def test_weights_hash_is_format_independent(tmp_path, tiny_resnet):
+    save_model(tiny_resnet, tmp_path / "a.safetensors")
+    torch.save(tiny_resnet.state_dict(), tmp_path / "a.pt")
+    a, _ = load_model(tmp_path / "a.safetensors")
+    b, _ = load_model(tmp_path / "a.pt")
+    assert state_dict_sha256(a) == state_dict_sha256(b) == state_dict_sha256(tiny_resnet)
