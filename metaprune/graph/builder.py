@@ -104,7 +104,7 @@ class GraphBuilder:
         if taken:
             raise GraphError(f"{key}: node slots {sorted(taken)} are already used (internal rule conflict)")
         ns.used_slots.update(slots)
-        self.node_values.append((ns, list(slots), tensor.detach().reshape(len(slots), ns.size)))
+        self.node_values.append((ns, list(slots), tensor.detach().cpu().reshape(len(slots), ns.size)))
         self.layout.append({"key": key, "kind": "node", "start": ns.start, "count": ns.size, "slots": list(slots),
                             "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")})
 

@@ -66,7 +66,7 @@ def _fill(st: _Structure, model: nn.Module) -> Graph:
         attr = {g: torch.empty(e[0].shape[1], e[3]) for g, e in st.edges.items()}
         layout = []
         for e in st.spec["layout"]:
-            t = sd[e["key"]].detach()
+            t = sd[e["key"]].detach().cpu()
             if e["kind"] == "node":
                 s, c, slots = e["start"], e["count"], e["slots"]
                 x[s:s + c, slots] = t.reshape(len(slots), c).t().to(torch.float32)
