@@ -1,5 +1,161 @@
-"""Commands of this stage (filled in by the stage that owns them)."""
+"""``zoo``, ``meta-train``, ``transform``: the metanetwork stage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from metaprune.cli.common import (
+    DEFAULT_METANET,
+    add_common,
+    add_data,
+    add_train,
+    check_fits,
+    load_data_for,
+    model_path,
+    status,
+    train_config,
+)
 
 
 def register(sub) -> None:
-    """No commands yet."""
+    p = sub.add_parser("zoo", help="train the data models a metanetwork learns from",
+                       description="Train COUNT networks of one architecture with different seeds (optionally "
+                       "pruned to a small speed-up and finetuned, as in the paper). Resumable: finished members "
+                       "are skipped, an interrupted one resumes.")
+    p.add_argument("--model", default="cifar_resnet20", help="registry name of the architecture")
+    add_data(p, default="fashion-mnist")
+    add_train(p, epochs=4, lr=0.1)
+    p.add_argument("--count", type=int, default=8, help="number of data models")
+    p.add_argument("--init-speedup", type=float, default=1.0,
+                   help="prune each member to this MAC speed-up and finetune it (1.0 = no initial pruning)")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="finetune epochs after the initial pruning")
+    p.add_argument("-o", "--output", required=True, help="zoo folder")
+    add_common(p)
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("meta-train", help="train a metanetwork on a zoo of data models",
+                       description="Loss = CE of the edited network + LAM x DepGraph group sparsity (normalised to "
+                       "1 on the unedited member). The checkpoint is chosen by the prunability score of the "
+                       "validation members on validation data. Resumable; OUT/log.jsonl logs every epoch.")
+    p.add_argument("--zoo", required=True, help="zoo folder (from `metaprune zoo`)")
+    p.add_argument("-o", "--output", required=True, help="output folder (metanet.safetensors, config.json, log.jsonl)")
+    p.add_argument("--data", help="dataset (default: the zoo's)")
+    p.add_argument("--data-dir", help="folder holding the dataset files")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps-per-member", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the (normalised) group-sparsity term")
+    p.add_argument("--alpha", type=float, default=16.0, help="DepGraph polarisation of the sparsity term")
+    p.add_argument("--val-members", type=int, default=1, help="members held out for checkpoint selection")
+    p.add_argument("--holdout-members", type=int, default=0, help="members used neither for training nor selection")
+    p.add_argument("--score-max-speedup", type=float, default=3.0)
+    p.add_argument("--score-steps", type=int, default=3)
+    p.add_argument("--score-batches", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=16, help="metanetwork width")
+    p.add_argument("--layers", type=int, default=4, help="message-passing layers")
+    p.add_argument("--rho", type=float, default=0.1, help="residual edit scale (in per-layer units)")
+    p.add_argument("--edge-chunk", type=int, help="process edges in chunks of this size")
+    p.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--no-resume", action="store_true")
+    add_common(p)
+    p.set_defaults(func=cmd_meta_train)
+
+    p = sub.add_parser("transform", help="edit a model with a metanetwork (one forward pass)",
+                       description="Convert MODEL to a graph, run the metanetwork once, convert back, re-estimate "
+                       "BatchNorm statistics on training batches, optionally finetune.")
+    p.add_argument("model", nargs="?", help="model file (default: the shipped checkpoint)")
+    p.add_argument("--metanet", help=f"metanetwork folder (default: {DEFAULT_METANET.name} shipped in checkpoints/)")
+    p.add_argument("-o", "--output", required=True, help="edited model (.safetensors)")
+    add_data(p, default="fashion-mnist")
+    p.add_argument("--calib-batches", type=int, default=8, help="training batches for BN recalibration (0 = keep)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the edited model for this many epochs")
+    p.add_argument("--lr", type=float, default=0.01, help="finetune learning rate")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt holding a whole module")
+    add_common(p)
+    p.set_defaults(func=cmd_transform)
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from metaprune.metanet.zoo import ZooConfig, build_zoo
+    from metaprune.models import create_model
+
+    probe = create_model(args.model, 10, 3)
+    data = load_data_for(args, probe)
+    cfg = ZooConfig(arch=args.model, data=data.name, count=args.count, seed=args.seed, data_seed=args.seed,
+                    val_fraction=args.val_fraction, train_subset=args.train_subset, init_speedup=args.init_speedup,
+                    finetune_epochs=args.finetune_epochs, train=train_config(args))
+    status(args, f"zoo: {args.count} x {args.model} on {data.describe()}")
+    res = build_zoo(cfg, data, args.output)
+    for m in res:
+        status(args, f"member {m['index']}: val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  speed-up {m['speedup']:.2f}x")
+    return 0
+
+
+def _zoo_data(args: argparse.Namespace):
+    from metaprune.data import load_dataset
+    from metaprune.io import read_json
+
+    zcfg = read_json(Path(args.zoo) / "zoo.json")["config"]
+    return load_dataset(args.data or zcfg["data"], args.data_dir, val_fraction=zcfg["val_fraction"],
+                        seed=zcfg["data_seed"], train_subset=zcfg["train_subset"])
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
+    from metaprune.metanet.meta_train import meta_train
+
+    device = "cpu" if args.device == "auto" else args.device
+    cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
+                          lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha,
+                          val_members=args.val_members, holdout_members=args.holdout_members,
+                          score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
+                          score_batches=args.score_batches, seed=args.seed, device=device)
+    ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edge_chunk=args.edge_chunk,
+                         checkpoint=args.checkpointing)
+    data = _zoo_data(args)
+    status(args, f"meta-train on {args.zoo}: {data.describe()}")
+    s = meta_train(args.zoo, data, args.output, cfg, ncfg, resume=not args.no_resume)
+    status(args, f"meta-train: selected epoch {s['selected_epoch']} (validation prunability {s['val_score']:.2f}, "
+           f"unedited {s['val_score_unedited']:.2f}) -> {Path(args.output) / 'metanet.safetensors'}")
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from metaprune.engine.runtime import resolve_device
+    from metaprune.io import check_output, load_model, save_model
+    from metaprune.metanet.checkpoint import load_metanet
+    from metaprune.metanet.transform import transform_model
+
+    src = model_path(args)
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        out = out / "model.safetensors"
+    check_output(out, (src,))
+    mdir = args.metanet or str(DEFAULT_METANET)
+    if not args.metanet:
+        status(args, f"no --metanet given: using the shipped {DEFAULT_METANET.name}")
+    net, meta = load_metanet(mdir)
+    model, info = load_model(src, trust_pickle=args.trust_pickle)
+    device = resolve_device(args.device)
+    data = None
+    if args.calib_batches > 0 or args.finetune_epochs > 0:
+        data = load_data_for(args, model)
+        check_fits(model, data)
+    edited = transform_model(net, model, data.train if data is not None else None, args.calib_batches,
+                             device=device)
+    extra = {**info.extra, "metanet": str(mdir), "transformed_from": src, "bn_recalibrated": args.calib_batches}
+    if args.finetune_epochs > 0:
+        from metaprune.engine import TrainConfig, train
+
+        cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                          device=args.device, schedule="cosine")
+        res = train(edited.train(), data, cfg, desc="finetune")
+        edited = res.model
+        extra.update(finetune_epochs=args.finetune_epochs, val_acc=res.best_val_acc)
+    path = save_model(edited, out, extra=extra, inputs=(src,))
+    status(args, f"transform: {src} edited by {mdir} -> {path}")
+    return 0

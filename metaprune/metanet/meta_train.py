@@ -1,0 +1,187 @@
+"""Meta-training: teach the metanetwork edits that keep accuracy and make channels prunable.
+
+Per step, for one zoo member ``theta`` (graph ``G``) and one training batch::
+
+    theta' = graph_params(G, metanet(G))
+    loss   = CE(f(x; theta'), y)  +  lam * S(theta') / S(theta)
+
+CE is the batch mean (no dependence on dataset size); ``S`` is DepGraph's polarised group
+sparsity (:mod:`metaprune.metanet.loss`) divided by its value on the unedited member, so it
+starts at 1 whatever the network's width. BatchNorm uses train-mode (batch) statistics inside
+``functional_call``; edited networks are BN-recalibrated before they are scored or shipped.
+
+The checkpoint is selected automatically: after every ``score_every`` epochs each validation
+member is edited, BN-recalibrated and scored by :func:`metaprune.pruning.prunability_curve`
+(area under accuracy vs. MAC speed-up without finetuning, on the *validation* split), and the
+epoch with the best mean score is kept in ``OUT/metanet.safetensors``. The test split is never
+read. ``OUT/log.jsonl`` has one line per epoch (both loss terms, the score); ``OUT/last.pt``
+(tensors and plain values only, loaded with ``weights_only=True``) makes a rerun resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from metaprune.data.datasets import DataSplits
+from metaprune.data.loader import BatchLoader
+from metaprune.engine import progress, seed_everything
+from metaprune.errors import ConfigError, ModelFileError
+from metaprune.graph import to_graph
+from metaprune.io import atomic_path, write_json
+from metaprune.metanet.checkpoint import save_metanet
+from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
+from metaprune.metanet.loss import dependency_groups, group_sparsity
+from metaprune.metanet.model import Metanet
+from metaprune.metanet.transform import BN_BUFFERS, edit_params, transform_model
+from metaprune.metanet.zoo import list_members, load_member
+
+log = logging.getLogger(__name__)
+LOG = "log.jsonl"
+LAST = "last.pt"
+
+
+def split_members(members: list[Path], cfg: MetaTrainConfig) -> tuple[list[Path], list[Path], list[Path]]:
+    """(train, validation, held-out) members: the last ``holdout`` by index are held out, the
+    ``val_members`` before them validate, the rest train."""
+    n = len(members)
+    if n < cfg.val_members + cfg.holdout_members + 1:
+        raise ConfigError(f"the zoo has {n} members; meta-training needs at least val_members + holdout_members + 1 "
+                          f"= {cfg.val_members + cfg.holdout_members + 1}; build more with `metaprune zoo --count`")
+    end = n - cfg.holdout_members
+    return members[: end - cfg.val_members], members[end - cfg.val_members : end], members[end:]
+
+
+class _Member:
+    """A training member: its module (structure), graph, BN buffers, dependency groups and S(theta)."""
+
+    def __init__(self, path: Path, input_shape: tuple[int, ...], alpha: float):
+        self.path = path
+        self.model, self.metrics = load_member(path)
+        self.graph = to_graph(self.model)
+        sd = self.model.state_dict()
+        self.buffers = {k: v.detach().clone() for k, v in sd.items() if k.rsplit(".", 1)[-1] in BN_BUFFERS}
+        self.groups = dependency_groups(self.model, input_shape)
+        with torch.no_grad():
+            self.s0 = float(group_sparsity(dict(sd), self.groups, alpha)) or 1.0
+        self.model.train()
+
+    def fresh_buffers(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.buffers.items()}
+
+
+def score_members(net: Metanet | None, paths: list[Path], data: DataSplits, cfg: MetaTrainConfig) -> dict:
+    """Mean prunability AUC of the members (edited by ``net``, or as they are when ``net`` is None)."""
+    from metaprune.pruning import prunability_curve
+
+    scores, curves = [], []
+    for p in paths:
+        model, _ = load_member(p)
+        if net is not None:
+            model = transform_model(net, model, data.train, cfg.score_batches, device=cfg.device)
+        c = prunability_curve(model, data, max_speedup=cfg.score_max_speedup, steps=cfg.score_steps,
+                              val_batches=cfg.score_batches, calib_batches=cfg.score_batches, device=cfg.device)
+        scores.append(c["auc"])
+        curves.append(c)
+    return {"score": sum(scores) / len(scores), "scores": scores, "curves": curves}
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: MetaTrainConfig,
+               net_cfg: MetanetConfig | None = None, resume: bool = True) -> dict:
+    """Meta-train a metanetwork on the zoo in ``zoo_dir``; write the selected checkpoint to ``out_dir``.
+
+    Returns a summary: selected epoch, its validation score, the originals' score, the split.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    members = list_members(zoo_dir)
+    train_p, val_p, held_p = split_members(members, cfg)
+    shape = (data.in_chans, data.image_size, data.image_size)
+    train_m = [_Member(p, shape, cfg.alpha) for p in train_p]
+    net = Metanet.for_graph(train_m[0].graph, net_cfg or MetanetConfig())
+    for m in train_m[1:]:
+        net.check_graph(m.graph)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    start, best = 0, {"epoch": -1, "score": -1.0}
+    baseline = None
+    last = out / LAST
+    if resume and last.exists():
+        try:
+            st = torch.load(last, map_location="cpu", weights_only=True)
+            net.load_state_dict(st["net"])
+            opt.load_state_dict(st["opt"])
+        except Exception as e:  # noqa: BLE001
+            raise ModelFileError(f"{last} belongs to another run or is damaged ({e}); delete it or use another -o") from None
+        start, history, best, baseline = int(st["epoch"]) + 1, list(st["history"]), dict(st["best"]), st["baseline"]
+        log.info("meta-train: resuming after epoch %d", start)
+    if baseline is None:
+        baseline = score_members(None, val_p, data, cfg)["score"]
+        log.info("meta-train: validation members unedited: prunability %.2f", baseline)
+    loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=False, seed=cfg.seed, drop_last=True)
+    info = {"zoo": str(zoo_dir), "train_members": [p.name for p in train_p], "val_members": [p.name for p in val_p],
+            "holdout_members": [p.name for p in held_p], "data": data.name, "meta_train": asdict(cfg)}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        net.train()
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        sums = {"ce": 0.0, "sparsity": 0.0, "loss": 0.0, "acc": 0.0}
+        n = 0
+        order = torch.randperm(len(train_m), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        steps = [(i, s) for i in order for s in range(cfg.steps_per_member)]
+        for i, _ in progress(steps, f"meta-train {epoch + 1}/{cfg.epochs}"):
+            m = train_m[i]
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            params = edit_params(net, m.graph, m.fresh_buffers())
+            logits = functional_call(m.model, params, (x,))
+            ce = F.cross_entropy(logits, y)
+            sp = group_sparsity(params, m.groups, cfg.alpha) / m.s0
+            loss = ce + cfg.lam * sp
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += 1
+            sums["ce"] += ce.item()
+            sums["sparsity"] += sp.item()
+            sums["loss"] += loss.item()
+            sums["acc"] += (logits.argmax(1) == y).float().mean().item() * 100
+        rec = {"epoch": epoch, **{k: v / max(1, n) for k, v in sums.items()}, "steps": n}
+        if (epoch + 1) % cfg.score_every == 0 or epoch == cfg.epochs - 1:
+            net.eval()
+            sc = score_members(net, val_p, data, cfg)
+            rec.update(score=sc["score"], member_scores=sc["scores"], baseline_score=baseline)
+            if sc["score"] > best["score"]:
+                best = {"epoch": epoch, "score": sc["score"]}
+                save_metanet(net, out, extra={"selected_epoch": epoch, "val_score": sc["score"],
+                                              "val_score_unedited": baseline, **info})
+        rec["seconds"] = time.time() - t0
+        history.append(rec)
+        _write_log(out / LOG, history)
+        tmp = last.with_suffix(".tmp")
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history,
+                    "best": best, "baseline": baseline}, tmp)
+        tmp.replace(last)
+        log.info("meta-train epoch %d: ce %.3f sparsity %.3f score %s (unedited %.2f)", epoch, rec["ce"],
+                 rec["sparsity"], f"{rec['score']:.2f}" if "score" in rec else "-", baseline)
+    summary = {"selected_epoch": best["epoch"], "val_score": best["score"], "val_score_unedited": baseline,
+               "epochs": cfg.epochs, **info}
+    write_json(out / "summary.json", summary)
+    return summary

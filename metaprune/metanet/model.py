@@ -1,0 +1,260 @@
+"""The metanetwork: a bidirectional message-passing GNN (PyTorch Geometric) that edits a graph.
+
+Reads a :class:`metaprune.graph.Graph` (one node per channel, one edge per kernel slice) and
+returns edited node and edge features::
+
+    x'   = x   + mask * rho * dec_node(h)   * scale_node      (per layer, per slot)
+    e'_g = e_g +        rho * dec_g(h_e)    * scale_g          (per layer, per edge group g)
+
+Only real node slots (``x_mask``) change and frozen groups (identity shortcuts) are kept.
+Each layer passes messages along the edges (input -> output channel) and against them, with
+separate node projections per direction and a shared edge projection; the messages are
+aggregated by mean, std, max and min. Node states carry role and relative-depth embeddings,
+edge states carry role embeddings; every edge group has its own encoder and decoder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torch_geometric.nn import MessagePassing
+
+from metaprune.metanet.config import MetanetConfig
+from metaprune.metanet.normalize import edge_scale, node_stats
+
+AGGREGATORS = ("mean", "std", "max", "min")
+
+
+class BiMessageConv(MessagePassing):
+    """One direction of message passing: ``m_ij = SiLU(P h_j + Q h_i + C e_ij)``, aggregated by
+    mean / std / max / min.
+
+    Edges must be sorted by target (:func:`sort_by_target`), so the aggregations run as segment
+    reductions (several times faster than scatter max/min on CPU). The partial aggregates (sum,
+    sum of squares, max, min) combine exactly, so edges can also be processed in chunks.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__(aggr=None, flow="source_to_target", node_dim=0)
+        self.hidden = hidden
+
+    def message(self, p_j: Tensor, q_i: Tensor, ce: Tensor) -> Tensor:  # noqa: D102
+        return F.silu(p_j + q_i + ce)
+
+    def aggregate(self, inputs: Tensor, index: Tensor, lengths: Tensor) -> Tensor:  # noqa: D102
+        s = torch.segment_reduce(inputs, "sum", lengths=lengths, unsafe=True)
+        s2 = torch.segment_reduce(inputs * inputs, "sum", lengths=lengths, unsafe=True)
+        mx = torch.segment_reduce(inputs, "max", lengths=lengths, unsafe=True, initial=0.0)
+        mn = torch.segment_reduce(inputs, "min", lengths=lengths, unsafe=True, initial=0.0)
+        return torch.cat([s, s2, mx, mn], dim=1)
+
+    def partial(self, edge_index: Tensor, p: Tensor, q: Tensor, ce: Tensor, lengths: Tensor) -> Tensor:
+        """Sum, sum of squares, max and min of the messages into every node: ``[N, 4h]``."""
+        n = p.shape[0]
+        return self.propagate(edge_index, p=p, q=q, ce=ce, lengths=lengths, size=(n, n))
+
+    def forward(self, edge_index: Tensor, p: Tensor, q: Tensor, ce: Tensor, deg: Tensor,
+                chunk: int | None = None, use_checkpoint: bool = False) -> Tensor:
+        """Mean, std, max, min of the messages into every node: ``[N, 4h]`` (edges sorted by target)."""
+        n, h = p.shape[0], self.hidden
+        E = edge_index.shape[1]
+        if chunk is None or chunk >= E:
+            parts = [self._run(edge_index, p, q, ce, deg, use_checkpoint)]
+            present = [deg > 0]
+        else:
+            parts, present = [], []
+            for s in range(0, E, chunk):
+                idx = edge_index[:, s : s + chunk]
+                lengths = torch.bincount(idx[1], minlength=n)
+                parts.append(self._run(idx, p, q, ce[s : s + chunk], lengths, use_checkpoint))
+                present.append(lengths > 0)
+        s = sum(pp[:, :h] for pp in parts)
+        s2 = sum(pp[:, h : 2 * h] for pp in parts)
+        if len(parts) == 1:
+            mx, mn = parts[0][:, 2 * h : 3 * h], parts[0][:, 3 * h :]
+        else:
+            big = torch.finfo(p.dtype).max
+            mx = mn = None
+            for pp, pr in zip(parts, present):
+                m = pr.unsqueeze(1)
+                cmx = torch.where(m, pp[:, 2 * h : 3 * h], -big)
+                cmn = torch.where(m, pp[:, 3 * h :], big)
+                mx = cmx if mx is None else torch.maximum(mx, cmx)
+                mn = cmn if mn is None else torch.minimum(mn, cmn)
+            has = (deg > 0).unsqueeze(1)
+            mx, mn = torch.where(has, mx, 0.0), torch.where(has, mn, 0.0)
+        d = deg.clamp_min(1).to(p.dtype).unsqueeze(1)
+        mean = s / d
+        std = (s2 / d - mean * mean).clamp_min(0.0).add(1e-5).sqrt()
+        return torch.cat([mean, std, mx, mn], dim=1)
+
+    def _run(self, idx: Tensor, p: Tensor, q: Tensor, ce: Tensor, lengths: Tensor, use_checkpoint: bool) -> Tensor:
+        if use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self.partial, idx, p, q, ce, lengths, use_reentrant=False)
+        return self.partial(idx, p, q, ce, lengths)
+
+
+def sort_by_target(edge_index: Tensor) -> Tensor:
+    """Permutation that sorts edges by target node (row 1), stable."""
+    return torch.sort(edge_index[1], stable=True).indices
+
+
+class MetanetLayer(nn.Module):
+    """A bidirectional layer: node update from both message directions, edge update from both endpoints."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        h = hidden
+        self.norm_h = nn.LayerNorm(h)
+        self.norm_e = nn.LayerNorm(h)
+        self.node_proj = nn.Linear(h, 6 * h)  # P_fwd, Q_fwd, P_bwd, Q_bwd, U (edge src), V (edge dst)
+        self.edge_proj = nn.Linear(h, 2 * h)  # C (messages), W (edge update)
+        self.dir_bias = nn.Parameter(torch.zeros(2, h))
+        self.conv = BiMessageConv(h)
+        self.node_mlp = nn.Sequential(nn.Linear(9 * h, h), nn.SiLU(), nn.Linear(h, h))
+        self.edge_out = nn.Linear(h, h)
+
+    def forward(self, h: Tensor, e: Tensor, edge_index: Tensor, deg_in: Tensor, deg_out: Tensor,
+                chunk: int | None, use_checkpoint: bool, perm_fwd: Tensor, perm_bwd: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        """Update node states ``h [N, h]`` and edge states ``e [E, h]``; ``perm_*`` sort the edges
+        by target for the forward (input -> output channel) and backward direction."""
+        hn = self.norm_h(h)
+        en = self.norm_e(e)
+        pf, qf, pb, qb, u, v = self.node_proj(hn).chunk(6, dim=1)
+        ce, we = self.edge_proj(en).chunk(2, dim=1)
+        fwd = self.conv(edge_index[:, perm_fwd], pf, qf, ce[perm_fwd] + self.dir_bias[0], deg_in, chunk,
+                        use_checkpoint)
+        bwd = self.conv(edge_index.flip(0)[:, perm_bwd], pb, qb, ce[perm_bwd] + self.dir_bias[1], deg_out, chunk,
+                        use_checkpoint)
+        h = h + self.node_mlp(torch.cat([hn, fwd, bwd], dim=1))
+        e = e + self._edge_update(edge_index, u, v, we, chunk, use_checkpoint)
+        return h, e
+
+    def _edge_update(self, idx: Tensor, u: Tensor, v: Tensor, we: Tensor, chunk: int | None,
+                     use_checkpoint: bool) -> Tensor:
+        def f(i: Tensor, w: Tensor) -> Tensor:
+            return self.edge_out(F.silu(u[i[0]] + v[i[1]] + w))
+
+        E = idx.shape[1]
+        step = E if chunk is None else chunk
+        outs = []
+        for s in range(0, max(E, 1), max(step, 1)):
+            i, w = idx[:, s : s + step], we[s : s + step]
+            if use_checkpoint and torch.is_grad_enabled():
+                outs.append(checkpoint(f, i, w, use_reentrant=False))
+            else:
+                outs.append(f(i, w))
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+
+def _decoder(hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out))
+
+
+class Metanet(nn.Module):
+    """Graph metanetwork: encoders, ``cfg.layers`` bidirectional layers, residual decoders.
+
+    ``forward(graph)`` returns ``(x', {group: attr'})``, differentiable in the metanetwork's
+    parameters and in the graph's features.
+    """
+
+    def __init__(self, cfg: MetanetConfig):
+        super().__init__()
+        if cfg.node_dim < 1 or not cfg.edge_dims:
+            raise ValueError("MetanetConfig.node_dim and edge_dims must be set (use Metanet.for_graph)")
+        self.cfg = cfg
+        h = cfg.hidden
+        self.node_enc = nn.Linear(2 * cfg.node_dim + 2 * cfg.depth_freqs + 1, h)
+        self.node_role = nn.Embedding(cfg.node_roles, h)
+        self.edge_role = nn.Embedding(cfg.edge_roles, h)
+        self.edge_enc = nn.ModuleDict({g: nn.Linear(d, h) for g, d in sorted(cfg.edge_dims.items())})
+        self.layers = nn.ModuleList(MetanetLayer(h) for _ in range(cfg.layers))
+        self.node_dec = _decoder(h, cfg.node_dim)
+        self.edge_dec = nn.ModuleDict({g: _decoder(h, d) for g, d in sorted(cfg.edge_dims.items())
+                                       if g not in cfg.frozen_groups})
+
+    @classmethod
+    def for_graph(cls, graph, cfg: MetanetConfig | None = None) -> Metanet:
+        """A metanetwork sized for ``graph``'s node and edge feature dimensions."""
+        cfg = cfg or MetanetConfig()
+        cfg.node_dim = int(graph.x.shape[1])
+        cfg.edge_dims = {g: int(eg.attr.shape[1]) for g, eg in graph.edges.items()}
+        return cls(cfg)
+
+    def _depth_features(self, depth: Tensor) -> Tensor:
+        rel = depth.to(torch.float32) / depth.max().clamp_min(1).to(torch.float32)
+        k = torch.arange(self.cfg.depth_freqs, device=depth.device, dtype=torch.float32)
+        ang = rel.unsqueeze(1) * math.pi * (2.0**k).unsqueeze(0)
+        return torch.cat([rel.unsqueeze(1), ang.sin(), ang.cos()], dim=1)
+
+    def slot_mask(self, x: Tensor) -> Tensor:
+        """1 for node slots the metanetwork may edit, 0 for ``cfg.frozen_slots``: ``[1, F]``."""
+        from metaprune.graph import NODE_SLOTS
+
+        keep = torch.ones(1, x.shape[1], dtype=x.dtype, device=x.device)
+        for name in self.cfg.frozen_slots:
+            if name in NODE_SLOTS and NODE_SLOTS.index(name) < x.shape[1]:
+                keep[0, NODE_SLOTS.index(name)] = 0.0
+        return keep
+
+    def check_graph(self, graph) -> None:
+        """Raise if ``graph`` has feature sizes this metanetwork was not built for."""
+        from metaprune.errors import ConfigError
+
+        if graph.x.shape[1] != self.cfg.node_dim:
+            raise ConfigError(f"the graph has {graph.x.shape[1]}-dim node features but this metanetwork reads "
+                              f"{self.cfg.node_dim}; it was trained on another architecture family")
+        for g, eg in graph.edges.items():
+            if eg.attr.shape[0] and self.cfg.edge_dims.get(g) != eg.attr.shape[1]:
+                raise ConfigError(f"edge group {g!r} ({eg.attr.shape[1]} features) is unknown to this metanetwork "
+                                  f"(it knows {self.cfg.edge_dims}); it was trained on another architecture family")
+
+    def forward(self, graph, x: Tensor | None = None, edge_attr: dict[str, Tensor] | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Edited ``(x, {group: attr})`` of ``graph`` (features may be overridden by ``x`` / ``edge_attr``)."""
+        cfg = self.cfg
+        self.check_graph(graph)
+        x = graph.x if x is None else x
+        attrs = {g: (eg.attr if edge_attr is None or g not in edge_attr else edge_attr[g])
+                 for g, eg in graph.edges.items()}
+        mask = graph.x_mask.to(x.dtype)
+        st = node_stats(x, graph.x_mask, graph.node_layer)
+        xn = (x - st.mean) / st.scale * mask
+        feats = torch.cat([xn, mask, self._depth_features(graph.node_depth)], dim=1)
+        h = self.node_enc(feats) + self.node_role(graph.node_role.clamp_max(cfg.node_roles - 1))
+        groups = [g for g in sorted(graph.edges) if graph.edges[g].index.shape[1] > 0]
+        scales, e_parts, idx_parts, sizes = {}, [], [], []
+        for g in groups:
+            eg = graph.edges[g]
+            scales[g] = edge_scale(attrs[g], eg.layer)
+            e_parts.append(self.edge_enc[g](attrs[g] / scales[g])
+                           + self.edge_role(eg.role.clamp_max(cfg.edge_roles - 1)))
+            idx_parts.append(eg.index)
+            sizes.append(eg.index.shape[1])
+        e = torch.cat(e_parts, 0)
+        edge_index = torch.cat(idx_parts, 1)
+        n = x.shape[0]
+        deg_in = torch.bincount(edge_index[1], minlength=n)
+        deg_out = torch.bincount(edge_index[0], minlength=n)
+        perm_f, perm_b = sort_by_target(edge_index), sort_by_target(edge_index.flip(0))
+        for layer in self.layers:
+            if cfg.checkpoint and cfg.edge_chunk is None and torch.is_grad_enabled():
+                h, e = checkpoint(layer, h, e, edge_index, deg_in, deg_out, None, False, perm_f, perm_b,
+                                  use_reentrant=False)
+            else:
+                h, e = layer(h, e, edge_index, deg_in, deg_out, cfg.edge_chunk, cfg.checkpoint, perm_f, perm_b)
+        x_out = x + mask * self.slot_mask(x) * cfg.rho * self.node_dec(h) * st.scale
+        out = {}
+        for g, eh in zip(groups, e.split(sizes, 0)):
+            if g in cfg.frozen_groups or g not in self.edge_dec:
+                out[g] = attrs[g]
+            else:
+                out[g] = attrs[g] + cfg.rho * self.edge_dec[g](eh) * scales[g]
+        for g in graph.edges:
+            out.setdefault(g, attrs[g])
+        return x_out, out
