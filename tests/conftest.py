@@ -9,7 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("METAPRUNE_NO_PROGRESS", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread avoids oversubscription on shared cores
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
