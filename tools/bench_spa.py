@@ -27,9 +27,29 @@ KEYS = ("test_acc", "test_acc_masked", "val_acc", "learned_params", "bundle_byte
         "bundle_to_dense", "params", "macs", "seconds", "epochs")
 
 
+def collect(bundles: Path, output: str) -> int:
+    """Gather the ``report.json`` of every bundle folder under ``bundles`` into one JSON file."""
+    from metaprune.io import read_json
+
+    rows = []
+    for rep in sorted(bundles.glob("*/report.json")):
+        r = read_json(rep)
+        rows.append({"task": r["task"], "bundle": str(rep.parent), "method": r["method"], "rank": r["rank"],
+                     "ratio": r["ratio"], "train_subset": r["config"]["train_subset"],
+                     "steps": r["config"]["steps"], **{k: r[k] for k in KEYS}})
+    write_json(output, {"description": "one source, one bundle per task (metaprune adapt, one command each)",
+                        "tasks": rows})
+    for r in rows:
+        print(f"{r['task']:16s} test {r['test_acc']:.2f}%  learned {r['learned_params']['total']:,}  bundle "
+              f"{r['bundle_bytes']:,} B / dense {r['dense_pruned_bytes']:,} B ({100 * r['bundle_to_dense']:.1f}%)  "
+              f"MACs {r['macs']['pruned'] / 1e6:.2f} M of {r['macs']['source'] / 1e6:.2f} M")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", required=True)
+    p.add_argument("--collect", help="only gather the report.json of the bundle folders under this folder")
+    p.add_argument("--source")
     p.add_argument("--task", default="fmnist-tops")
     p.add_argument("--ratios", default="0.3,0.5,0.7,0.9")
     p.add_argument("--methods", default="splora,full")
@@ -44,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", default="results/spa_bench.json")
     a = p.parse_args(argv)
+    if a.collect:
+        return collect(Path(a.collect), a.output)
+    if not a.source:
+        p.error("--source is required")
     out = {"description": "SPLoRA vs fine-pruning (method full) with the same masks criterion and schedule",
            "source": a.source, "task": a.task, "args": vars(a), "command": " ".join(sys.argv), "runs": []}
     for ratio in [float(r) for r in a.ratios.split(",")]:
