@@ -87,7 +87,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                               "prune without --task, or install/update spa") from None
         if args.ratio is None:
             raise ConfigError("--task needs --ratio (the share of channels the adapters prune)")
-        adapt_tasks(src, args.task, args.method, args.ratio, args)
+        results = adapt_tasks(src, args.task, args.method, args.ratio, args.output, args)
+        for task, res in zip(args.task, results or []):
+            print(f"{task}: bundle {getattr(res, 'bundle_dir', res)}")
         return 0
     from metaprune.pruning import PruneConfig, format_table
     from metaprune.pruning.pipeline import prune_file

@@ -122,6 +122,15 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     return model
 
 
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy that keeps ``.grad`` (deepcopy drops it; the Taylor criterion needs it)."""
+    out = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), out.parameters()):
+        if p.grad is not None:
+            q.grad = p.grad.detach().clone()
+    return out
+
+
 def _heads(model: nn.Module) -> list[int]:
     return [a.num_heads for a in attention_layers(model)]
 
@@ -179,9 +188,11 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     kind, value = config.target
 
     def trial(ratio: float, final: bool = False) -> tuple[nn.Module, int, int]:
-        m = base if (final and inplace) else copy.deepcopy(base)
+        m = base if (final and inplace) else _copy_with_grads(base)
         prune_once(m, config, ratio, x, grads_ready=grads)
         return m, count_macs(m, shape), count_params(m)
+
+    trial.shape, trial.example = shape, x
 
     if kind == "ratio":
         m, macs1, params1 = trial(value, final=True)
@@ -250,6 +261,14 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
             side = side - 1 if side < 0 else -1
         if _closer(cur[2], best[2], target):
             best = cur
+    if abs(best[2] / target - 1) > tol and lo > 0:
+        # uniform ratios jump in coarse steps on small models (and heads are discrete): start from
+        # the ratio just below the target and remove the globally least important channels a few
+        # at a time until the target is reached, as DepGraph's progressive pruning does
+        fine = _refine(trial(lo)[0], config, kind, target, macs0, params0, trials, x_shape=trial.shape,
+                       example=trial.example)
+        if fine is not None and _closer(fine[2], best[2], target):
+            best = (lo, *fine[1:])
     r_best, m, achieved, macs, params = best
     met = abs(achieved / target - 1) <= tol
     notes = [] if met else [f"the closest reachable {kind} is {achieved:.3f}x (target {target:g}x, tolerance "
@@ -258,6 +277,36 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
         log.warning(notes[0])
     return PruneResult(m, r_best, macs0, macs, params0, params, heads0, _heads(m), (kind, target), met,
                        trials, notes)
+
+
+def _refine(m: nn.Module, config: PruneConfig, kind: str, target: float, macs0: int, params0: int,
+            trials: list[dict], x_shape: tuple[int, ...], example: torch.Tensor):
+    """Global, about-one-channel-per-step pruning of ``m`` until ``kind`` reaches ``target``."""
+    heads = {a.qkv: a.num_heads for a in attention_layers(m)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(
+            m, example, make_importance(config.criterion if config.criterion != "taylor" else "l2"),
+            pruning_ratio=0.25, global_pruning=True, ignored_layers=resolve_ignored(m, config.ignore),
+            num_heads=heads, prune_num_heads=False, prune_head_dims=False,
+            unwrapped_parameters=unwrapped_parameters(m))
+        steps = max(1, int(0.25 * pruner.initial_total_channels))
+        pruner.iterative_steps = steps
+        pruner.per_step_pruning_ratio = [0.25 * k / steps for k in range(steps + 1)]
+        pruner.per_step_head_pruning_ratio = [0.0] * (steps + 1)
+        best = None
+        for _ in range(steps):
+            pruner.step()
+            sync_attributes(m, pruner.num_heads)
+            macs, params = count_macs(m, x_shape), count_params(m)
+            achieved = macs0 / max(1, macs) if kind == "speedup" else params0 / max(1, params)
+            if achieved >= target * (1 - config.tolerance):
+                trials.append({"ratio": None, "refine_steps": pruner.current_step, kind: achieved,
+                               "macs": macs, "params": params})
+                best = (None, m, achieved, macs, params)
+                break
+    m.zero_grad(set_to_none=True)
+    return best
 
 
 def _closer(a: float, b: float, target: float) -> bool:

@@ -1,0 +1,83 @@
+"""`metaprune prune / report / curve`: outputs, reload with `metaprune eval`, errors leave the input untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaprune.cli import main
+from metaprune.io import file_sha256, load_model, save_model
+from metaprune.models import create_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    torch.manual_seed(0)
+    return str(save_model(create_model("cifar_resnet20", num_classes=10, in_chans=1), tmp_path / "src.safetensors"))
+
+
+def test_prune_writes_model_and_report_and_reloads(model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["prune", model_file, "--ratio", "0.5", "--data", "synthetic", "--eval-batches", "1",
+               "--no-latency", "-o", str(out), "-q"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "MACs / image" in table and "layer1.0.conv1" in table
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["ratios"]["macs"] > 2.5 and rep["after"]["params"] < rep["before"]["params"]
+    assert "test_acc" in rep["after"] and rep["widths"]["after"]["layer1.0.conv1"] == 8
+    model, _ = load_model(out / "model.safetensors")
+    assert model.layer1[0].conv1.out_channels == 8 and model.fc.out_features == 10
+    assert main(["eval", str(out / "model.safetensors"), "--data", "synthetic", "--no-latency", "-q"]) == 0
+    assert main(["report", str(out)]) == 0
+    assert "MACs / image" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--ratio", "1.5"], ["--ratio", "0"], ["--speedup", "400"],
+                                  ["--ratio", "0.5", "--ignore", "layer9.conv"], ["--params-ratio", "0.5"],
+                                  ["--ratio", "0.5", "--criterion", "taylor"]])
+def test_bad_requests_fail_cleanly_and_leave_input_untouched(model_file, tmp_path, args, capsys):
+    before = file_sha256(model_file)
+    rc = main(["prune", model_file, *args, "--no-latency", "-o", str(tmp_path / "o"), "-q"])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert file_sha256(model_file) == before
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_refuses_to_overwrite_its_input(model_file, tmp_path):
+    before = file_sha256(model_file)
+    src_dir = tmp_path / "d"
+    src_dir.mkdir()
+    src = save_model(load_model(model_file)[0], src_dir)
+    assert main(["prune", str(src), "--ratio", "0.5", "--no-latency", "-o", str(src_dir), "-q"]) == 2
+    assert file_sha256(model_file) == before
+
+
+def test_task_option_reaches_spa_or_says_why(model_file, tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("spa.api")
+    fake.adapt_tasks = lambda *a: calls.append(a) or []
+    monkeypatch.setitem(sys.modules, "spa.api", fake)
+    rc = main(["prune", model_file, "--ratio", "0.4", "--task", "a", "--task", "b", "--method", "sppara",
+               "-o", str(tmp_path / "t"), "-q"])
+    assert rc == 0 and calls[0][:5] == (model_file, ["a", "b"], "sppara", 0.4, str(tmp_path / "t"))
+    monkeypatch.setitem(sys.modules, "spa.api", None)  # import fails
+    rc = main(["prune", model_file, "--ratio", "0.4", "--task", "a", "-o", str(tmp_path / "t"), "-q"])
+    assert rc == 2 and "spa" in capsys.readouterr().err
+
+
+def test_curve_command(model_file, tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = main(["curve", model_file, "--data", "synthetic", "--max-speedup", "2", "--steps", "2",
+               "--val-batches", "1", "--calib-batches", "1", "--batch-size", "64", "-o", str(out), "-q"])
+    assert rc == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert len(curve["accs"]) >= 3 and curve["split"] == "val"
+    assert (out / "curve.png").stat().st_size > 1000
+    assert "prunability" in capsys.readouterr().out
