@@ -1,0 +1,182 @@
+"""Equal-budget comparison on Fashion-MNIST, and prunability of original vs. edited networks.
+
+For every held-out zoo member (never used in meta-training or checkpoint selection) and every
+target MAC speed-up, three arms get the same number of training epochs ``E``:
+
+  (a) magnitude:  prune (group L2) -> finetune E epochs
+  (b) depgraph:   sparse learning 1 epoch (GroupNorm regulariser) -> prune -> finetune E-1 epochs
+  (c) metanet:    metanetwork edit (+BN recalibration) -> finetune 1 epoch -> prune -> finetune E-1 epochs
+
+Every finetune selects its epoch on the validation split; the reported accuracy is on the test
+split. Also writes each member's prunability curves (no finetuning, validation split) for the
+original and the edited network, and a PNG of both.
+
+    .venv/bin/python tools/compare_fmnist.py --zoo runs/zoo_r20 --members member_004 member_005 member_006 \
+        --metanet checkpoints/metanet_cifar_resnet_fmnist -o results/compare_fmnist.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARMS = ("magnitude", "depgraph", "metanet")
+
+
+def _finetune(model, data, epochs: int, steps: int, seed: int, lr: float, reg=None):
+    from metaprune.engine import TrainConfig, train
+
+    if epochs <= 0:
+        return model
+    cfg = TrainConfig(epochs=epochs, lr=lr, schedule="cosine", max_steps_per_epoch=steps, device="cpu", seed=seed,
+                      amp=False)
+    return train(model.train(), data, cfg, regularizer=reg, desc="ft").model
+
+
+def _curve_plot(orig: dict, edited: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metaprune.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ax.plot(orig["speedups"], orig["accs"], "o-", label=f"original (AUC {orig['auc']:.1f})")
+    ax.plot(edited["speedups"], edited["accs"], "s-", label=f"metanet-edited (AUC {edited['auc']:.1f})")
+    ax.set_xlabel("MAC speed-up (x), no finetuning, BN recalibrated")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _table(res: dict) -> str:
+    lines = [f"# Equal-budget comparison, {res['setup']['arch']} on Fashion-MNIST",
+             "",
+             f"Budget per arm: {res['setup']['epochs']} epochs of {res['setup']['steps_per_epoch']} steps "
+             f"(batch 128) on the {res['setup']['train_subset']}-image training subset; targets: held-out zoo members "
+             f"{', '.join(res['setup']['members'])}; test accuracy (%) mean ± std over members (n = {len(res['members'])}).",
+             "", "| speed-up | (a) magnitude + FT | (b) DepGraph SL + prune + FT | (c) metanet + prune + FT |",
+             "|---|---|---|---|"]
+    for s in res["setup"]["speedups"]:
+        row = [f"{s:g}x"]
+        for arm in ARMS:
+            v = [m["arms"][arm][str(s)]["test_acc"] for m in res["members"] if str(s) in m["arms"].get(arm, {})]
+            sp = [m["arms"][arm][str(s)]["speedup"] for m in res["members"] if str(s) in m["arms"].get(arm, {})]
+            if v:
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                row.append(f"{statistics.mean(v):.2f} ± {sd:.2f} (achieved {statistics.mean(sp):.2f}x)")
+            else:
+                row.append("-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Prunability (AUC of validation accuracy over 1..3x, no finetuning, BN recalibrated):", "",
+              "| member | original | metanet-edited |", "|---|---|---|"]
+    for m in res["members"]:
+        lines.append(f"| {m['member']} | {m['prunability']['original']['auc']:.2f} | "
+                     f"{m['prunability']['edited']['auc']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--members", nargs="+", required=True, help="held-out member folders (names inside --zoo)")
+    p.add_argument("--metanet", default=str(ROOT / "checkpoints" / "metanet_cifar_resnet_fmnist"))
+    p.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0])
+    p.add_argument("--epochs", type=int, default=2, help="total training epochs of every arm")
+    p.add_argument("--steps-per-epoch", type=int, default=40)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--sl-lam", type=float, default=5e-4, help="DepGraph sparse-learning strength (reference value)")
+    p.add_argument("--curve-batches", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("-o", "--output", default=str(ROOT / "results" / "compare_fmnist.json"))
+    a = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from metaprune.data import load_dataset
+    from metaprune.engine import evaluate
+    from metaprune.io import read_json, write_json
+    from metaprune.metanet.checkpoint import load_metanet
+    from metaprune.metanet.transform import transform_model
+    from metaprune.metanet.zoo import load_member
+    from metaprune.pruning import PruneConfig, SparseRegularizer, prunability_curve, prune
+
+    zcfg = read_json(Path(a.zoo) / "zoo.json")["config"]
+    data = load_dataset(zcfg["data"], val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
+                        train_subset=zcfg["train_subset"])
+    shape = (data.in_chans, data.image_size, data.image_size)
+    net, meta = load_metanet(a.metanet)
+    used = set(meta.get("train_members", [])) | set(meta.get("val_members", []))
+    clash = used & set(a.members)
+    if clash and Path(meta.get("zoo", "")).resolve() == Path(a.zoo).resolve():
+        raise SystemExit(f"members {sorted(clash)} were used in meta-training/selection; pick held-out ones")
+    out = Path(a.output)
+    res = {"setup": {"arch": zcfg["arch"], "members": a.members, "speedups": a.speedups, "epochs": a.epochs,
+                     "steps_per_epoch": a.steps_per_epoch, "lr": a.lr, "sl_lam": a.sl_lam,
+                     "train_subset": zcfg["train_subset"], "metanet": a.metanet,
+                     "metanet_selected_epoch": meta.get("selected_epoch")},
+           "members": []}
+    if out.exists():
+        old = read_json(out)
+        same = {k: v for k, v in old.get("setup", {}).items() if k != "members"} == \
+            {k: v for k, v in res["setup"].items() if k != "members"}
+        if same:
+            old["setup"]["members"] = sorted(set(old["setup"]["members"]) | set(a.members))
+            res = old
+    done = {m["member"] for m in res["members"]}
+    for name in a.members:
+        if name in done:
+            continue
+        t0 = time.time()
+        path = Path(a.zoo) / name
+        base, metrics = load_member(path)
+        seed = int(metrics["seed"])
+        rec = {"member": name, "seed": seed, "base_test_acc": metrics["test_acc"], "arms": {a_: {} for a_ in ARMS}}
+        edited = transform_model(net, base, data.train, 8)
+        cb = a.curve_batches
+        c0 = prunability_curve(base, data, 3.0, 5, val_batches=cb, calib_batches=cb)
+        c1 = prunability_curve(edited, data, 3.0, 5, val_batches=cb, calib_batches=cb)
+        rec["prunability"] = {"original": c0, "edited": c1}
+        _curve_plot(c0, c1, out.parent / f"metanet_prunability_{name}.png",
+                    f"{zcfg['arch']} {name} (held out): prunability")
+        print(f"{name}: prunability original {c0['auc']:.2f} edited {c1['auc']:.2f}", flush=True)
+        rec["edited_test_acc_no_ft"] = evaluate(edited, data.test)["acc"]
+        starts = {"magnitude": (base, a.epochs)}
+        sl = copy.deepcopy(base).train()
+        sl = _finetune(sl, data, 1, a.steps_per_epoch, seed, a.lr, SparseRegularizer(sl, shape, a.sl_lam))
+        starts["depgraph"] = (sl, a.epochs - 1)
+        starts["metanet"] = (_finetune(copy.deepcopy(edited), data, 1, a.steps_per_epoch, seed, a.lr), a.epochs - 1)
+        for arm in ARMS:
+            start, left = starts[arm]
+            for s in a.speedups:
+                pr = prune(start, PruneConfig(speedup=s), input_shape=shape)
+                ft = _finetune(pr.model, data, left, a.steps_per_epoch, seed, a.lr)
+                acc = evaluate(ft, data.test)["acc"]
+                rec["arms"][arm][str(s)] = {"test_acc": acc, "speedup": pr.speedup, "macs": pr.macs_after,
+                                            "params": pr.params_after}
+                print(f"{name} {arm} {s}x: test {acc:.2f} (achieved {pr.speedup:.2f}x)", flush=True)
+        rec["seconds"] = time.time() - t0
+        res["members"].append(rec)
+        write_json(out, res)
+        md = out.with_suffix(".md")
+        with open(md.with_suffix(".md.tmp"), "w") as f:
+            f.write(_table(res))
+        Path(md.with_suffix(".md.tmp")).replace(md)
+
+
+if __name__ == "__main__":
+    main()
