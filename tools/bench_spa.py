@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--recovery-epochs", type=int, default=1)
     p.add_argument("--train-subset", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", default="results/spa_bench.json")
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in a.methods.split(","):
             cfg = AdaptConfig(method=method, rank=a.rank, ratio=ratio, steps=a.steps, warmup_epochs=a.warmup_epochs,
                               recovery_epochs=a.recovery_epochs, lr=a.lr_full if method == "full" else a.lr_adapter,
-                              train_subset=a.train_subset, seed=a.seed, device=a.device)
+                              train_subset=a.train_subset, seed=a.seed, device=a.device,
+                              batch_size=a.batch_size)
             t0 = time.time()
             with tempfile.TemporaryDirectory() as td:
                 r = adapt_task(a.source, a.task, Path(td) / "bundle", cfg).report
