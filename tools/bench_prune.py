@@ -24,14 +24,18 @@ from metaprune.pruning import PruneConfig, prune
 
 
 def bench(arch: str, shape: tuple[int, int, int], speedup: float, batches: tuple[int, ...], rounds: int,
-          repeats: int, device: str, criterion: str) -> dict:
+          repeats: int, device: str, criterion: str, round_to: int | None = None,
+          global_pruning: bool = False) -> dict:
     torch.manual_seed(0)
     base = create_model(arch, num_classes=10, in_chans=shape[0]).eval().to(device)
     t0 = time.perf_counter()
-    res = prune(base, PruneConfig(speedup=speedup, criterion=criterion), input_shape=shape)
+    res = prune(base, PruneConfig(speedup=speedup, criterion=criterion, round_to=round_to,
+                                          global_pruning=global_pruning), input_shape=shape)
     prune_s = time.perf_counter() - t0
     pruned = res.model.eval().to(device)
-    out = {"arch": arch, "input_shape": list(shape), "target_speedup": speedup, "criterion": criterion,
+    out = {"arch": arch, "input_shape": list(shape), "target_speedup": speedup, "criterion": criterion, "round_to": round_to,
+           "global_pruning": global_pruning, "widths": [m.out_channels for m in pruned.modules()
+                                                        if isinstance(m, torch.nn.Conv2d)],
            "channel_ratio": res.ratio, "prune_seconds": prune_s, "search_trials": len(res.trials),
            "macs_base": count_macs(base, shape), "macs_pruned": count_macs(pruned, shape),
            "params_base": count_params(base), "params_pruned": count_params(pruned), "latency": {}}
@@ -60,6 +64,8 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=2.5)
     ap.add_argument("--criterion", default="l2")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--round-to", type=int, default=None)
+    ap.add_argument("--global", dest="global_pruning", action="store_true")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
@@ -70,7 +76,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     shape = tuple(int(v) for v in a.shape.split(","))
     batches = tuple(int(v) for v in a.batches.split(","))
-    runs = [bench(arch, shape, a.speedup, batches, a.rounds, a.repeats, a.device, a.criterion)
+    runs = [bench(arch, shape, a.speedup, batches, a.rounds, a.repeats, a.device, a.criterion,
+                  a.round_to, a.global_pruning)
             for arch in (a.arch or ["cifar_resnet56"])]
     write_json(a.output, {"runs": runs, "environment": environment(),
                           "method": "interleaved rounds base/pruned; each round = median of repeats after "

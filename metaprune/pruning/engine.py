@@ -8,7 +8,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch_pruning as tp
@@ -91,6 +91,8 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     was_training = model.training
     ignored = resolve_ignored(model, config.ignore)
     heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
+    if not config.prune_heads:  # attention keeps its heads and head size
+        ignored += [a.qkv for a in attention_layers(model)]
     head_ratio = 0.0
     if heads:  # keep at least one head per layer; TP removes ceil(ratio * heads)
         fewest = min(heads.values())
@@ -206,7 +208,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
 
 
 def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, params0: int,
-            heads0: list[int]) -> PruneResult:
+            heads0: list[int], stage: str = "uniform", f_start: float = 1.0, hi_cap: float | None = None,
+            trials: list[dict] | None = None) -> PruneResult:
     """Find the channel ratio whose pruning reaches ``kind`` (speedup / params_ratio) within tolerance.
 
     Widths shrink by ``(1 - ratio)``, so MACs and params fall roughly like ``(1 - ratio) ** 2``:
@@ -215,20 +218,20 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
     bisection fallback), so it usually needs 2-4 trial prunes.
     """
     tol = config.tolerance
-    trials: list[dict] = []
+    trials = [] if trials is None else trials
 
     def measure(r: float):
         m, macs, params = trial(r)
         achieved = macs0 / max(1, macs) if kind == "speedup" else params0 / max(1, params)
-        trials.append({"ratio": round(r, 6), kind: achieved, "macs": macs, "params": params})
+        trials.append({"stage": stage, "ratio": round(r, 6), kind: achieved, "macs": macs, "params": params})
         return r, m, achieved, macs, params
 
     def good(a: float) -> bool:
         return abs(a / target - 1) <= tol / 2
 
-    lo, f_lo = 0.0, 1.0
-    hi, f_hi = config.max_layer_ratio, None
-    best = measure(min(1.0 - target ** -0.5, config.max_layer_ratio))
+    lo, f_lo = 0.0, f_start
+    hi, f_hi = (config.max_layer_ratio if hi_cap is None else hi_cap), None
+    best = measure(min(1.0 - (f_start / target) ** 0.5, hi))
     if best[2] >= target:
         hi, f_hi = best[0], best[2]
     else:
@@ -244,7 +247,7 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
         best = top if _closer(top[2], best[2], target) else best
     side = 0
     for _ in range(config.search_iters):
-        if good(best[2]) or hi - lo < 1e-4:
+        if good(best[2]) or hi - lo < (5e-3 if stage == "uniform" else 1e-4):  # finer: the refine stage
             break
         x_lo, x_hi = math.log(1 - lo), math.log(1 - hi)
         y_lo, y_hi = math.log(f_lo), math.log(f_hi)
@@ -261,52 +264,36 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
             side = side - 1 if side < 0 else -1
         if _closer(cur[2], best[2], target):
             best = cur
-    if abs(best[2] / target - 1) > tol and lo > 0:
-        # uniform ratios jump in coarse steps on small models (and heads are discrete): start from
-        # the ratio just below the target and remove the globally least important channels a few
-        # at a time until the target is reached, as DepGraph's progressive pruning does
-        fine = _refine(trial(lo)[0], config, kind, target, macs0, params0, trials, x_shape=trial.shape,
-                       example=trial.example)
-        if fine is not None and _closer(fine[2], best[2], target):
-            best = (lo, *fine[1:])
+    if abs(best[2] / target - 1) > tol and lo > 0 and stage == "uniform":
+        # a uniform ratio moves all widths at once (coarse steps on small models; heads are
+        # discrete): from the ratio just below the target, remove the globally least important
+        # channels (heads kept) with a second, global search
+        lo_model = trial(lo)[0]
+        fine_cfg = replace(config, global_pruning=True, global_steps=1, prune_heads=False,
+                           criterion="l2" if config.criterion == "taylor" else config.criterion)
+        x = trial.example
+
+        def trial2(g: float):
+            m = prune_once(copy.deepcopy(lo_model), fine_cfg, g, x)
+            return m, count_macs(m, trial.shape), count_params(m)
+
+        try:
+            fine = _search(trial2, config, kind, target, macs0, params0, heads0, stage="global-refine",
+                           f_start=f_lo, hi_cap=0.5, trials=trials)
+        except PruningError:
+            fine = None
+        if fine is not None and _closer(fine.speedup if kind == "speedup" else fine.params_reduction,
+                                        best[2], target):
+            best = (lo, fine.model, fine.speedup if kind == "speedup" else fine.params_reduction,
+                    fine.macs_after, fine.params_after)
     r_best, m, achieved, macs, params = best
     met = abs(achieved / target - 1) <= tol
     notes = [] if met else [f"the closest reachable {kind} is {achieved:.3f}x (target {target:g}x, tolerance "
                             f"{tol:.0%}); the model's channel granularity (or --round-to) allows no closer value"]
-    if not met:
+    if not met and stage == "uniform":
         log.warning(notes[0])
     return PruneResult(m, r_best, macs0, macs, params0, params, heads0, _heads(m), (kind, target), met,
                        trials, notes)
-
-
-def _refine(m: nn.Module, config: PruneConfig, kind: str, target: float, macs0: int, params0: int,
-            trials: list[dict], x_shape: tuple[int, ...], example: torch.Tensor):
-    """Global, about-one-channel-per-step pruning of ``m`` until ``kind`` reaches ``target``."""
-    heads = {a.qkv: a.num_heads for a in attention_layers(m)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner = tp.pruner.BasePruner(
-            m, example, make_importance(config.criterion if config.criterion != "taylor" else "l2"),
-            pruning_ratio=0.25, global_pruning=True, ignored_layers=resolve_ignored(m, config.ignore),
-            num_heads=heads, prune_num_heads=False, prune_head_dims=False,
-            unwrapped_parameters=unwrapped_parameters(m))
-        steps = max(1, int(0.25 * pruner.initial_total_channels))
-        pruner.iterative_steps = steps
-        pruner.per_step_pruning_ratio = [0.25 * k / steps for k in range(steps + 1)]
-        pruner.per_step_head_pruning_ratio = [0.0] * (steps + 1)
-        best = None
-        for _ in range(steps):
-            pruner.step()
-            sync_attributes(m, pruner.num_heads)
-            macs, params = count_macs(m, x_shape), count_params(m)
-            achieved = macs0 / max(1, macs) if kind == "speedup" else params0 / max(1, params)
-            if achieved >= target * (1 - config.tolerance):
-                trials.append({"ratio": None, "refine_steps": pruner.current_step, kind: achieved,
-                               "macs": macs, "params": params})
-                best = (None, m, achieved, macs, params)
-                break
-    m.zero_grad(set_to_none=True)
-    return best
 
 
 def _closer(a: float, b: float, target: float) -> bool:

@@ -40,10 +40,7 @@ def test_added_gradient_is_lambda_gamma_w():
     the weakest channel is pushed ``alpha`` times harder (relative to its weight) than the strongest."""
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", num_classes=10, in_chans=1)
-    conv = model.layer1[0].conv1  # its out-channels form a group with bn1 and conv2's in-columns
-    with torch.no_grad():
-        scale = torch.linspace(0.1, 2.0, conv.out_channels)
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv = model.conv1  # the stem: only its out-rows belong to a group (its input is the image)
     lam, alpha = 0.1, 16.0
     reg = SparseRegularizer(model, (1, 16, 16), lam, alpha=alpha)
     for p in model.parameters():
