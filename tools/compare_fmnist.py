@@ -89,6 +89,20 @@ def _table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge(files: list[str], out: Path) -> None:
+    from metaprune.io import read_json, write_json
+
+    parts = [read_json(f) for f in files]
+    res = {"setup": dict(parts[0]["setup"]), "members": []}
+    for part in parts:
+        for m in part["members"]:
+            if m["member"] not in {x["member"] for x in res["members"]}:
+                res["members"].append(m)
+    res["setup"]["members"] = [m["member"] for m in res["members"]]
+    write_json(out, res)
+    out.with_suffix(".md").write_text(_table(res))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zoo", required=True)
@@ -102,7 +116,11 @@ def main() -> None:
     p.add_argument("--curve-batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-o", "--output", default=str(ROOT / "results" / "compare_fmnist.json"))
+    p.add_argument("--merge", nargs="+", help="only merge these result JSONs (same setup) into -o and its table")
     a = p.parse_args()
+    if a.merge:
+        _merge(a.merge, Path(a.output))
+        return
 
     import torch
 
