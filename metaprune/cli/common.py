@@ -79,7 +79,13 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must be a mapping of option: value")
-    cfg = {k.replace("-", "_"): v for k, v in cfg.items() if k not in ("description", "command")}
+    # a preset holds one section per command (`train:`, `prune:`, ...); flat presets apply as they are
+    sections = {k for k, v in cfg.items() if isinstance(v, dict)}
+    if sections:
+        if args.command not in cfg:
+            raise ConfigError(f"{path} has no `{args.command}:` section (it has: {', '.join(sorted(sections))})")
+        cfg = cfg[args.command]
+    cfg = {k.replace("-", "_"): v for k, v in cfg.items() if k not in ("description",)}
     unknown = sorted(k for k in cfg if not hasattr(args, k))
     if unknown:
         raise ConfigError(f"{path}: options {unknown} do not exist for `metaprune {args.command}`; "

@@ -1,5 +1,34 @@
-"""Commands of this stage (filled in by the stage that owns them)."""
+"""``metaprune demo``: the whole pipeline on the shipped checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from metaprune.cli.common import DEFAULT_METANET, add_common, model_path, status
 
 
 def register(sub) -> None:
-    """No commands yet."""
+    p = sub.add_parser("demo", help="run the whole pipeline on the shipped checkpoints and Fashion-MNIST",
+                       description="convert -> transform -> curves -> prune 2x/3x -> finetune -> adapt 2 tasks -> "
+                       "merge; prints one table and writes everything under -o.")
+    p.add_argument("model", nargs="?", help="source model (default: the shipped checkpoint)")
+    p.add_argument("--metanet", help="metanetwork folder (default: the shipped one)")
+    p.add_argument("--data", default="fashion-mnist", help="dataset (falls back to synthetic when missing)")
+    p.add_argument("--data-dir", help="folder holding the dataset files")
+    p.add_argument("--task", action="append", help="adapter task (repeatable; default fmnist-tops, fmnist-groups)")
+    p.add_argument("--fast", action="store_true", help="a few steps per stage (about 2 minutes on 2 cores)")
+    p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
+    add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from metaprune.demo import DEFAULT_TASKS, DemoConfig, format_summary, run_demo
+
+    cfg = DemoConfig(source=model_path(args), metanet=args.metanet or str(DEFAULT_METANET), output=args.output,
+                     data=args.data, data_dir=args.data_dir, tasks=tuple(args.task or DEFAULT_TASKS), fast=args.fast,
+                     device=args.device, seed=args.seed)
+    report = run_demo(cfg, say=lambda m: status(args, m))
+    print(format_summary(report))
+    status(args, f"outputs and report.json in {args.output}/")
+    return 0

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a registered architecture from scratch",
                        description="Train with SGD + one-cycle/cosine/step schedule; the best epoch is chosen on a "
                        "validation split carved from the training data; resumes from OUT/last.pt.")
-    p.add_argument("--model", required=True, help="registry name (see `metaprune list-models`)")
+    p.add_argument("--model", help="registry name (see `metaprune list-models`); required here or in --config")
     add_data(p, default="fashion-mnist")
     add_train(p)
     p.add_argument("--sparse-reg", type=float, default=0.0,
@@ -88,8 +88,11 @@ def _fit_and_save(args, model, data, out: Path, command: str, source: str | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from metaprune.errors import ConfigError
     from metaprune.models import create_model
 
+    if not args.model:
+        raise ConfigError("train needs --model NAME (or a --config preset that sets it); see `metaprune list-models`")
     probe = create_model(args.model, 10, 3)  # validates the name before loading data
     data = load_data_for(args, probe)
     kw = {"image_size": data.image_size} if "image_size" in probe.metaprune_arch["args"] or args.model.startswith("vit") else {}

@@ -1,0 +1,247 @@
+"""The whole pipeline in one go, on the shipped checkpoints (``metaprune demo``).
+
+convert -> transform (metanetwork) -> prunability curves of original vs edited -> prune at 2x and
+3x MACs -> short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table
+and ``report.json``. Every number in the table is read back from the per-output reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metaprune.errors import DataError
+
+log = logging.getLogger("metaprune.demo")
+DEFAULT_TASKS = ("fmnist-tops", "fmnist-groups")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo. ``fast`` keeps everything to a few optimisation steps (about 2 minutes)."""
+
+    source: str = ""
+    metanet: str = ""
+    output: str = "demo_out"
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    speedups: tuple[float, ...] = (2.0, 3.0)
+    fast: bool = False
+    device: str = "auto"
+    seed: int = 0
+    train_subset: int = 10000
+    finetune_epochs: int = 1
+    finetune_steps: int | None = None
+    adapt_ratio: float = 0.5
+    adapt_steps_per_epoch: int | None = 40
+    eval_batches: int | None = None
+    curve_steps: int = 5
+    curve_val_batches: int = 4
+    adapt_prune_steps: int = 2
+    latency_repeats: int = 10
+    stages: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.fast:
+            self.train_subset = min(self.train_subset, 2000)
+            self.finetune_steps = 6
+            self.adapt_steps_per_epoch = 4
+            self.eval_batches = 4
+            self.curve_steps = 2
+            self.curve_val_batches = 1
+            self.adapt_prune_steps = 1
+            self.latency_repeats = 5
+
+
+def _row(name: str, kind: str, path: Path, report: Path, acc: float | None, params: int, macs: int,
+         latency_ms: float, nbytes: int, data: str) -> dict:
+    return {"name": name, "kind": kind, "path": str(path), "report": str(report), "acc": acc, "params": params,
+            "macs": macs, "latency_ms_b1": latency_ms, "bytes": nbytes, "data": data}
+
+
+def _measure(model: nn.Module, data, device, cfg: DemoConfig, split: str = "test") -> dict:
+    from metaprune.engine.report import model_summary
+
+    return model_summary(model.to(device), data, device, batches=(1,), split=split, eval_batches=cfg.eval_batches,
+                         latency=True)
+
+
+def _load_data(cfg: DemoConfig, model: nn.Module, say):
+    from metaprune.data import load_dataset
+
+    args = model.metaprune_arch["args"]
+    try:
+        data = load_dataset(cfg.data, cfg.data_dir, seed=cfg.seed, train_subset=cfg.train_subset,
+                            in_chans=args["in_chans"], image_size=28, num_classes=args["num_classes"])
+    except DataError as e:
+        say(f"note: {e}")
+        say("note: running the demo on SYNTHETIC data instead; accuracies below are not Fashion-MNIST figures")
+        data = load_dataset("synthetic", seed=cfg.seed, in_chans=args["in_chans"], image_size=28,
+                            num_classes=args["num_classes"])
+    return data
+
+
+def run_demo(cfg: DemoConfig, say=print) -> dict:
+    """Run the pipeline; write every output and ``report.json`` under ``cfg.output``; return the report."""
+    from metaprune.engine import TrainConfig, train
+    from metaprune.engine.report import write_report
+    from metaprune.engine.runtime import resolve_device
+    from metaprune.graph import to_graph
+    from metaprune.io import check_output, load_model, save_model
+    from metaprune.metanet.checkpoint import load_metanet
+    from metaprune.metanet.transform import transform_model
+    from metaprune.pruning import PruneConfig, prunability_curve, prune
+    from spa.api import AdaptConfig, adapt_task
+
+    t_all = time.time()
+    out = Path(cfg.output)
+    check_output(out / "report.json", (cfg.source,))
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    source, info = load_model(cfg.source)
+    data = _load_data(cfg, source, say)
+    tag = data.name + (" (synthetic)" if data.synthetic else "")
+    rows, stages = [], {}
+
+    def stage(name: str, t0: float, msg: str) -> None:
+        stages[name] = round(time.time() - t0, 2)
+        say(f"[{name}] {msg} ({stages[name]:.1f}s)")
+
+    # 1. source
+    t0 = time.time()
+    s = _measure(source, data, device, cfg)
+    rows.append(_row("source", "model", Path(cfg.source), Path(cfg.source), s["test_acc"], s["params"], s["macs"],
+                     s["latency"]["1"]["ms"], Path(cfg.source).stat().st_size, tag))
+    stage("source", t0, f"{info.arch}: {s['test_acc']:.2f}% test, {s['params']:,} params")
+
+    # 2. convert
+    t0 = time.time()
+    graph = to_graph(source.cpu())
+    gpath = graph.save(out / "graph.safetensors")
+    d = graph.describe()
+    stage("convert", t0, f"graph with {d['nodes']:,} nodes, {d['edges']:,} edges in groups {sorted(d['edge_groups'])} -> {gpath}")
+
+    # 3. transform
+    t0 = time.time()
+    net, _ = load_metanet(cfg.metanet)
+    edited = transform_model(net, source.cpu(), data.train, calib_batches=8, device=device)
+    epath = save_model(edited, out / "edited.safetensors", extra={"metanet": cfg.metanet, "source": cfg.source})
+    e = _measure(edited, data, device, cfg)
+    write_report(out, {"command": "transform", "model": e}, name="edited_report.json")
+    rows.append(_row("edited", "model", epath, out / "edited_report.json", e["test_acc"], e["params"], e["macs"],
+                     e["latency"]["1"]["ms"], epath.stat().st_size, tag))
+    stage("transform", t0, f"metanetwork edit: {e['test_acc']:.2f}% test before pruning")
+
+    # 4. prunability curves (validation split, no finetuning, BN recalibrated)
+    t0 = time.time()
+    curves = {}
+    for name, m in (("original", source), ("edited", edited)):
+        curves[name] = prunability_curve(m.cpu(), data, max_speedup=max(cfg.speedups), steps=cfg.curve_steps,
+                                         val_batches=cfg.curve_val_batches, device=device, seed=cfg.seed)
+    cpath = _plot_curves(curves, out / "curves.png")
+    stage("curve", t0, "prunability AUC original {:.1f} vs edited {:.1f} -> {}".format(
+        curves["original"]["auc"], curves["edited"]["auc"], cpath))
+
+    # 5. prune the edited network at each speed-up, then finetune briefly
+    for sp in cfg.speedups:
+        t0 = time.time()
+        res = prune(edited.cpu(), PruneConfig(speedup=sp, seed=cfg.seed), input_shape=(data.in_chans, 28, 28))
+        pruned = res.model
+        if cfg.finetune_epochs > 0:
+            tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=0.01, schedule="cosine", device=str(device),
+                               seed=cfg.seed, resume=False, max_steps_per_epoch=cfg.finetune_steps)
+            pruned = train(pruned.train(), data, tcfg, desc=f"finetune {sp:g}x").model
+        name = f"pruned_{sp:g}x"
+        ppath = save_model(pruned, out / f"{name}.safetensors", extra={"speedup_target": sp, "source": cfg.source})
+        p = _measure(pruned, data, device, cfg)
+        write_report(out, {"command": "prune", "speedup_target": sp, "mac_speedup": s["macs"] / p["macs"],
+                           "model": p, "before": s}, name=f"{name}_report.json")
+        rows.append(_row(name, "model", ppath, out / f"{name}_report.json", p["test_acc"], p["params"], p["macs"],
+                         p["latency"]["1"]["ms"], ppath.stat().st_size, tag))
+        stage(f"prune {sp:g}x", t0, f"{s['macs'] / p['macs']:.2f}x fewer MACs, {p['test_acc']:.2f}% test after finetune")
+
+    # 6. adapt to tasks (SPLoRA bundles) and merge to dense models
+    tasks = list(cfg.tasks) if not data.synthetic else ["synthetic", "synthetic"]
+    for i, task in enumerate(tasks):
+        t0 = time.time()
+        bdir = out / "bundles" / (task if not data.synthetic else f"synthetic-{i}")
+        acfg = AdaptConfig(method="splora", rank=8, ratio=cfg.adapt_ratio, steps=cfg.adapt_prune_steps, warmup_epochs=1,
+                           recovery_epochs=1, lr=0.05, train_subset=cfg.train_subset, seed=cfg.seed + i,
+                           device=str(device), data_dir=cfg.data_dir,
+                           max_steps_per_epoch=cfg.adapt_steps_per_epoch)
+        r = adapt_task(cfg.source, task, bdir, acfg).report
+        merged_path = _merge_bundle(bdir, source, out / f"merged_{bdir.name}.safetensors")
+        lat = _merged_latency(merged_path, r, device, cfg)
+        nbytes = sum(f.stat().st_size for f in bdir.iterdir() if f.name.startswith("adapter_"))
+        rows.append(_row(f"bundle {bdir.name}", "bundle", bdir, bdir / "report.json", r["test_acc"],
+                         r["params"]["pruned"], r["macs"]["pruned"], lat, nbytes, r["data"]))
+        stage(f"adapt {bdir.name}", t0, f"{r['test_acc']:.2f}% test, bundle {nbytes / 1024:.1f} KiB vs dense "
+              f"{r['dense_pruned_bytes'] / 1024:.1f} KiB, merged -> {merged_path.name}")
+
+    report = {"command": "demo", "fast": cfg.fast, "data": tag, "source": cfg.source, "metanet": cfg.metanet,
+              "rows": rows, "curves": {k: {kk: v[kk] for kk in ("speedups", "accs", "auc", "auc_rel", "base_acc")}
+                                       for k, v in curves.items()},
+              "stages_seconds": stages, "seconds": round(time.time() - t_all, 1),
+              "eval": "test split" + (f", first {cfg.eval_batches} batches of 512" if cfg.eval_batches else "")}
+    write_report(out, report)
+    return report
+
+
+def _merge_bundle(bundle: Path, source: nn.Module, path: Path) -> Path:
+    from metaprune.io import save_model
+    from spa.bundle import merge
+
+    return save_model(merge(bundle, source.cpu()), path, extra={"bundle": str(bundle)})
+
+
+def _merged_latency(path: Path, report: dict, device, cfg: DemoConfig) -> float:
+    from metaprune.engine import measure_latency
+    from metaprune.io import load_model
+
+    m, _ = load_model(path)
+    shape = tuple(report.get("input_shape") or (m.metaprune_arch["args"]["in_chans"], 28, 28))
+    return measure_latency(m.to(device), shape, 1, device, repeats=cfg.latency_repeats)["ms"]
+
+
+def _plot_curves(curves: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from metaprune.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for name, c in curves.items():
+        ax.plot(c["speedups"], c["accs"], "o-", label=f"{name} (AUC {c['auc']:.1f})")
+    ax.set_xlabel("MAC speed-up (x), no finetuning, BN recalibrated")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("prunability: original vs metanetwork-edited")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def format_summary(report: dict) -> str:
+    """The demo's summary table (one line per produced model or bundle)."""
+    head = f"{'output':22s} {'accuracy':>9s} {'params':>10s} {'MACs (M)':>9s} {'lat b1 ms':>9s} {'bytes':>10s}"
+    lines = [f"data: {report['data']} ({report['eval']})", head, "-" * len(head)]
+    for r in report["rows"]:
+        acc = "-" if r["acc"] is None else f"{r['acc']:.2f}%"
+        lines.append(f"{r['name']:22s} {acc:>9s} {r['params']:>10,d} {r['macs'] / 1e6:>9.2f} "
+                     f"{r['latency_ms_b1']:>9.2f} {r['bytes']:>10,d}")
+    c = report["curves"]
+    lines.append(f"prunability AUC (val, 1..{max(c['original']['speedups'][-1], 1):.1f}x): original "
+                 f"{c['original']['auc']:.2f}, edited {c['edited']['auc']:.2f}")
+    lines.append(f"total {report['seconds']:.0f}s")
+    return "\n".join(lines)

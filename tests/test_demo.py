@@ -1,0 +1,44 @@
+"""`metaprune demo --fast` end to end on synthetic data: outputs exist, reload, and the table matches the reports."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metaprune.cli import main
+from metaprune.cli.common import DEFAULT_METANET, DEFAULT_MODEL
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL.exists() and DEFAULT_METANET.exists()), reason="shipped checkpoints missing")
+def test_demo_fast_on_synthetic_data(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--data", "synthetic", "--device", "cpu", "-o", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "synthetic" in report["data"] and "synthetic" in table
+    assert [r["name"] for r in report["rows"]][:4] == ["source", "edited", "pruned_2x", "pruned_3x"]
+    assert sum(r["kind"] == "bundle" for r in report["rows"]) == 2
+    assert (out / "curves.png").stat().st_size > 1000
+
+    from metaprune.graph import Graph
+    from metaprune.io import load_model
+
+    assert Graph.load(out / "graph.safetensors").num_nodes > 0
+    for r in report["rows"]:
+        line = next(ln for ln in table.splitlines() if ln.startswith(r["name"]))
+        assert f"{r['params']:,d}" in line and f"{r['macs'] / 1e6:.2f}" in line and f"{r['acc']:.2f}%" in line
+        sub = json.loads(Path(r["report"]).read_text()) if r["report"].endswith(".json") else None
+        if r["kind"] == "model":
+            model, _ = load_model(r["path"])
+            assert sum(p.numel() for p in model.parameters()) == r["params"]
+            if sub is not None:
+                assert sub["model"]["params"] == r["params"] and sub["model"]["macs"] == r["macs"]
+                assert sub["model"]["test_acc"] == pytest.approx(r["acc"])
+        else:
+            assert sub["test_acc"] == pytest.approx(r["acc"]) and sub["macs"]["pruned"] == r["macs"]
+            assert (Path(r["path"]) / "adapter_model.safetensors").exists()
+            merged = out / f"merged_{Path(r['path']).name}.safetensors"
+            model, _ = load_model(merged)
+            assert sum(p.numel() for p in model.parameters()) == sub["params"]["pruned"]
+    pruned = {r["name"]: r for r in report["rows"]}
+    assert pruned["pruned_3x"]["macs"] < pruned["pruned_2x"]["macs"] < pruned["source"]["macs"]
