@@ -96,7 +96,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     from metaprune.io import check_output, load_model, save_model
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.transform import transform_model
-    from metaprune.pruning import PruneConfig, prunability_curve, prune
+    from metaprune.pruning import PruneConfig, plot_curves, prunability_curve, prune
     from spa.api import AdaptConfig, adapt_task
 
     t_all = time.time()
@@ -144,7 +144,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     for name, m in (("original", source), ("edited", edited)):
         curves[name] = prunability_curve(m.cpu(), data, max_speedup=max(cfg.speedups), steps=cfg.curve_steps,
                                          val_batches=cfg.curve_val_batches, device=device, seed=cfg.seed)
-    cpath = _plot_curves(curves, out / "curves.png")
+    cpath = plot_curves(curves, out / "curves.png", "prunability: original vs metanetwork-edited")
     stage("curve", t0, "prunability AUC original {:.1f} vs edited {:.1f} -> {}".format(
         curves["original"]["auc"], curves["edited"]["auc"], cpath))
 
@@ -207,29 +207,6 @@ def _merged_latency(path: Path, report: dict, device, cfg: DemoConfig) -> float:
     m, _ = load_model(path)
     shape = tuple(report.get("input_shape") or (m.metaprune_arch["args"]["in_chans"], 28, 28))
     return measure_latency(m.to(device), shape, 1, device, repeats=cfg.latency_repeats)["ms"]
-
-
-def _plot_curves(curves: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from metaprune.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for name, c in curves.items():
-        ax.plot(c["speedups"], c["accs"], "o-", label=f"{name} (AUC {c['auc']:.1f})")
-    ax.set_xlabel("MAC speed-up (x), no finetuning, BN recalibrated")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("prunability: original vs metanetwork-edited")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
 
 
 def format_summary(report: dict) -> str:

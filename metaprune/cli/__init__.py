@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from metaprune import __version__
 from metaprune.cli import demo_cmd, graph_cmds, metanet_cmds, prune_cmds, spa_cmds, train_cmds
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metaprune`` command."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -10,7 +10,7 @@ learning baseline, reports and prunability curves.
 """
 
 from metaprune.pruning.config import CRITERIA, PruneConfig
-from metaprune.pruning.curve import plot_curve, prunability_curve, recalibrate_bn
+from metaprune.pruning.curve import plot_curve, plot_curves, prunability_curve, recalibrate_bn
 from metaprune.pruning.engine import PruneResult, layer_widths, prune, prune_once
 from metaprune.pruning.report import compare, format_table, load_report
 from metaprune.pruning.sparse import SparseRegularizer
@@ -27,6 +27,7 @@ __all__ = [
     "layer_widths",
     "load_report",
     "plot_curve",
+    "plot_curves",
     "prunability_curve",
     "prune",
     "prune_once",

@@ -125,7 +125,17 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
 
 
 def plot_curve(curve: dict, path: str | Path, title: str = "") -> Path:
-    """Write the accuracy / speed-up curve as a PNG (matplotlib Agg), atomically."""
+    """Write one accuracy / speed-up curve as a PNG (matplotlib Agg), atomically."""
+    label = f"no finetuning ({curve['criterion']})"
+    return plot_curves({label: curve}, path,
+                       title or f"prunability AUC {curve['auc']:.1f}% (to {curve['max_speedup']:g}x)")
+
+
+def plot_curves(curves: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Write several accuracy / speed-up curves (e.g. original vs edited) into one PNG, atomically.
+
+    ``curves`` maps a legend label to a :func:`prunability_curve` result; the AUC is added to the label.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,13 +143,17 @@ def plot_curve(curve: dict, path: str | Path, title: str = "") -> Path:
 
     from metaprune.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.plot(curve["speedups"], curve["accs"], "o-", label=f"no finetuning ({curve['criterion']})")
-    ax.axhline(curve["chance_acc"], color="grey", lw=0.8, ls=":", label="chance")
-    ax.axvline(curve["max_speedup"], color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("MAC speed-up (x)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for (label, c), marker in zip(curves.items(), "os^vD<>"):
+        ax.plot(c["speedups"], c["accs"], f"{marker}-", label=f"{label} (AUC {c['auc']:.1f})")
+    first = next(iter(curves.values()))
+    if "chance_acc" in first:
+        ax.axhline(first["chance_acc"], color="grey", lw=0.8, ls=":", label="chance")
+    if "max_speedup" in first:
+        ax.axvline(first["max_speedup"], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("MAC speed-up (x), no finetuning, BN recalibrated")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(title or f"prunability AUC {curve['auc']:.1f}% (to {curve['max_speedup']:g}x)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
