@@ -1,19 +1,8 @@
-import sys
-from pathlib import Path
+import pytest
+import torch
 
-# pytest puts tests/ on sys.path (rootdir conftest, no __init__.py), where tests/spa/ would shadow the
-# real `spa` package as a namespace package; import the real one first.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if getattr(sys.modules.get("spa"), "__file__", None) is None:
-    sys.modules.pop("spa", None)
-    sys.path.insert(0, _ROOT)
-    import spa  # noqa: F401,E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from metaprune.io import save_model  # noqa: E402
-from metaprune.models import create_model  # noqa: E402
+from metaprune.io import save_model
+from metaprune.models import create_model
 
 
 @pytest.fixture(scope="session")
