@@ -56,7 +56,7 @@ def test_refuses_to_overwrite_its_input(model_file, tmp_path):
     assert file_sha256(model_file) == before
 
 
-def test_task_option_reaches_spa_or_says_why(model_file, tmp_path, monkeypatch, capsys):
+def test_task_option_reaches_spa(model_file, tmp_path, monkeypatch):
     import sys
     import types
 
@@ -67,9 +67,15 @@ def test_task_option_reaches_spa_or_says_why(model_file, tmp_path, monkeypatch, 
     rc = main(["prune", model_file, "--ratio", "0.4", "--task", "a", "--task", "b", "--method", "sppara",
                "-o", str(tmp_path / "t"), "-q"])
     assert rc == 0 and calls[0][:5] == (model_file, ["a", "b"], "sppara", 0.4, str(tmp_path / "t"))
-    monkeypatch.setitem(sys.modules, "spa.api", None)  # import fails
-    rc = main(["prune", model_file, "--ratio", "0.4", "--task", "a", "-o", str(tmp_path / "t"), "-q"])
-    assert rc == 2 and "spa" in capsys.readouterr().err
+
+
+def test_task_option_writes_one_bundle_per_task(model_file, tmp_path):
+    out = tmp_path / "bundles"
+    rc = main(["prune", model_file, "--ratio", "0.5", "--task", "synthetic", "--epochs", "1",
+               "--max-steps-per-epoch", "1", "--batch-size", "32", "-o", str(out), "-q"])
+    assert rc == 0
+    cfg = json.loads((out / "synthetic" / "adapter_config.json").read_text())
+    assert cfg["method"] == "splora" and (out / "synthetic" / "adapter_model.safetensors").exists()
 
 
 def test_curve_command(model_file, tmp_path, capsys):
