@@ -8,8 +8,18 @@ A bundle is a folder with
   ``source_arch``;
 - ``adapter_model.safetensors``: ``masks`` (one bit per channel of every adapted layer's output and
   input and of every norm, bit-packed) and ``values`` (every learned tensor restricted to kept
-  channels — adapter factors, biases, norm parameters and running statistics, the task head —
-  flattened in a fixed module order; see :func:`bundle_tensors`).
+  channels — adapter factors, biases, norm parameters, the task head — flattened in a fixed module
+  order; see :func:`bundle_tensors`).
+
+Format 2 (written now) stores ``values`` in float16 and no BatchNorm running statistics: at save
+time each BatchNorm's eval-mode statistics are folded into its affine parameters
+(``γ' = γ/√(var+ε)``, ``β' = β − γ'·mean``; the statistics become the canonical ``mean 0``,
+``var 1−ε``) and every stored value is rounded to float16 — *in the saved model too*
+(:func:`round_model_`). The task model is by definition what the bundle holds, so the model in
+memory after :func:`save_bundle`, :func:`load_bundle` and :func:`merge` all compute the same
+function (≤ 1e-5), and accuracy measured after saving is the accuracy the bundle reproduces.
+When a value does not fit float16 the bundle falls back to float32 (``value_dtype`` in the
+config). Format 1 bundles (float32, running statistics stored) still load.
 
 :func:`merge` rebuilds the adapted model on the source, checks the hash, removes the masked
 channels with torch-pruning (base and adapter together) and fuses every adapter away.
@@ -29,12 +39,14 @@ from torch import nn
 
 from metaprune import __version__
 from metaprune.errors import BundleError
-from metaprune.io import atomic_path, state_dict_sha256, write_json
+from metaprune.io import atomic_path, state_dict_sha256
 from spa.adapt import _NORMS, adapt_model, fuse_model
 from spa.methods import MethodConfig, get_method
 from spa.methods.base import AdaptedLayer
 
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
+VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_STATS = ("running_mean", "running_var")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -50,8 +62,17 @@ def _mask_slots(model: nn.Module) -> list[tuple[str, str, int]]:
     return slots
 
 
-def _value_slots(model: nn.Module) -> list[tuple[str, str, nn.Module, list[str | None]]]:
-    """The deterministic order of learned tensors: ``(layer, tensor, module, channel space per axis)``."""
+def _folds(m: nn.Module) -> bool:
+    """Whether a norm's running statistics are folded into its affine parameters (format 2)."""
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats
+            and m.running_mean is not None)
+
+
+def _value_slots(model: nn.Module, fold_stats: bool = True) -> list[tuple[str, str, nn.Module, list[str | None]]]:
+    """The deterministic order of learned tensors: ``(layer, tensor, module, channel space per axis)``.
+
+    With ``fold_stats`` (format 2) folded BatchNorms contribute only their affine parameters.
+    """
     slots = []
     for name, m in model.named_modules():
         if isinstance(m, AdaptedLayer):
@@ -63,9 +84,36 @@ def _value_slots(model: nn.Module) -> list[tuple[str, str, nn.Module, list[str |
                 slots.append((name, fname, m, list(fdims)))
         elif isinstance(m, _NORMS):
             for tname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                if t is not None and t.dim() > 0:
+                if t is not None and t.dim() > 0 and not (fold_stats and tname in _STATS and _folds(m)):
                     slots.append((name, tname, m, ["out"]))
     return slots
+
+
+def _canonical_stats_(m: nn.Module) -> None:
+    m.running_mean.zero_()
+    m.running_var.fill_(1.0 - m.eps)
+
+
+@torch.no_grad()
+def round_model_(model: nn.Module, dtype: torch.dtype = torch.float16) -> torch.dtype:
+    """Make ``model`` exactly what a bundle of it reproduces (in place); returns the value dtype used.
+
+    Folds every BatchNorm's running statistics into its affine parameters (the statistics become
+    ``mean 0, var 1−ε``, so eval mode computes the same function) and rounds every stored tensor to
+    ``dtype``. When a value would overflow ``dtype`` nothing is rounded and float32 is returned.
+    """
+    for _, m in model.named_modules():
+        if _folds(m) and not (m.running_mean.abs().max() == 0 and (m.running_var == 1.0 - m.eps).all()):
+            scale = m.weight / torch.sqrt(m.running_var + m.eps)
+            m.bias.copy_(m.bias - scale * m.running_mean)
+            m.weight.copy_(scale)
+            _canonical_stats_(m)
+    tensors = [getattr(m, t) for _, t, m, _ in _value_slots(model)]
+    if dtype != torch.float32 and any(float(t.detach().abs().max()) > torch.finfo(dtype).max for t in tensors):
+        dtype = torch.float32
+    for t in tensors:
+        t.copy_(t.to(dtype).to(t.dtype))
+    return dtype
 
 
 def layer_masks_of(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -94,13 +142,14 @@ def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.flatten()[:n].bool()
 
 
-def bundle_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def bundle_tensors(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The bundle's two tensors: ``masks`` (bit-packed, every mask slot in order) and ``values``.
 
     ``values`` concatenates, in a fixed module order, every learned tensor restricted to kept
     channels: adapter factors, trainable weights and biases, norm parameters and running
-    statistics, the head. The order and shapes follow from the source architecture, the method
-    and the masks, so no per-tensor names need storing (the file stays small).
+    statistics (unless folded, format 2), the head. The order and shapes follow from the source
+    architecture, the method and the masks, so no per-tensor names need storing (the file stays
+    small). ``values`` has ``dtype``; call :func:`round_model_` first so that nothing is lost.
     """
     masks = layer_masks_of(model)
     bits = torch.cat([masks[n][d] for n, d, _ in _mask_slots(model)])
@@ -111,13 +160,17 @@ def bundle_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if d is not None:
                 t = t.index_select(ax, masks[name][d].nonzero().flatten())
         parts.append(t.reshape(-1))
-    return {"masks": _pack_bits(bits), "values": torch.cat(parts).contiguous()}
+    return {"masks": _pack_bits(bits), "values": torch.cat(parts).to(dtype).contiguous()}
 
 
 def save_bundle(model: nn.Module, out_dir: str | os.PathLike, *, method: str, method_config: MethodConfig,
                 task: str, classes: list[str], source_sha256: str, input_shape: tuple[int, ...],
                 extra: dict | None = None) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (atomically)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (atomically).
+
+    ``model`` is first made what the bundle reproduces (:func:`round_model_`: BatchNorm statistics
+    folded, values rounded to float16), in place, so evaluating it afterwards measures the bundle.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arch = getattr(model, "metaprune_arch", {})
@@ -126,12 +179,16 @@ def save_bundle(model: nn.Module, out_dir: str | os.PathLike, *, method: str, me
            "task": task, "classes": list(classes), "num_classes": len(classes),
            "input_shape": list(input_shape), "head": model.spa_head, "source_sha256": source_sha256,
            "source_arch": arch.get("arch"), "extra": extra or {}}
-    tensors = bundle_tensors(model)
+    dtype = round_model_(model)
+    tensors = bundle_tensors(model, dtype)
     cfg["n_values"] = int(tensors["values"].numel())
-    cfg["layout"] = "packed-v1"
+    cfg["layout"] = "packed-v2"
+    cfg["value_dtype"] = "float16" if dtype == torch.float16 else "float32"
+    cfg["norm_stats"] = "folded"
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "spa_format_version": str(BUNDLE_FORMAT_VERSION)})
-    write_json(out / CONFIG_NAME, cfg)
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(cfg, separators=(",", ":")) + "\n")
     return out
 
 
@@ -180,14 +237,14 @@ def load_bundle(path: str | os.PathLike, source: nn.Module) -> nn.Module:
     model = adapt_model(source, cfg["method"], mcfg, num_classes=int(cfg["num_classes"]))
     if model.spa_head != cfg["head"]:
         raise BundleError(f"bundle {path} has head {cfg['head']!r} but the source's head is {model.spa_head!r}")
-    _scatter(model, tensors, str(path))
+    _scatter(model, tensors, str(path), int(cfg["format_version"]))
     model.eval()
     model.spa_config = cfg
     return model
 
 
 @torch.no_grad()
-def _scatter(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
+def _scatter(model: nn.Module, tensors: dict[str, torch.Tensor], path: str, version: int) -> None:
     if set(tensors) != {"masks", "values"}:
         raise BundleError(f"bundle {path} holds tensors {sorted(tensors)}, expected 'masks' and 'values'; "
                           "it was not written by this metaprune")
@@ -213,8 +270,13 @@ def _scatter(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> N
             m.in_mask.copy_(mm["in"].to(m.in_mask.dtype))
     model.spa_norm_masks = {n: masks[n]["out"] for n, m in mods.items() if isinstance(m, _NORMS) and n in masks}
     values = tensors["values"].flatten()
+    fold = version >= 2
+    if fold:
+        for m in mods.values():
+            if _folds(m):
+                _canonical_stats_(m)
     pos = 0
-    for name, tname, m, dims in _value_slots(model):
+    for name, tname, m, dims in _value_slots(model, fold_stats=fold):
         target = getattr(m, tname)
         index = [None if d is None else masks[name][d].nonzero().flatten() for d in dims]
         shape = [len(i) if i is not None else target.shape[a] for a, i in enumerate(index)]
@@ -223,7 +285,7 @@ def _scatter(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> N
         if pos + n > values.numel():
             raise BundleError(f"bundle {path} ends before {name}.{tname} ({values.numel()} values); it is "
                               "truncated or belongs to another architecture or method")
-        src = values[pos:pos + n].view(shape).to(target.dtype)
+        src = values[pos:pos + n].view(shape).to(target.dtype)  # float16 -> float32 is exact
         pos += n
         full = torch.full_like(target, 1.0 if tname == "running_var" else 0.0)
         axes = [i if i is not None else torch.arange(target.shape[a]) for a, i in enumerate(index)]

@@ -1,91 +1,198 @@
-"""SPLoRA bundles vs fine-pruning at several pruning ratios (same schedule, same epochs).
+"""SPLoRA bundles vs fine-pruning at several pruning ratios (same schedule, same epochs, same data).
 
-For each ratio, trains one SPLoRA bundle and one fine-pruned model (method ``full``: every weight
-trained, the same masks, criterion and iterative schedule) on a task derived from the source's
-dataset, then records test accuracy (of the merged dense model), learned parameters (the SPA
-paper's counting rule), bundle bytes vs the dense pruned model's bytes, and MACs. Results are
-written to JSON after every run (so a killed run keeps what finished).
+For each ratio and seed, trains one SPLoRA bundle and one fine-pruned model (method ``full``: every
+weight trained, the same masks, criterion and iterative schedule) on a task derived from the
+source's dataset, then records test accuracy of the merged dense model (which is what the bundle
+reproduces: float16 values, BatchNorm statistics folded), validation accuracy, learned parameters
+(the SPA paper's counting rule), bundle bytes with and without ``adapter_config.json`` vs the dense
+pruned model's bytes, and MACs. Results go to JSON (and a markdown table) after every run, so a
+killed run keeps what finished. Bundles are kept under ``--bundles``.
 
-Sized for a 2-core CPU: a training subset and a few epochs. Example::
+Learning rates are chosen on the validation split only (``--tune``: one ratio, several rates, the
+best validation accuracy per method is printed; test accuracy is not looked at for the choice).
 
-    nohup .venv/bin/python tools/bench_spa.py --source /tmp/spa_src/model.safetensors \\
-        --task fmnist-tops --train-subset 3000 -o results/spa_bench.json > bench.log 2>&1 &
+Sized for a 2-core CPU: a training subset and a few epochs. Examples::
+
+    OMP_NUM_THREADS=1 nohup .venv/bin/python tools/bench_spa.py --task fmnist-tops --train-subset 5000 \\
+        --batch-size 64 --steps 3 --recovery-epochs 2 -o results/spa_bench.json > bench.log 2>&1 &
+    .venv/bin/python tools/bench_spa.py --collect runs/spa -o results/spa_tasks.json   # per-task table
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from metaprune.io import write_json
+from metaprune.io import atomic_path, read_json, write_json
 from spa.api import AdaptConfig, adapt_task
 
-KEYS = ("test_acc", "test_acc_masked", "val_acc", "learned_params", "bundle_bytes", "dense_pruned_bytes",
-        "bundle_to_dense", "params", "macs", "seconds", "epochs")
+DEFAULT_SOURCE = "checkpoints/cifar_resnet20_fmnist.safetensors"
+KEYS = ("test_acc", "val_acc", "learned_params", "bundle_bytes", "dense_pruned_bytes", "bundle_to_dense", "params",
+        "macs", "seconds", "epochs")
+
+
+def _row(report: dict, bundle: Path) -> dict:
+    """The numbers of one ``adapt`` report, plus the weights-only bundle bytes read from the folder."""
+    weights = (bundle / "adapter_model.safetensors").stat().st_size
+    cfg = read_json(bundle / "adapter_config.json")
+    return {**{k: report[k] for k in KEYS},
+            # test_acc_masked of adapt is measured before save_bundle rounds the model: fp32, not the bundle
+            "test_acc_fp32_before_rounding": report["test_acc_masked"],
+            "bundle_weights_bytes": weights, "bundle_weights_to_dense": weights / report["dense_pruned_bytes"],
+            "config_bytes": report["bundle_bytes"] - weights, "value_dtype": cfg.get("value_dtype", "float32"),
+            "bundle_format": cfg.get("format_version")}
+
+
+def command_of(report: dict, bundle: str) -> str:
+    """The ``metaprune adapt`` command line that reproduces a report (shipped source = no SOURCE)."""
+    c = report["config"]
+    src = "" if Path(report["source"]).resolve() == Path(DEFAULT_SOURCE).resolve() else f" {report['source']}"
+    return (f"OMP_NUM_THREADS=1 .venv/bin/metaprune adapt{src} --task {report['task']} --method {c['method']} "
+            f"--rank {c['rank']} --ratio {c['ratio']} --train-subset {c['train_subset']} --batch-size {c['batch_size']} "
+            f"--steps {c['steps']} --warmup-epochs {c['warmup_epochs']} --recovery-epochs {c['recovery_epochs']} "
+            f"--lr {c['lr']} --seed {c['seed']} -o {bundle}")
+
+
+def _write_md(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def collect(bundles: Path, output: str) -> int:
-    """Gather the ``report.json`` of every bundle folder under ``bundles`` into one JSON file."""
-    from metaprune.io import read_json
-
+    """Gather the ``report.json`` of every bundle folder under ``bundles`` into JSON and a markdown table."""
     rows = []
     for rep in sorted(bundles.glob("*/report.json")):
         r = read_json(rep)
         rows.append({"task": r["task"], "bundle": str(rep.parent), "method": r["method"], "rank": r["rank"],
-                     "ratio": r["ratio"], "train_subset": r["config"]["train_subset"],
-                     "steps": r["config"]["steps"], **{k: r[k] for k in KEYS}})
-    write_json(output, {"description": "one source, one bundle per task (metaprune adapt, one command each)",
-                        "tasks": rows})
+                     "ratio": r["ratio"], "lr": r["config"]["lr"], "seed": r["config"]["seed"],
+                     "train_subset": r["config"]["train_subset"], "steps": r["config"]["steps"],
+                     "command": command_of(r, str(rep.parent)), **_row(r, rep.parent)})
+    write_json(output, {"description": "one source, one bundle per task (metaprune adapt, one command each); "
+                        "test_acc is the merged dense model built from the bundle", "tasks": rows})
+    lines = ["# One source, one SPLoRA bundle per task", "",
+             f"Source: `{DEFAULT_SOURCE}` (ResNet-20, Fashion-MNIST, 93.57% test). CPU, one thread. "
+             "Accuracy: test split of the task, merged dense model rebuilt from the bundle (float16 values). "
+             "Learned parameters: the SPA paper's rule (adapter factors on kept channels + norm affine + head). "
+             "Bundle bytes: `adapter_model.safetensors` alone / with `adapter_config.json`; dense = the merged "
+             "pruned model saved as float32 safetensors.", "",
+             "| task | classes | pruned | test acc (merged) | val acc | learned params | bundle B (w/o / with JSON) "
+             "| dense pruned B | bundle/dense (w/o / with JSON) | MACs (pruned / source) | time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"{r['task']:16s} test {r['test_acc']:.2f}%  learned {r['learned_params']['total']:,}  bundle "
-              f"{r['bundle_bytes']:,} B / dense {r['dense_pruned_bytes']:,} B ({100 * r['bundle_to_dense']:.1f}%)  "
-              f"MACs {r['macs']['pruned'] / 1e6:.2f} M of {r['macs']['source'] / 1e6:.2f} M")
+        lines.append(f"| {r['task']} | {read_json(Path(r['bundle']) / 'adapter_config.json')['num_classes']} "
+                     f"| {100 * r['ratio']:.0f}% | {r['test_acc']:.2f}% | {r['val_acc']:.2f}% "
+                     f"| {r['learned_params']['total']:,} | {r['bundle_weights_bytes']:,} / {r['bundle_bytes']:,} "
+                     f"| {r['dense_pruned_bytes']:,} | {100 * r['bundle_weights_to_dense']:.1f}% / "
+                     f"{100 * r['bundle_to_dense']:.1f}% | {r['macs']['pruned'] / 1e6:.2f} M / "
+                     f"{r['macs']['source'] / 1e6:.2f} M | {r['seconds']:.0f} s |")
+    lines += ["", "Commands (one per task):", "", "```bash", *[r["command"] for r in rows], "```", ""]
+    _write_md(Path(output).with_suffix(".md"), "\n".join(lines))
+    print("\n".join(lines))
     return 0
+
+
+def bench_md(out: dict) -> str:
+    """Markdown table of a bench JSON: one row per ratio and seed, SPLoRA next to fine-pruning."""
+    a = out["args"]
+    lines = ["# SPLoRA vs fine-pruning", "",
+             f"Task `{out['task']}`, source `{out['source']}`. Same masks criterion, pruning schedule, epochs and "
+             f"data for both arms: {a['train_subset']} training images (10% of them held out as validation), "
+             f"warm-up {a['warmup_epochs']} epoch(s), {a['steps']} pruning steps × {a['recovery_epochs']} recovery "
+             f"epoch(s), batch {a['batch_size']}, rank {a['rank']}; learning rates SPLoRA {a['lr_adapter']}, "
+             f"fine-pruning {a['lr_full']} (chosen on the validation split). Seeds: {a['seeds']}. "
+             "Accuracy = test split, merged dense model rebuilt from the bundle (float16 values). Bundle bytes = "
+             "SPLoRA bundle's `adapter_model.safetensors` (with `adapter_config.json` in brackets); dense = the "
+             "pruned model as float32 safetensors. Command: `" + out["command"] + "`", "",
+             "| pruned | seed | SPLoRA acc | fine-pruning acc | Δ (SPLoRA − FP) | SPLoRA learned | FP learned "
+             "| SPLoRA bundle B | FP bundle B | dense B | SPLoRA bundle/dense | MACs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = {(r["ratio"], r["seed"], r["method"]): r for r in out["runs"]}
+    for ratio, seed in sorted({(r["ratio"], r["seed"]) for r in out["runs"]}):
+        s, f = runs.get((ratio, seed, "splora")), runs.get((ratio, seed, "full"))
+
+        def acc(r):
+            return f"{r['test_acc']:.2f}%" if r else "—"
+
+        def lp(r):
+            return f"{r['learned_params']['total']:,}" if r else "—"
+
+        ref = s or f
+        cells = [f"{100 * ratio:.0f}%", str(seed), acc(s), acc(f),
+                 f"{s['test_acc'] - f['test_acc']:+.2f}" if s and f else "—", lp(s), lp(f),
+                 f"{s['bundle_weights_bytes']:,} ({s['bundle_bytes']:,})" if s else "—",
+                 f"{f['bundle_weights_bytes']:,}" if f else "—", f"{ref['dense_pruned_bytes']:,}",
+                 f"{100 * s['bundle_weights_to_dense']:.1f}% ({100 * s['bundle_to_dense']:.1f}%)" if s else "—",
+                 f"{ref['macs']['pruned'] / 1e6:.2f} M"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--collect", help="only gather the report.json of the bundle folders under this folder")
-    p.add_argument("--source")
+    p.add_argument("--source", default=DEFAULT_SOURCE)
     p.add_argument("--task", default="fmnist-tops")
     p.add_argument("--ratios", default="0.3,0.5,0.7,0.9")
     p.add_argument("--methods", default="splora,full")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr-adapter", type=float, default=0.05)
     p.add_argument("--lr-full", type=float, default=0.01)
+    p.add_argument("--tune", help="comma-separated learning rates: run each method at the first ratio with each "
+                   "rate and report validation accuracy only")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--recovery-epochs", type=int, default=1)
     p.add_argument("--train-subset", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, …)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bundles", default="runs/spa_bench", help="folder the bundles are kept in")
     p.add_argument("-o", "--output", default="results/spa_bench.json")
     a = p.parse_args(argv)
     if a.collect:
         return collect(Path(a.collect), a.output)
-    if not a.source:
-        p.error("--source is required")
     out = {"description": "SPLoRA vs fine-pruning (method full) with the same masks criterion and schedule",
-           "source": a.source, "task": a.task, "args": vars(a), "command": " ".join(sys.argv), "runs": []}
-    for ratio in [float(r) for r in a.ratios.split(",")]:
-        for method in a.methods.split(","):
-            cfg = AdaptConfig(method=method, rank=a.rank, ratio=ratio, steps=a.steps, warmup_epochs=a.warmup_epochs,
-                              recovery_epochs=a.recovery_epochs, lr=a.lr_full if method == "full" else a.lr_adapter,
-                              train_subset=a.train_subset, seed=a.seed, device=a.device,
-                              batch_size=a.batch_size)
-            t0 = time.time()
-            with tempfile.TemporaryDirectory() as td:
-                r = adapt_task(a.source, a.task, Path(td) / "bundle", cfg).report
-            run = {"method": method, "ratio": ratio, "lr": cfg.lr, **{k: r[k] for k in KEYS}}
-            out["runs"].append(run)
-            write_json(a.output, out)
-            print(f"{method:7s} ratio {ratio:.1f}: test {r['test_acc']:.2f}%  learned {r['learned_params']['total']:,}  "
-                  f"bundle {r['bundle_bytes']:,} B / dense {r['dense_pruned_bytes']:,} B  "
-                  f"MACs {r['macs']['pruned'] / 1e6:.2f} M  ({time.time() - t0:.0f} s)", flush=True)
+           "source": a.source, "task": a.task, "args": vars(a), "command": " ".join(["tools/bench_spa.py", *sys.argv[1:]]),
+           "runs": []}
+    ratios = [float(r) for r in a.ratios.split(",")]
+    plan = []
+    if a.tune:
+        plan = [(ratios[0], m, float(lr), a.seed) for m in a.methods.split(",") for lr in a.tune.split(",")]
+    else:
+        plan = [(r, m, a.lr_full if m == "full" else a.lr_adapter, a.seed + s)
+                for s in range(a.seeds) for r in ratios for m in a.methods.split(",")]
+    for ratio, method, lr, seed in plan:
+        cfg = AdaptConfig(method=method, rank=a.rank, ratio=ratio, steps=a.steps, warmup_epochs=a.warmup_epochs,
+                          recovery_epochs=a.recovery_epochs, lr=lr, train_subset=a.train_subset, seed=seed,
+                          device=a.device, batch_size=a.batch_size)
+        t0 = time.time()
+        bundle = Path(a.bundles) / f"{a.task}_{method}_r{int(round(100 * ratio))}_lr{lr:g}_s{seed}"
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        r = adapt_task(a.source, a.task, bundle, cfg).report
+        if a.tune:
+            run = {"method": method, "ratio": ratio, "lr": lr, "seed": seed, "val_acc": r["val_acc"]}
+        else:
+            run = {"method": method, "ratio": ratio, "lr": lr, "seed": seed, "bundle": str(bundle), **_row(r, bundle)}
+        out["runs"].append(run)
+        write_json(a.output, out)
+        if not a.tune:
+            _write_md(Path(a.output).with_suffix(".md"), bench_md(out))
+        print(f"{method:7s} ratio {ratio:.1f} lr {lr:g} seed {seed}: val {r['val_acc']:.2f}%"
+              + ("" if a.tune else f"  test {r['test_acc']:.2f}%  learned {r['learned_params']['total']:,}  "
+                 f"bundle {run['bundle_weights_bytes']:,} B / dense {r['dense_pruned_bytes']:,} B")
+              + f"  ({time.time() - t0:.0f} s)", flush=True)
+    if a.tune:
+        for m in a.methods.split(","):
+            best = max((x for x in out["runs"] if x["method"] == m), key=lambda x: x["val_acc"])
+            print(f"best {m}: lr {best['lr']:g} (val {best['val_acc']:.2f}%)")
+        out["best_lr"] = {m: max((x for x in out["runs"] if x["method"] == m), key=lambda x: x["val_acc"])["lr"]
+                          for m in a.methods.split(",")}
+        write_json(a.output, out)
     return 0
 
 

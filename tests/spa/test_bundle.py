@@ -49,8 +49,14 @@ def test_merged_equals_masked(source_path, tmp_path, method):
     m, groups = _pruned_adapted(src, method)
     assert len(groups) == 12  # stem+stage residual groups and one per block's inner conv
     x = torch.randn(3, *SHAPE)
-    y_masked = m(x)
+    y_fp32 = m(x)
     bundle = _save(m, method, src, tmp_path / "b")
+    # saving rounds the model to what the bundle holds (float16 values, BN statistics folded) ...
+    y_masked = m(x)
+    assert 0 < (y_masked - y_fp32).abs().max() <= 5e-2
+    cfg = json.loads((bundle / "adapter_config.json").read_text())
+    assert cfg["value_dtype"] == "float16" and cfg["format_version"] == 2
+    # ... which is exactly what loading and merging the bundle reproduce
     y_loaded = load_bundle(bundle, src)(x)
     dense = merge(bundle, src)
     assert not any("spa" in type(mod).__module__ for mod in dense.modules())
@@ -66,6 +72,42 @@ def test_merged_equals_masked(source_path, tmp_path, method):
     # the bundle is a small fraction of the dense pruned model
     bundle_bytes = (bundle / "adapter_model.safetensors").stat().st_size
     assert bundle_bytes < 0.25 * path.stat().st_size
+    if method == "splora":  # rank 3 at 50% pruned: masks + float16 values, no running statistics
+        assert bundle_bytes < 0.06 * path.stat().st_size
+
+
+def test_round_model_is_idempotent_and_format1_loads(source_path, tmp_path):
+    """Saving twice gives the same bundle; a format-1 bundle (float32 + running statistics) still loads."""
+    from spa.bundle import _mask_slots, _pack_bits, _value_slots, layer_masks_of, round_model_
+
+    src, _ = load_model(source_path)
+    m, _ = _pruned_adapted(src.eval(), "splora")
+    x = torch.randn(2, *SHAPE)
+    # format 1: float32 values with running statistics, written by hand as the old writer did
+    masks = layer_masks_of(m)
+    parts = []
+    for name, tname, mod, dims in _value_slots(m, fold_stats=False):
+        t = getattr(mod, tname).detach().float()
+        for ax, d in enumerate(dims):
+            if d is not None:
+                t = t.index_select(ax, masks[name][d].nonzero().flatten())
+        parts.append(t.reshape(-1))
+    y_fp32 = m(x)
+    b1 = _save(m, "splora", src, tmp_path / "b1")
+    cfg = json.loads((b1 / "adapter_config.json").read_text())
+    cfg["format_version"] = 1
+    from safetensors.torch import save_file
+
+    bits = torch.cat([masks[n][d] for n, d, _ in _mask_slots(m)])
+    save_file({"masks": _pack_bits(bits), "values": torch.cat(parts)}, str(b1 / "adapter_model.safetensors"))
+    (b1 / "adapter_config.json").write_text(json.dumps(cfg))
+    assert (load_bundle(b1, src)(x) - y_fp32).abs().max() <= 1e-5
+    # rounding again changes nothing; a second save writes identical values
+    b2 = _save(m, "splora", src, tmp_path / "b2")
+    y = m(x)
+    assert round_model_(m) == torch.float16 and (m(x) - y).abs().max() == 0
+    b3 = _save(m, "splora", src, tmp_path / "b3")
+    assert (b2 / "adapter_model.safetensors").read_bytes() == (b3 / "adapter_model.safetensors").read_bytes()
 
 
 def test_pruned_channels_have_no_effect(source_path):
