@@ -3,8 +3,11 @@
     .venv/bin/python tools/bench_metanet.py --arch cifar_resnet56 --hidden 64 --layers 8 --threads 2 \
         -o results/metanet_bench.json
 
-Each configuration runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own. The
-machine's load average is recorded with every number (the CPU may be shared).
+Each configuration runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own;
+``metanet_increment_mb`` is that peak minus the peak after importing torch and building the graph.
+``--edge-chunk`` recomputes every chunk in the backward pass (``--checkpoint`` is per layer and only
+matters without chunks). The machine's load average is recorded with every number (the CPU may be
+shared).
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ def _child(args: argparse.Namespace) -> dict:
             "layers": args.layers, "edge_chunk": args.edge_chunk, "checkpoint": args.checkpoint,
             "threads": args.threads, "params": sum(p.numel() for p in net.parameters()),
             "fwd_bwd_s": times, "fwd_bwd_s_min": min(times), "cpu_s": cpu,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_graph_mb": rss_graph, "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__}
+            "peak_rss_mb": (peak := resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "rss_after_graph_mb": rss_graph, "metanet_increment_mb": peak - rss_graph, "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__}
 
 
 def main() -> None:
@@ -63,6 +66,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--edge-chunk", type=int)
     p.add_argument("--checkpoint", action="store_true")
+    p.add_argument("--variant-chunk", type=int, default=25000, help="edge chunk of the --variants chunked run")
     p.add_argument("--variants", action="store_true", help="also run checkpointing and edge chunking")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-o", "--output", help="JSON file (appended runs are merged by configuration)")
@@ -72,7 +76,7 @@ def main() -> None:
         print(json.dumps(_child(a)))
         return
     runs = []
-    variants = [(None, False)] + ([(None, True), (32768, True)] if a.variants else [])
+    variants = [(None, False)] + ([(None, True), (a.variant_chunk, False)] if a.variants else [])
     if a.edge_chunk or a.checkpoint:
         variants = [(a.edge_chunk, a.checkpoint)]
     for h in a.hidden:

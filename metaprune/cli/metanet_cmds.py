@@ -49,6 +49,8 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--lam", type=float, default=1.0, help="weight of the (normalised) group-sparsity term")
     p.add_argument("--alpha", type=float, default=16.0, help="DepGraph polarisation of the sparsity term")
+    p.add_argument("--bn-eval", action="store_true",
+                   help="members' BatchNorm in eval mode (original running statistics) during meta-training")
     p.add_argument("--val-members", type=int, default=1, help="members held out for checkpoint selection")
     p.add_argument("--holdout-members", type=int, default=0, help="members used neither for training nor selection")
     p.add_argument("--score-max-speedup", type=float, default=3.0)
@@ -113,7 +115,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha,
                           val_members=args.val_members, holdout_members=args.holdout_members,
                           score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
-                          score_batches=args.score_batches, seed=args.seed, device=device)
+                          score_batches=args.score_batches, bn_eval=args.bn_eval, seed=args.seed,
+                          device=device)
     ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edge_chunk=args.edge_chunk,
                          checkpoint=args.checkpointing)
     data = _zoo_data(args)

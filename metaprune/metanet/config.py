@@ -24,10 +24,14 @@ class MetanetConfig:
             ``transform``), so editing them would have no effect.
         node_roles, edge_roles: sizes of the role-embedding tables.
         depth_freqs: number of sinusoidal frequencies encoding the relative depth (0..1) of a node.
-        edge_chunk: process edges in chunks of this size (partial aggregates are combined exactly);
+        edge_chunk: process edges in chunks of this size (contiguous slices of the target-sorted
+            edges; partial aggregates are combined exactly). With gradients on, every chunk is
+            recomputed in the backward pass, so per layer only the edge states themselves are kept.
             ``None`` processes all edges at once.
-        checkpoint: recompute activations in the backward pass (per layer and direction, and per
-            chunk when ``edge_chunk`` is set) instead of storing them.
+        checkpoint: recompute each layer in the backward pass (only its input is kept); with
+            ``edge_chunk`` the recomputation is itself chunked (nested). With either option the
+            C allocator's free pages are returned to the OS between layers
+            (:mod:`metaprune.metanet.memory`).
     """
 
     hidden: int = 64
@@ -82,6 +86,10 @@ class MetaTrainConfig:
         score_every: compute the prunability score on the validation members every N epochs.
         score_max_speedup, score_steps: range and number of points of the prunability curve.
         score_batches: validation batches per point of the curve (and BN recalibration batches).
+        bn_eval: run the member's BatchNorm in eval mode during meta-training (the original
+            running statistics, as in the paper) instead of train mode (batch statistics). In train
+            mode a conv followed by BN is scale-invariant, so the sparsity term can shrink every
+            conv uniformly at no CE cost; eval mode makes that shrinkage visible to CE.
         seed, device: reproducibility and placement.
     """
 
@@ -98,6 +106,7 @@ class MetaTrainConfig:
     score_max_speedup: float = 3.0
     score_steps: int = 4
     score_batches: int = 4
+    bn_eval: bool = False
     seed: int = 0
     device: str = "cpu"
 

@@ -38,7 +38,7 @@ from metaprune.graph import to_graph
 from metaprune.io import atomic_path, write_json
 from metaprune.metanet.checkpoint import save_metanet
 from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
-from metaprune.metanet.loss import dependency_groups, group_sparsity
+from metaprune.metanet.loss import channel_sq_norms, dependency_groups, group_sparsity
 from metaprune.metanet.model import Metanet
 from metaprune.metanet.transform import BN_BUFFERS, edit_params, transform_model
 from metaprune.metanet.zoo import list_members, load_member
@@ -71,10 +71,25 @@ class _Member:
         self.groups = dependency_groups(self.model, input_shape)
         with torch.no_grad():
             self.s0 = float(group_sparsity(dict(sd), self.groups, alpha)) or 1.0
+            self.norms0 = group_norms(dict(sd), self.groups)
         self.model.train()
 
     def fresh_buffers(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.buffers.items()}
+
+
+def group_norms(params: dict[str, torch.Tensor], groups) -> torch.Tensor:
+    """L2 norm of every prunable channel group (all coupled slices of one root channel), concatenated."""
+    return torch.cat([channel_sq_norms(params, g)[0].sqrt() for g in groups])
+
+
+def norm_shift(params: dict[str, torch.Tensor], m: _Member) -> dict[str, float]:
+    """How the edit moved the channel-group norms of member ``m``: fraction of groups whose norm
+    dropped, dropped below 50% and below 10% of the original, and the median norm ratio."""
+    with torch.no_grad():
+        r = group_norms({k: v.detach() for k, v in params.items()}, m.groups) / m.norms0.clamp_min(1e-12)
+    return {"groups_down": float((r < 1).float().mean()), "groups_below_50": float((r < 0.5).float().mean()),
+            "groups_below_10": float((r < 0.1).float().mean()), "norm_ratio_median": float(r.median())}
 
 
 def score_members(net: Metanet | None, paths: list[Path], data: DataSplits, cfg: MetaTrainConfig) -> dict:
@@ -139,7 +154,8 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         net.train()
         loader.set_epoch(epoch)
         batches = iter(loader)
-        sums = {"ce": 0.0, "sparsity": 0.0, "loss": 0.0, "acc": 0.0}
+        sums = {"ce": 0.0, "sparsity": 0.0, "loss": 0.0, "acc": 0.0, "groups_down": 0.0, "groups_below_50": 0.0,
+                "groups_below_10": 0.0, "norm_ratio_median": 0.0}
         n = 0
         order = torch.randperm(len(train_m), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
         steps = [(i, s) for i in order for s in range(cfg.steps_per_member)]
@@ -150,6 +166,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
             except StopIteration:
                 batches = iter(loader)
                 x, y = next(batches)
+            m.model.train(not cfg.bn_eval)
             params = edit_params(net, m.graph, m.fresh_buffers())
             logits = functional_call(m.model, params, (x,))
             ce = F.cross_entropy(logits, y)
@@ -163,6 +180,8 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
             sums["sparsity"] += sp.item()
             sums["loss"] += loss.item()
             sums["acc"] += (logits.argmax(1) == y).float().mean().item() * 100
+            for k, v in norm_shift(params, m).items():  # before the step: what this loss saw
+                sums[k] += v
         rec = {"epoch": epoch, **{k: v / max(1, n) for k, v in sums.items()}, "steps": n}
         if (epoch + 1) % cfg.score_every == 0 or epoch == cfg.epochs - 1:
             net.eval()
@@ -179,8 +198,9 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history,
                     "best": best, "baseline": baseline}, tmp)
         tmp.replace(last)
-        log.info("meta-train epoch %d: ce %.3f sparsity %.3f score %s (unedited %.2f)", epoch, rec["ce"],
-                 rec["sparsity"], f"{rec['score']:.2f}" if "score" in rec else "-", baseline)
+        log.info("meta-train epoch %d: ce %.3f sparsity %.3f groups down %.1f%% (<50%%: %.1f%%) score %s "
+                 "(unedited %.2f)", epoch, rec["ce"], rec["sparsity"], 100 * rec["groups_down"],
+                 100 * rec["groups_below_50"], f"{rec['score']:.2f}" if "score" in rec else "-", baseline)
     summary = {"selected_epoch": best["epoch"], "val_score": best["score"], "val_score_unedited": baseline,
                "epochs": cfg.epochs, **info}
     write_json(out / "summary.json", summary)

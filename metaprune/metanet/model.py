@@ -16,6 +16,7 @@ edge states carry role embeddings; every edge group has its own encoder and deco
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import MessagePassing
 
 from metaprune.metanet.config import MetanetConfig
+from metaprune.metanet.memory import release_in_backward, release_memory
 from metaprune.metanet.normalize import edge_scale, node_stats
 
 AGGREGATORS = ("mean", "std", "max", "min")
@@ -57,27 +59,19 @@ class BiMessageConv(MessagePassing):
         n = p.shape[0]
         return self.propagate(edge_index, p=p, q=q, ce=ce, lengths=lengths, size=(n, n))
 
-    def forward(self, edge_index: Tensor, p: Tensor, q: Tensor, ce: Tensor, deg: Tensor,
-                chunk: int | None = None, use_checkpoint: bool = False) -> Tensor:
+    def forward(self, edge_index: Tensor, p: Tensor, q: Tensor, ce: Tensor, deg: Tensor) -> Tensor:
         """Mean, std, max, min of the messages into every node: ``[N, 4h]`` (edges sorted by target)."""
-        n, h = p.shape[0], self.hidden
-        E = edge_index.shape[1]
-        if chunk is None or chunk >= E:
-            parts = [self._run(edge_index, p, q, ce, deg, use_checkpoint)]
-            present = [deg > 0]
-        else:
-            parts, present = [], []
-            for s in range(0, E, chunk):
-                idx = edge_index[:, s : s + chunk]
-                lengths = torch.bincount(idx[1], minlength=n)
-                parts.append(self._run(idx, p, q, ce[s : s + chunk], lengths, use_checkpoint))
-                present.append(lengths > 0)
+        return self.combine([self.partial(edge_index, p, q, ce, deg)], [deg > 0], deg, p.dtype)
+
+    def combine(self, parts: list[Tensor], present: list[Tensor], deg: Tensor, dtype: torch.dtype) -> Tensor:
+        """Exact mean / std / max / min from the partial aggregates of several edge chunks."""
+        h = self.hidden
         s = sum(pp[:, :h] for pp in parts)
         s2 = sum(pp[:, h : 2 * h] for pp in parts)
         if len(parts) == 1:
             mx, mn = parts[0][:, 2 * h : 3 * h], parts[0][:, 3 * h :]
         else:
-            big = torch.finfo(p.dtype).max
+            big = torch.finfo(dtype).max
             mx = mn = None
             for pp, pr in zip(parts, present):
                 m = pr.unsqueeze(1)
@@ -87,20 +81,48 @@ class BiMessageConv(MessagePassing):
                 mn = cmn if mn is None else torch.minimum(mn, cmn)
             has = (deg > 0).unsqueeze(1)
             mx, mn = torch.where(has, mx, 0.0), torch.where(has, mn, 0.0)
-        d = deg.clamp_min(1).to(p.dtype).unsqueeze(1)
+        d = deg.clamp_min(1).to(dtype).unsqueeze(1)
         mean = s / d
         std = (s2 / d - mean * mean).clamp_min(0.0).add(1e-5).sqrt()
         return torch.cat([mean, std, mx, mn], dim=1)
-
-    def _run(self, idx: Tensor, p: Tensor, q: Tensor, ce: Tensor, lengths: Tensor, use_checkpoint: bool) -> Tensor:
-        if use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self.partial, idx, p, q, ce, lengths, use_reentrant=False)
-        return self.partial(idx, p, q, ce, lengths)
 
 
 def sort_by_target(edge_index: Tensor) -> Tensor:
     """Permutation that sorts edges by target node (row 1), stable."""
     return torch.sort(edge_index[1], stable=True).indices
+
+
+@dataclass
+class EdgePlan:
+    """Edge order and chunks shared by all layers of one forward pass.
+
+    Edges are kept sorted by target (``index``), so every chunk is a contiguous slice of the edge
+    states (a view, no copy) and its forward messages are already grouped by target. For the
+    backward direction each chunk is re-sorted *locally* by source (``bwd_perm``), so no
+    full-size gather of the edge states (and no full-size gradient per chunk) is ever made.
+    ``fwd_len`` / ``bwd_len`` are each chunk's segment lengths over all ``N`` nodes.
+    """
+
+    index: Tensor
+    deg_in: Tensor
+    deg_out: Tensor
+    sizes: list[int]
+    fwd_idx: list[Tensor]
+    fwd_len: list[Tensor]
+    bwd_perm: list[Tensor]
+    bwd_idx: list[Tensor]
+    bwd_len: list[Tensor]
+
+    @classmethod
+    def build(cls, index: Tensor, n: int, chunk: int | None) -> EdgePlan:
+        E = index.shape[1]
+        step = max(1, E if chunk is None else min(chunk, E))
+        fwd_idx = list(index.split(step, 1)) if E else [index]
+        bwd_perm = [sort_by_target(i.flip(0)) for i in fwd_idx]
+        bwd_idx = [i.flip(0)[:, p] for i, p in zip(fwd_idx, bwd_perm)]
+        return cls(index, torch.bincount(index[1], minlength=n), torch.bincount(index[0], minlength=n),
+                   [i.shape[1] for i in fwd_idx], fwd_idx, [torch.bincount(i[1], minlength=n) for i in fwd_idx],
+                   bwd_perm, bwd_idx, [torch.bincount(i[1], minlength=n) for i in bwd_idx])
 
 
 class MetanetLayer(nn.Module):
@@ -118,38 +140,36 @@ class MetanetLayer(nn.Module):
         self.node_mlp = nn.Sequential(nn.Linear(9 * h, h), nn.SiLU(), nn.Linear(h, h))
         self.edge_out = nn.Linear(h, h)
 
-    def forward(self, h: Tensor, e: Tensor, edge_index: Tensor, deg_in: Tensor, deg_out: Tensor,
-                chunk: int | None, use_checkpoint: bool, perm_fwd: Tensor, perm_bwd: Tensor
-                ) -> tuple[Tensor, Tensor]:
-        """Update node states ``h [N, h]`` and edge states ``e [E, h]``; ``perm_*`` sort the edges
-        by target for the forward (input -> output channel) and backward direction."""
+    def forward(self, h: Tensor, e: Tensor, plan: EdgePlan, recompute: bool) -> tuple[Tensor, Tensor]:
+        """Update node states ``h [N, h]`` and edge states ``e [E, h]`` (edges in ``plan``'s order).
+
+        Edges are processed chunk by chunk (``plan``); with ``recompute`` every chunk is recomputed
+        in the backward pass, so only ``e`` itself and node-sized tensors are kept for it.
+        """
         hn = self.norm_h(h)
-        en = self.norm_e(e)
-        pf, qf, pb, qb, u, v = self.node_proj(hn).chunk(6, dim=1)
-        ce, we = self.edge_proj(en).chunk(2, dim=1)
-        fwd = self.conv(edge_index[:, perm_fwd], pf, qf, ce[perm_fwd] + self.dir_bias[0], deg_in, chunk,
-                        use_checkpoint)
-        bwd = self.conv(edge_index.flip(0)[:, perm_bwd], pb, qb, ce[perm_bwd] + self.dir_bias[1], deg_out, chunk,
-                        use_checkpoint)
-        h = h + self.node_mlp(torch.cat([hn, fwd, bwd], dim=1))
-        e = e + self._edge_update(edge_index, u, v, we, chunk, use_checkpoint)
-        return h, e
-
-    def _edge_update(self, idx: Tensor, u: Tensor, v: Tensor, we: Tensor, chunk: int | None,
-                     use_checkpoint: bool) -> Tensor:
-        def f(i: Tensor, w: Tensor) -> Tensor:
-            return self.edge_out(F.silu(u[i[0]] + v[i[1]] + w))
-
-        E = idx.shape[1]
-        step = E if chunk is None else chunk
+        node = self.node_proj(hn)
         outs = []
-        for s in range(0, max(E, 1), max(step, 1)):
-            i, w = idx[:, s : s + step], we[s : s + step]
-            if use_checkpoint and torch.is_grad_enabled():
-                outs.append(checkpoint(f, i, w, use_reentrant=False))
+        for i, ev in enumerate(e.split(plan.sizes, 0)):  # views: no copy, one SplitBackward
+            args = (ev, node, plan.fwd_idx[i], plan.fwd_len[i], plan.bwd_perm[i], plan.bwd_idx[i], plan.bwd_len[i])
+            if recompute and torch.is_grad_enabled():
+                outs.append(checkpoint(self._chunk, *args, use_reentrant=False))
             else:
-                outs.append(f(i, w))
-        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+                outs.append(self._chunk(*args))
+        fwd = self.conv.combine([o[0] for o in outs], [ln > 0 for ln in plan.fwd_len], plan.deg_in, h.dtype)
+        bwd = self.conv.combine([o[1] for o in outs], [ln > 0 for ln in plan.bwd_len], plan.deg_out, h.dtype)
+        de = torch.cat([o[2] for o in outs], 0) if len(outs) > 1 else outs[0][2]
+        h = h + self.node_mlp(torch.cat([hn, fwd, bwd], dim=1))
+        return h, e + de
+
+    def _chunk(self, e: Tensor, node: Tensor, fidx: Tensor, flen: Tensor, bperm: Tensor, bidx: Tensor,
+               blen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward and backward partial aggregates and the edge update of one chunk of edges."""
+        pf, qf, pb, qb, u, v = node.chunk(6, dim=1)
+        ce, we = self.edge_proj(self.norm_e(e)).chunk(2, dim=1)
+        fwd = self.conv.partial(fidx, pf, qf, ce + self.dir_bias[0], flen)
+        bwd = self.conv.partial(bidx, pb, qb, ce.index_select(0, bperm) + self.dir_bias[1], blen)
+        de = self.edge_out(F.silu(u[fidx[0]] + v[fidx[1]] + we))
+        return fwd, bwd, de
 
 
 def _decoder(hidden: int, out: int) -> nn.Sequential:
@@ -238,23 +258,32 @@ class Metanet(nn.Module):
             sizes.append(eg.index.shape[1])
         e = torch.cat(e_parts, 0)
         edge_index = torch.cat(idx_parts, 1)
-        n = x.shape[0]
-        deg_in = torch.bincount(edge_index[1], minlength=n)
-        deg_out = torch.bincount(edge_index[0], minlength=n)
-        perm_f, perm_b = sort_by_target(edge_index), sort_by_target(edge_index.flip(0))
+        # all layers keep the edges sorted by target (segment reductions, contiguous chunks)
+        perm = sort_by_target(edge_index)
+        plan = EdgePlan.build(edge_index[:, perm], x.shape[0], cfg.edge_chunk)
+        e = e.index_select(0, perm)
+        chunked = cfg.edge_chunk is not None
         for layer in self.layers:
-            if cfg.checkpoint and cfg.edge_chunk is None and torch.is_grad_enabled():
-                h, e = checkpoint(layer, h, e, edge_index, deg_in, deg_out, None, False, perm_f, perm_b,
-                                  use_reentrant=False)
+            if cfg.checkpoint and torch.is_grad_enabled():  # per layer (nested with per-chunk recompute)
+                h, e = checkpoint(layer, h, e, plan, chunked, use_reentrant=False)
             else:
-                h, e = layer(h, e, edge_index, deg_in, deg_out, cfg.edge_chunk, cfg.checkpoint, perm_f, perm_b)
+                h, e = layer(h, e, plan, chunked)
+            if chunked or cfg.checkpoint:  # keep RSS near what is live (see metanet.memory)
+                release_memory()
+                e = release_in_backward(e)
         x_out = x + mask * self.slot_mask(x) * cfg.rho * self.node_dec(h) * st.scale
+        e = e.index_select(0, torch.argsort(perm))
         out = {}
         for g, eh in zip(groups, e.split(sizes, 0)):
             if g in cfg.frozen_groups or g not in self.edge_dec:
                 out[g] = attrs[g]
+                continue
+            if chunked:
+                dec = torch.cat([checkpoint(self.edge_dec[g], c, use_reentrant=False) if torch.is_grad_enabled()
+                                 else self.edge_dec[g](c) for c in eh.split(cfg.edge_chunk, 0)], 0)
             else:
-                out[g] = attrs[g] + cfg.rho * self.edge_dec[g](eh) * scales[g]
+                dec = self.edge_dec[g](eh)
+            out[g] = attrs[g] + cfg.rho * dec * scales[g]
         for g in graph.edges:
             out.setdefault(g, attrs[g])
         return x_out, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.func import functional_call
 
@@ -65,11 +66,12 @@ def test_channel_permutation_equivariance():
         assert torch.allclose(e1[k], e0[k], atol=1e-5)
 
 
-def test_chunked_and_checkpointed_match_plain():
+@pytest.mark.parametrize("chunk,ckpt", [(9000, True), (7000, False), (None, True)])
+def test_chunked_and_checkpointed_match_plain(chunk, ckpt):
     g = to_graph(_model())
     torch.manual_seed(0)
     plain = _net(g)
-    chunked = _net(g, edge_chunk=9000, checkpoint=True)
+    chunked = _net(g, edge_chunk=chunk, checkpoint=ckpt)
     chunked.load_state_dict(plain.state_dict())
     x0, e0 = plain(g)
     x1, e1 = chunked(g)
