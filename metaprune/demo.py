@@ -35,11 +35,11 @@ class DemoConfig:
     fast: bool = False
     device: str = "auto"
     seed: int = 0
-    train_subset: int = 10000
+    train_subset: int = 6000
     finetune_epochs: int = 1
-    finetune_steps: int | None = None
+    finetune_steps: int | None = 30
     adapt_ratio: float = 0.5
-    adapt_steps_per_epoch: int | None = 40
+    adapt_steps_per_epoch: int | None = 15
     eval_batches: int | None = None
     curve_steps: int = 5
     curve_val_batches: int = 4
