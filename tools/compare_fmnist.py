@@ -90,7 +90,7 @@ def _table(res: dict) -> str:
 
 
 def _merge(files: list[str], out: Path) -> None:
-    from metaprune.io import read_json, write_json
+    from metaprune.io import atomic_path, read_json, write_json
 
     parts = [read_json(f) for f in files]
     res = {"setup": dict(parts[0]["setup"]), "members": []}
@@ -100,7 +100,8 @@ def _merge(files: list[str], out: Path) -> None:
                 res["members"].append(m)
     res["setup"]["members"] = [m["member"] for m in res["members"]]
     write_json(out, res)
-    out.with_suffix(".md").write_text(_table(res))
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(_table(res))
 
 
 def main() -> None:
@@ -146,7 +147,9 @@ def main() -> None:
     res = {"setup": {"arch": zcfg["arch"], "members": a.members, "speedups": a.speedups, "epochs": a.epochs,
                      "steps_per_epoch": a.steps_per_epoch, "lr": a.lr, "sl_lam": a.sl_lam,
                      "train_subset": zcfg["train_subset"], "metanet": a.metanet,
-                     "metanet_selected_epoch": meta.get("selected_epoch")},
+                     "metanet_selected_epoch": meta.get("selected_epoch"),
+                     # identifies the checkpoint, so results of another metanetwork are never merged in
+                     "metanet_val_score": meta.get("val_score"), "metanet_train_members": meta.get("train_members")},
            "members": []}
     if out.exists():
         old = read_json(out)
