@@ -107,10 +107,11 @@ def _zoo_data(args: argparse.Namespace):
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
+    from metaprune.engine.runtime import resolve_device
     from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
     from metaprune.metanet.meta_train import meta_train
 
-    device = "cpu" if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha,
                           val_members=args.val_members, holdout_members=args.holdout_members,

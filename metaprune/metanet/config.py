@@ -90,7 +90,8 @@ class MetaTrainConfig:
             running statistics, as in the paper) instead of train mode (batch statistics). In train
             mode a conv followed by BN is scale-invariant, so the sparsity term can shrink every
             conv uniformly at no CE cost; eval mode makes that shrinkage visible to CE.
-        seed, device: reproducibility and placement.
+        seed, device: reproducibility and placement (``auto``: CUDA when present).
+        amp: bf16 autocast of the metanetwork and the edited network's forward pass on CUDA.
     """
 
     epochs: int = 10
@@ -109,6 +110,7 @@ class MetaTrainConfig:
     bn_eval: bool = False
     seed: int = 0
     device: str = "cpu"
+    amp: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.steps_per_member < 1 or self.batch_size < 1:

@@ -33,6 +33,15 @@ from torch.func import functional_call
 from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine import progress, seed_everything
+from metaprune.engine.runtime import (
+    barrier,
+    broadcast_object,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main,
+    resolve_device,
+)
 from metaprune.errors import ConfigError, ModelFileError
 from metaprune.graph import to_graph
 from metaprune.io import atomic_path, write_json
@@ -76,6 +85,14 @@ class _Member:
 
     def fresh_buffers(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.buffers.items()}
+
+    def to(self, device: torch.device) -> _Member:
+        """Move the module, graph, buffers and reference norms to ``device``."""
+        self.model.to(device)
+        self.graph = self.graph.to(device)
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        self.norms0 = self.norms0.to(device)
+        return self
 
 
 def group_norms(params: dict[str, torch.Tensor], groups) -> torch.Tensor:
@@ -121,14 +138,21 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    distributed = init_distributed(device)  # torchrun: gradients averaged over processes, data sharded
     seed_everything(cfg.seed)
     members = list_members(zoo_dir)
     train_p, val_p, held_p = split_members(members, cfg)
     shape = (data.in_chans, data.image_size, data.image_size)
-    train_m = [_Member(p, shape, cfg.alpha) for p in train_p]
-    net = Metanet.for_graph(train_m[0].graph, net_cfg or MetanetConfig())
+    train_m = [_Member(p, shape, cfg.alpha).to(device) for p in train_p]
+    net = Metanet.for_graph(train_m[0].graph, net_cfg or MetanetConfig()).to(device)
     for m in train_m[1:]:
         net.check_graph(m.graph)
+    runner = net
+    if distributed:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = cfg.amp and device.type == "cuda"
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     start, best = 0, {"epoch": -1, "score": -1.0}
@@ -136,7 +160,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     last = out / LAST
     if resume and last.exists():
         try:
-            st = torch.load(last, map_location="cpu", weights_only=True)
+            st = torch.load(last, map_location=device, weights_only=True)
             net.load_state_dict(st["net"])
             opt.load_state_dict(st["opt"])
         except Exception as e:  # noqa: BLE001
@@ -144,9 +168,10 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         start, history, best, baseline = int(st["epoch"]) + 1, list(st["history"]), dict(st["best"]), st["baseline"]
         log.info("meta-train: resuming after epoch %d", start)
     if baseline is None:
-        baseline = score_members(None, val_p, data, cfg)["score"]
+        baseline = broadcast_object(score_members(None, val_p, data, cfg)["score"] if is_main() else None)
         log.info("meta-train: validation members unedited: prunability %.2f", baseline)
-    loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=False, seed=cfg.seed, drop_last=True)
+    loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=False, seed=cfg.seed, drop_last=True,
+                         rank=get_rank(), world_size=get_world_size(), device=device)
     info = {"zoo": str(zoo_dir), "train_members": [p.name for p in train_p], "val_members": [p.name for p in val_p],
             "holdout_members": [p.name for p in held_p], "data": data.name, "meta_train": asdict(cfg)}
     for epoch in range(start, cfg.epochs):
@@ -167,9 +192,11 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
                 batches = iter(loader)
                 x, y = next(batches)
             m.model.train(not cfg.bn_eval)
-            params = edit_params(net, m.graph, m.fresh_buffers())
-            logits = functional_call(m.model, params, (x,))
-            ce = F.cross_entropy(logits, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                params = edit_params(runner, m.graph, m.fresh_buffers())
+                logits = functional_call(m.model, params, (x,))
+            params = {k: v.float() if v.is_floating_point() else v for k, v in params.items()}
+            ce = F.cross_entropy(logits.float(), y)
             sp = group_sparsity(params, m.groups, cfg.alpha) / m.s0
             loss = ce + cfg.lam * sp
             opt.zero_grad(set_to_none=True)
@@ -185,23 +212,27 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         rec = {"epoch": epoch, **{k: v / max(1, n) for k, v in sums.items()}, "steps": n}
         if (epoch + 1) % cfg.score_every == 0 or epoch == cfg.epochs - 1:
             net.eval()
-            sc = score_members(net, val_p, data, cfg)
+            sc = broadcast_object(score_members(net, val_p, data, cfg) if is_main() else None)  # rank 0 scores
             rec.update(score=sc["score"], member_scores=sc["scores"], baseline_score=baseline)
             if sc["score"] > best["score"]:
                 best = {"epoch": epoch, "score": sc["score"]}
-                save_metanet(net, out, extra={"selected_epoch": epoch, "val_score": sc["score"],
-                                              "val_score_unedited": baseline, **info})
+                if is_main():
+                    save_metanet(net, out, extra={"selected_epoch": epoch, "val_score": sc["score"],
+                                                  "val_score_unedited": baseline, **info})
         rec["seconds"] = time.time() - t0
         history.append(rec)
-        _write_log(out / LOG, history)
-        tmp = last.with_suffix(".tmp")
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history,
-                    "best": best, "baseline": baseline}, tmp)
-        tmp.replace(last)
+        if is_main():  # one process writes
+            _write_log(out / LOG, history)
+            tmp = last.with_suffix(".tmp")
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history,
+                        "best": best, "baseline": baseline}, tmp)
+            tmp.replace(last)
+        barrier()
         log.info("meta-train epoch %d: ce %.3f sparsity %.3f groups down %.1f%% (<50%%: %.1f%%) score %s "
                  "(unedited %.2f)", epoch, rec["ce"], rec["sparsity"], 100 * rec["groups_down"],
                  100 * rec["groups_below_50"], f"{rec['score']:.2f}" if "score" in rec else "-", baseline)
     summary = {"selected_epoch": best["epoch"], "val_score": best["score"], "val_score_unedited": baseline,
                "epochs": cfg.epochs, **info}
-    write_json(out / "summary.json", summary)
+    if is_main():
+        write_json(out / "summary.json", summary)
     return summary

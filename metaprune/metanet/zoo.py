@@ -17,12 +17,12 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from metaprune.data.datasets import DataSplits
 from metaprune.engine import TrainConfig, count_macs, count_params, evaluate, seed_everything, train
 from metaprune.engine.report import input_shape
+from metaprune.engine.runtime import barrier, is_main, resolve_device
 from metaprune.errors import ConfigError, ModelFileError
 from metaprune.io import load_model, read_json, save_model, write_json
 
@@ -136,18 +136,21 @@ def build_zoo(cfg: ZooConfig, data: DataSplits, out_dir: str | Path) -> list[dic
         if cfg.init_speedup > 1.0:
             model, _ = _initial_prune(model, data, cfg, d)
             speedup = base_macs / count_macs(model, shape)
-        device = torch.device(tcfg.device if tcfg.device != "auto" else "cpu")
+        device = resolve_device(tcfg.device)
         val = evaluate(model, data.val, device=device, desc="val")
         test = evaluate(model, data.test, device=device, desc="test")
         metrics = {"index": i, "seed": seed, "arch": cfg.arch, "data": data.name, "epochs": cfg.train.epochs,
                    "best_epoch": res.best_epoch, "val_acc": val["acc"], "val_loss": val["loss"],
                    "test_acc": test["acc"], "macs": count_macs(model, shape), "params": count_params(model),
                    "speedup": speedup, "train_seconds": res.seconds}
-        save_model(model, d / "model.safetensors", extra={"zoo_member": i, **metrics})
-        write_json(d / METRICS, metrics)
-        (d / "last.pt").unlink(missing_ok=True)
         results.append(metrics)
-        write_json(index_path, {"config": cfg_dict, "members": [m["index"] for m in results]})
+        if is_main():  # under torchrun every process trained its shard; one writes
+            save_model(model, d / "model.safetensors", extra={"zoo_member": i, **metrics})
+            write_json(d / METRICS, metrics)
+            (d / "last.pt").unlink(missing_ok=True)
+            write_json(index_path, {"config": cfg_dict, "members": [m["index"] for m in results]})
+        barrier()
         log.info("zoo: member %d val %.2f%% test %.2f%%", i, val["acc"], test["acc"])
-    write_json(index_path, {"config": cfg_dict, "members": [m["index"] for m in results]})
+    if is_main():
+        write_json(index_path, {"config": cfg_dict, "members": [m["index"] for m in results]})
     return results
