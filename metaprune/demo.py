@@ -37,14 +37,14 @@ class DemoConfig:
     seed: int = 0
     train_subset: int = 6000
     finetune_epochs: int = 1
-    finetune_steps: int | None = 30
+    finetune_steps: int | None = 50
     adapt_ratio: float = 0.5
-    adapt_steps_per_epoch: int | None = 15
+    adapt_steps_per_epoch: int | None = 40
     eval_batches: int | None = None
     curve_steps: int = 5
     curve_val_batches: int = 4
     adapt_prune_steps: int = 2
-    latency_repeats: int = 10
+    latency_repeats: int = 30
     stages: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -66,10 +66,13 @@ def _row(name: str, kind: str, path: Path, report: Path, acc: float | None, para
 
 
 def _measure(model: nn.Module, data, device, cfg: DemoConfig, split: str = "test") -> dict:
+    from metaprune.engine.measure import measure_latency
     from metaprune.engine.report import model_summary
 
-    return model_summary(model.to(device), data, device, batches=(1,), split=split, eval_batches=cfg.eval_batches,
-                         latency=True)
+    out = model_summary(model.to(device), data, device, split=split, eval_batches=cfg.eval_batches, latency=False)
+    shape = (data.in_chans, data.image_size, data.image_size)
+    out["latency"] = {"1": measure_latency(model, shape, 1, device, warmup=5, repeats=cfg.latency_repeats)}
+    return out
 
 
 def _load_data(cfg: DemoConfig, model: nn.Module, say):
@@ -206,7 +209,7 @@ def _merged_latency(path: Path, report: dict, device, cfg: DemoConfig) -> float:
 
     m, _ = load_model(path)
     shape = tuple(report.get("input_shape") or (m.metaprune_arch["args"]["in_chans"], 28, 28))
-    return measure_latency(m.to(device), shape, 1, device, repeats=cfg.latency_repeats)["ms"]
+    return measure_latency(m.to(device), shape, 1, device, warmup=5, repeats=cfg.latency_repeats)["ms"]
 
 
 def format_summary(report: dict) -> str:
