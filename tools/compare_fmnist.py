@@ -40,28 +40,6 @@ def _finetune(model, data, epochs: int, steps: int, seed: int, lr: float, reg=No
     return train(model.train(), data, cfg, regularizer=reg, desc="ft").model
 
 
-def _curve_plot(orig: dict, edited: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from metaprune.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.plot(orig["speedups"], orig["accs"], "o-", label=f"original (AUC {orig['auc']:.1f})")
-    ax.plot(edited["speedups"], edited["accs"], "s-", label=f"metanet-edited (AUC {edited['auc']:.1f})")
-    ax.set_xlabel("MAC speed-up (x), no finetuning, BN recalibrated")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def _table(res: dict) -> str:
     lines = [f"# Equal-budget comparison, {res['setup']['arch']} on Fashion-MNIST",
              "",
@@ -132,7 +110,7 @@ def main() -> None:
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.transform import transform_model
     from metaprune.metanet.zoo import load_member
-    from metaprune.pruning import PruneConfig, SparseRegularizer, prunability_curve, prune
+    from metaprune.pruning import PruneConfig, SparseRegularizer, plot_curves, prunability_curve, prune
 
     zcfg = read_json(Path(a.zoo) / "zoo.json")["config"]
     data = load_dataset(zcfg["data"], val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
@@ -172,7 +150,7 @@ def main() -> None:
         c0 = prunability_curve(base, data, 3.0, 5, val_batches=cb, calib_batches=cb)
         c1 = prunability_curve(edited, data, 3.0, 5, val_batches=cb, calib_batches=cb)
         rec["prunability"] = {"original": c0, "edited": c1}
-        _curve_plot(c0, c1, out.parent / f"metanet_prunability_{name}.png",
+        plot_curves({"original": c0, "metanet-edited": c1}, out.parent / f"metanet_prunability_{name}.png",
                     f"{zcfg['arch']} {name} (held out): prunability")
         print(f"{name}: prunability original {c0['auc']:.2f} edited {c1['auc']:.2f}", flush=True)
         rec["edited_test_acc_no_ft"] = evaluate(edited, data.test)["acc"]
