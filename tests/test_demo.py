@@ -42,3 +42,14 @@ def test_demo_fast_on_synthetic_data(tmp_path, capsys):
             assert sum(p.numel() for p in model.parameters()) == sub["params"]["pruned"]
     pruned = {r["name"]: r for r in report["rows"]}
     assert pruned["pruned_3x"]["macs"] < pruned["pruned_2x"]["macs"] < pruned["source"]["macs"]
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL.exists() and DEFAULT_METANET.exists()), reason="shipped checkpoints missing")
+def test_report_command_prints_the_demo_table(tmp_path, capsys):
+    report = {"command": "demo", "data": "synthetic (synthetic)", "eval": "test split", "seconds": 1.0,
+              "rows": [{"name": "source", "acc": 50.0, "params": 10, "macs": 2e6, "latency_ms_b1": 1.0, "bytes": 99}],
+              "curves": {"original": {"speedups": [1, 3], "auc": 40.0}, "edited": {"speedups": [1, 3], "auc": 41.0}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "source" in out and "50.00%" in out and "edited 41.00" in out

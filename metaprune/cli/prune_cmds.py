@@ -150,6 +150,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = load_report(args.path)
     if args.json:
         print_json(report)
+    elif report.get("command") == "demo":
+        from metaprune.demo import format_summary
+
+        print(format_summary(report))
     else:
         print(format_table(report))
     return 0
