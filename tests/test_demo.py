@@ -44,7 +44,6 @@ def test_demo_fast_on_synthetic_data(tmp_path, capsys):
     assert pruned["pruned_3x"]["macs"] < pruned["pruned_2x"]["macs"] < pruned["source"]["macs"]
 
 
-@pytest.mark.skipif(not (DEFAULT_MODEL.exists() and DEFAULT_METANET.exists()), reason="shipped checkpoints missing")
 def test_report_command_prints_the_demo_table(tmp_path, capsys):
     report = {"command": "demo", "data": "synthetic (synthetic)", "eval": "test split", "seconds": 1.0,
               "rows": [{"name": "source", "acc": 50.0, "params": 10, "macs": 2e6, "latency_ms_b1": 1.0, "bytes": 99}],
