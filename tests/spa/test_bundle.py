@@ -107,7 +107,11 @@ def test_round_model_is_idempotent_and_format1_loads(source_path, tmp_path):
     y = m(x)
     assert round_model_(m) == torch.float16 and (m(x) - y).abs().max() == 0
     b3 = _save(m, "splora", src, tmp_path / "b3")
-    assert (b2 / "adapter_model.safetensors").read_bytes() == (b3 / "adapter_model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    v2, v3 = (load_file(str(b / "adapter_model.safetensors")) for b in (b2, b3))
+    # identical tensors (the file header's metadata order is up to safetensors and may differ)
+    assert torch.equal(v2["masks"], v3["masks"]) and torch.equal(v2["values"], v3["values"])
 
 
 def test_pruned_channels_have_no_effect(source_path):
