@@ -66,3 +66,14 @@ def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
     assert torch.equal(ya, yb)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def assert_round_trips(model: nn.Module, x: torch.Tensor, cache: bool = True) -> None:
+    """model -> graph -> model is exact in eval and in train mode: same tensors, same outputs."""
+    from metaprune.graph import from_graph, to_graph
+
+    for train in (False, True):
+        model.train(train)
+        back = from_graph(to_graph(model, cache=cache))
+        assert_same_model(model, back)
+        assert_same_outputs(model, back, x)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch_pruning as tp
-from graph_helpers import assert_same_model, assert_same_outputs, input_for, randomise, small_model
+from graph_helpers import (
+    assert_round_trips,
+    assert_same_model,
+    assert_same_outputs,
+    input_for,
+    randomise,
+    small_model,
+)
 
 from metaprune.graph import from_graph, to_graph
 from metaprune.models import get_widths
@@ -37,11 +44,7 @@ def test_random_widths_round_trip(name):
     assert len(set(widths)) > 4, "pruning should leave non-uniform widths"
     randomise(model, seed=5)
     x = input_for(model, batch=2)
-    for train in (False, True):
-        model.train(train)
-        back = from_graph(to_graph(model))
-        assert_same_model(model, back)
-        assert_same_outputs(model, back, x)
+    assert_round_trips(model, x)
 
 
 def test_torch_pruning_pruner_output_round_trips():
@@ -84,8 +87,4 @@ def _prune_vit(model, seed: int):
 def test_vit_with_pruned_heads_and_mlp_round_trips():
     model = _prune_vit(small_model("vit_tiny_p4"), seed=2)
     x = input_for(model, batch=2)
-    for train in (False, True):
-        model.train(train)
-        back = from_graph(to_graph(model))
-        assert_same_model(model, back)
-        assert_same_outputs(model, back, x)
+    assert_round_trips(model, x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from graph_helpers import assert_same_model, assert_same_outputs, input_for, small_model
+from graph_helpers import assert_round_trips, assert_same_model, assert_same_outputs, input_for, small_model
 
 from metaprune.graph import from_graph, to_graph
 from metaprune.models import list_models
@@ -13,25 +13,16 @@ HEAVY = {"vit_b_16", "resnet50"}
 LIGHT = [n for n in list_models() if n not in HEAVY]
 
 
-def _round_trip(model: torch.nn.Module, x: torch.Tensor, cache: bool = True) -> None:
-    for train in (False, True):
-        model.train(train)
-        g = to_graph(model, cache=cache)
-        back = from_graph(g)
-        assert_same_model(model, back)
-        assert_same_outputs(model, back, x)
-
-
 @pytest.mark.parametrize("name", LIGHT)
 def test_round_trip_exact(name):
     kw = {"in_chans": 1} if name == "cifar_resnet20" else {}
     model = small_model(name, **kw)
-    _round_trip(model, input_for(model, batch=2))
+    assert_round_trips(model, input_for(model, batch=2))
 
 
 def test_round_trip_resnet50():
     model = small_model("resnet50")
-    _round_trip(model, input_for(model, batch=2))
+    assert_round_trips(model, input_for(model, batch=2))
 
 
 def test_round_trip_vit_b_16():
