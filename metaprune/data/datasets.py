@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metaprune.errors import DataError, UnknownNameError
+from metaprune.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -253,10 +252,3 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
         train = train.subset(idx)
     tr, va = split_train_val(train, val_fraction, seed)
     return DataSplits(name, tr, va, test, nc, ch, size, synthetic)
-
-
-def unknown_dataset(name: str) -> UnknownNameError:
-    return UnknownNameError(f"unknown dataset {name!r}; valid: {', '.join(list_datasets())}")
-
-
-LoaderFn = Callable[..., DataSplits]
