@@ -32,6 +32,10 @@ class MetanetConfig:
             ``edge_chunk`` the recomputation is itself chunked (nested). With either option the
             C allocator's free pages are returned to the OS between layers
             (:mod:`metaprune.metanet.memory`).
+        fused: compute messages and their aggregates in one autograd function that recomputes
+            messages in backward instead of storing them
+            (:func:`metaprune.metanet.fused.message_aggregate`); False uses PyG's ``propagate``
+            (reference path). Same weights either way.
     """
 
     hidden: int = 64
@@ -46,6 +50,7 @@ class MetanetConfig:
     depth_freqs: int = 4
     edge_chunk: int | None = None
     checkpoint: bool = False
+    fused: bool = True
 
     def __post_init__(self) -> None:
         self.frozen_groups = tuple(self.frozen_groups)

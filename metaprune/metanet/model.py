@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import MessagePassing
 
 from metaprune.metanet.config import MetanetConfig
+from metaprune.metanet.fused import message_aggregate
 from metaprune.metanet.memory import release_in_backward, release_memory
 from metaprune.metanet.normalize import edge_scale, node_stats
 
@@ -38,11 +39,14 @@ class BiMessageConv(MessagePassing):
     Edges must be sorted by target (:func:`sort_by_target`), so the aggregations run as segment
     reductions (several times faster than scatter max/min on CPU). The partial aggregates (sum,
     sum of squares, max, min) combine exactly, so edges can also be processed in chunks.
+    With ``fused`` they are computed by :func:`metaprune.metanet.fused.message_aggregate`
+    (messages recomputed in backward, not stored); otherwise by PyG's ``propagate`` (reference).
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, fused: bool = True):
         super().__init__(aggr=None, flow="source_to_target", node_dim=0)
         self.hidden = hidden
+        self.fused = fused
 
     def message(self, p_j: Tensor, q_i: Tensor, ce: Tensor) -> Tensor:  # noqa: D102
         return F.silu(p_j + q_i + ce)
@@ -56,6 +60,8 @@ class BiMessageConv(MessagePassing):
 
     def partial(self, edge_index: Tensor, p: Tensor, q: Tensor, ce: Tensor, lengths: Tensor) -> Tensor:
         """Sum, sum of squares, max and min of the messages into every node: ``[N, 4h]``."""
+        if self.fused:
+            return message_aggregate(p, q, ce, edge_index[0], edge_index[1], lengths)
         n = p.shape[0]
         return self.propagate(edge_index, p=p, q=q, ce=ce, lengths=lengths, size=(n, n))
 
@@ -128,7 +134,7 @@ class EdgePlan:
 class MetanetLayer(nn.Module):
     """A bidirectional layer: node update from both message directions, edge update from both endpoints."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, fused: bool = True):
         super().__init__()
         h = hidden
         self.norm_h = nn.LayerNorm(h)
@@ -136,7 +142,7 @@ class MetanetLayer(nn.Module):
         self.node_proj = nn.Linear(h, 6 * h)  # P_fwd, Q_fwd, P_bwd, Q_bwd, U (edge src), V (edge dst)
         self.edge_proj = nn.Linear(h, 2 * h)  # C (messages), W (edge update)
         self.dir_bias = nn.Parameter(torch.zeros(2, h))
-        self.conv = BiMessageConv(h)
+        self.conv = BiMessageConv(h, fused)
         self.node_mlp = nn.Sequential(nn.Linear(9 * h, h), nn.SiLU(), nn.Linear(h, h))
         self.edge_out = nn.Linear(h, h)
 
@@ -193,7 +199,7 @@ class Metanet(nn.Module):
         self.node_role = nn.Embedding(cfg.node_roles, h)
         self.edge_role = nn.Embedding(cfg.edge_roles, h)
         self.edge_enc = nn.ModuleDict({g: nn.Linear(d, h) for g, d in sorted(cfg.edge_dims.items())})
-        self.layers = nn.ModuleList(MetanetLayer(h) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(MetanetLayer(h, cfg.fused) for _ in range(cfg.layers))
         self.node_dec = _decoder(h, cfg.node_dim)
         self.edge_dec = nn.ModuleDict({g: _decoder(h, d) for g, d in sorted(cfg.edge_dims.items())
                                        if g not in cfg.frozen_groups})
