@@ -49,6 +49,14 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--lam", type=float, default=1.0, help="weight of the (normalised) group-sparsity term")
     p.add_argument("--alpha", type=float, default=16.0, help="DepGraph polarisation of the sparsity term")
+    p.add_argument("--sparsity", choices=("depgraph", "functional"), default="depgraph",
+                   help="depgraph: group sparsity on every coupled slice (paper); functional: BatchNorm-aware and "
+                   "scale-invariant (only slices a channel's function depends on)")
+    p.add_argument("--prune-aware", type=float, default=0.0, metavar="MU",
+                   help="weight of the pruning-aware term: CE of the edited network with a random fraction of "
+                   "channels softly removed by the L2 ranking the pruner uses (0 = off, the paper's loss)")
+    p.add_argument("--prune-temperature", type=float, default=0.1,
+                   help="softness of the pruning-aware gates (relative to the median channel norm)")
     p.add_argument("--bn-eval", action="store_true",
                    help="members' BatchNorm in eval mode (original running statistics) during meta-training")
     p.add_argument("--val-members", type=int, default=1, help="members held out for checkpoint selection")
@@ -113,7 +121,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
-                          lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha,
+                          lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
+                          prune_aware=args.prune_aware, prune_temperature=args.prune_temperature,
                           val_members=args.val_members, holdout_members=args.holdout_members,
                           score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
                           score_batches=args.score_batches, bn_eval=args.bn_eval, seed=args.seed,

@@ -85,6 +85,16 @@ class MetaTrainConfig:
             depend on dataset size or network width.
         alpha: DepGraph's polarisation: the least important channel of a group is pulled
             ``alpha`` times harder than the most important one.
+        sparsity: ``"depgraph"`` (DepGraph's group sparsity on every coupled slice, as in the
+            paper) or ``"functional"`` (BatchNorm-aware and scale-invariant: only slices a
+            channel's function depends on, each relative to its own mean; see
+            :mod:`metaprune.metanet.loss`).
+        prune_aware: weight ``mu`` of a third, pruning-aware term: the cross-entropy of the edited
+            network with a random fraction ``r`` of every group's channels softly removed, chosen as
+            uniform L2 pruning would choose them (:func:`metaprune.metanet.loss.soft_prune`);
+            ``r`` is drawn per step from ``[0, 1 - score_max_speedup ** -0.5]``, the range the
+            prunability score covers. 0 turns it off (the paper's loss).
+        prune_temperature: softness of those gates, relative to the median channel norm.
         val_members: zoo members held out for checkpoint selection (the last ones by index).
         holdout_members: the last K members by index are used neither for training nor for
             selection (kept for a final comparison).
@@ -106,6 +116,9 @@ class MetaTrainConfig:
     weight_decay: float = 5e-4
     lam: float = 1.0
     alpha: float = 16.0
+    sparsity: str = "depgraph"
+    prune_aware: float = 0.0
+    prune_temperature: float = 0.1
     val_members: int = 2
     holdout_members: int = 0
     score_every: int = 1
@@ -122,6 +135,10 @@ class MetaTrainConfig:
             raise ConfigError("epochs must be >= 0, steps_per_member and batch_size >= 1")
         if self.lam < 0 or self.alpha < 1:
             raise ConfigError("lam must be >= 0 and alpha >= 1")
+        if self.prune_aware < 0 or self.prune_temperature <= 0:
+            raise ConfigError("prune_aware must be >= 0 and prune_temperature > 0")
+        if self.sparsity not in ("depgraph", "functional"):
+            raise ConfigError(f"unknown sparsity {self.sparsity!r}: choose depgraph or functional")
         if self.score_max_speedup <= 1 or self.score_steps < 1 or self.score_batches < 1:
             raise ConfigError("score_max_speedup must be > 1, score_steps and score_batches >= 1")
         if self.val_members < 1:

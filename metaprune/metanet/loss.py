@@ -10,7 +10,21 @@ slice (conv / linear output rows and input columns, BatchNorm weights and biases
     gamma_{g,c} = alpha ** ((s_max - s_c) / (s_max - s_min)),  s = sqrt(mean-normalised importance)
 
 with ``gamma`` treated as a constant (recomputed from the current weights every step), which is
-the objective whose gradient DepGraph's ``GroupNormPruner.regularize`` adds by hand.
+the objective whose gradient DepGraph's ``GroupNormPruner.regularize`` adds by hand
+(``mode="depgraph"``).
+
+``mode="functional"`` keeps only what a channel's *function* depends on once BatchNorm
+statistics are re-estimated (batch statistics in meta-training, recalibration after an edit):
+
+    S_f(theta) = sum_g sum_c gamma_{g,c} * sum_{s in slices(g), s not scale-free} ||theta_{s,c}||^2 / M_s
+    M_s = mean_c ||theta_{s,c}||^2   (the slice's current mean, differentiable)
+
+A conv/linear output slice that feeds a BatchNorm is *scale-free*: BN undoes any per-channel
+scaling of it, so shrinking it costs no accuracy and removes nothing; it is left out. Dividing
+each slice by its own current mean makes the term invariant to scaling a whole slice (which BN
+also undoes), so the only way to lower it is to move norm from the channels ``gamma`` marks as
+unimportant to the others -- in BN affine weights and in the consumers' input columns, i.e. to
+make those channels really removable.
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ class Slice:
     dim: int
     idxs: Tensor
     root: Tensor
+    scale_free: bool = False
+    gate: bool = False
 
 
 @dataclass
@@ -56,6 +72,8 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...], ignore_cla
         warnings.simplefilter("ignore")
         dg = tp.DependencyGraph().build_dependency(model, torch.randn(1, *input_shape, device=device))
         raw = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+    bn_fed = {mod for mod, node in dg.module2node.items() if isinstance(mod, (nn.Conv2d, nn.Linear))
+              and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm) for o in node.outputs)}
     model.train(was)
     out: list[Group] = []
     for g in raw:
@@ -72,38 +90,57 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...], ignore_cla
             prefix = f"{name}." if name else ""
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 if fn in _OUT:
-                    slices.append(Slice(prefix + "weight", 0, idxs, root))
+                    free = mod in bn_fed
+                    slices.append(Slice(prefix + "weight", 0, idxs, root, free, gate=not free))
                     if mod.bias is not None:
-                        slices.append(Slice(prefix + "bias", 0, idxs, root))
+                        slices.append(Slice(prefix + "bias", 0, idxs, root, free, gate=not free))
                 elif fn in _IN and getattr(mod, "groups", 1) == 1:
                     slices.append(Slice(prefix + "weight", 1, idxs, root))
             elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and fn in _OUT and mod.affine:
-                slices.append(Slice(prefix + "weight", 0, idxs, root))
-                slices.append(Slice(prefix + "bias", 0, idxs, root))
+                slices.append(Slice(prefix + "weight", 0, idxs, root, gate=True))
+                slices.append(Slice(prefix + "bias", 0, idxs, root, gate=True))
         if slices:
             out.append(Group(size, slices))
     return out
 
 
-def channel_sq_norms(params: dict[str, Tensor], group: Group) -> tuple[Tensor, Tensor]:
-    """Per root channel: the summed squared norm over the group's slices and the number of slices."""
+def channel_sq_norms(params: dict[str, Tensor], group: Group, functional: bool = False) -> tuple[Tensor, Tensor]:
+    """Per root channel: the summed squared norm over the group's slices and the number of slices.
+
+    With ``functional`` scale-free slices are skipped and every other slice is divided by its
+    current mean channel norm (see the module doc).
+    """
     dev = next(iter(params.values())).device
     total = torch.zeros(group.size, device=dev)
     count = torch.zeros(group.size, device=dev)
     for s in group.slices:
+        if functional and s.scale_free:
+            continue
         w = params[s.key]
         w = w.movedim(s.dim, 0) if s.dim else w
         sq = w.index_select(0, s.idxs.to(dev)).reshape(len(s.idxs), -1).pow(2).sum(1)
+        if functional:
+            sq = sq / sq.mean().clamp_min(1e-12)
         total = total.index_add(0, s.root.to(dev), sq)
         count = count.index_add(0, s.root.to(dev), torch.ones_like(sq))
     return total, count
 
 
-def group_sparsity(params: dict[str, Tensor], groups: list[Group], alpha: float = 16.0) -> Tensor:
-    """DepGraph's polarised group-sparsity objective ``sum gamma * ||theta_{g,c}||^2`` (see module doc)."""
+SPARSITY_MODES = ("depgraph", "functional")
+
+
+def group_sparsity(params: dict[str, Tensor], groups: list[Group], alpha: float = 16.0,
+                   mode: str = "depgraph") -> Tensor:
+    """Polarised group sparsity ``sum gamma * ||theta_{g,c}||^2``: DepGraph's (``mode="depgraph"``)
+    or its BN-aware, scale-invariant variant (``mode="functional"``); see the module doc."""
+    if mode not in SPARSITY_MODES:
+        raise ValueError(f"unknown sparsity mode {mode!r}; choose one of {SPARSITY_MODES}")
     loss = None
+    functional = mode == "functional"
     for g in groups:
-        sq, cnt = channel_sq_norms(params, g)
+        if functional and all(s.scale_free for s in g.slices):
+            continue
+        sq, cnt = channel_sq_norms(params, g, functional=functional)
         with torch.no_grad():
             imp = sq / cnt.clamp_min(1)
             imp = imp / imp.max().clamp_min(1e-12)
@@ -115,3 +152,54 @@ def group_sparsity(params: dict[str, Tensor], groups: list[Group], alpha: float 
     if loss is None:
         return torch.zeros((), device=next(iter(params.values())).device)
     return loss
+
+
+def criterion_norms(params: dict[str, Tensor], group: Group) -> Tensor:
+    """Per root channel, the L2 magnitude torch-pruning's ``GroupMagnitudeImportance(p=2)`` ranks
+    channels by: the summed squared weights of every coupled slice (biases excluded)."""
+    dev = next(iter(params.values())).device
+    total = torch.zeros(group.size, device=dev)
+    for s in group.slices:
+        if s.key.endswith(".bias"):
+            continue
+        w = params[s.key]
+        w = w.movedim(s.dim, 0) if s.dim else w
+        sq = w.index_select(0, s.idxs.to(dev)).reshape(len(s.idxs), -1).pow(2).sum(1)
+        total = total.index_add(0, s.root.to(dev), sq)
+    return total
+
+
+def soft_prune(params: dict[str, Tensor], groups: list[Group], ratio: float,
+               temperature: float = 0.1) -> dict[str, Tensor]:
+    """``params`` with the ``ratio`` least important channels of every group (by
+    :func:`criterion_norms`, as uniform L2 pruning would pick them) softly switched off.
+
+    Every channel gets a gate ``sigmoid((n_c - t) / (temperature * median(n)))`` on its norm
+    ``n_c``, with the threshold ``t`` halfway between the last pruned and the first kept channel
+    (detached). The gate multiplies what produces the channel (BatchNorm weight and bias, or the
+    output rows of a layer not followed by BatchNorm), so a gate of 0 is exactly the pruned
+    network and the gradient reaches both the kept weights and the norms that decide the ranking.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError("soft_prune ratio must be in [0, 1)")
+    out = dict(params)
+    for g in groups:
+        k = g.size - int(g.size * (1 - ratio))  # as torch-pruning: keep int(n * (1 - ratio))
+        if k < 1 or not any(s.gate for s in g.slices):
+            continue
+        n = criterion_norms(params, g).clamp_min(1e-12).sqrt()
+        with torch.no_grad():
+            srt = n.sort().values
+            t = 0.5 * (srt[k - 1] + srt[k])
+            tau = temperature * srt.median().clamp_min(1e-12)
+        gate = torch.sigmoid((n - t) / tau)
+        for s in g.slices:
+            if not s.gate:
+                continue
+            w = out[s.key]
+            scale = torch.ones(w.shape[s.dim], device=w.device, dtype=w.dtype)
+            scale = scale.index_put((s.idxs.to(w.device),), gate.index_select(0, s.root.to(w.device)).to(w.dtype))
+            shape = [1] * w.dim()
+            shape[s.dim] = -1
+            out[s.key] = w * scale.view(shape)
+    return out

@@ -3,11 +3,15 @@
 Per step, for one zoo member ``theta`` (graph ``G``) and one training batch::
 
     theta' = graph_params(G, metanet(G))
-    loss   = CE(f(x; theta'), y)  +  lam * S(theta') / S(theta)
+    loss   = CE(f(x; theta'), y)  +  lam * S(theta') / S(theta)  [+ mu * CE(f(x; gate_r(theta')), y)]
 
 CE is the batch mean (no dependence on dataset size); ``S`` is DepGraph's polarised group
 sparsity (:mod:`metaprune.metanet.loss`) divided by its value on the unedited member, so it
-starts at 1 whatever the network's width. BatchNorm uses train-mode (batch) statistics inside
+starts at 1 whatever the network's width. The optional pruning-aware term (``prune_aware`` = mu)
+is the CE of the edited network with a random fraction ``r`` of every group's channels softly
+removed, picked by the same L2 ranking the pruner uses (:func:`metaprune.metanet.loss.soft_prune`):
+it rewards edits after which the channels L2 pruning removes are the ones the network can lose.
+BatchNorm uses train-mode (batch) statistics inside
 ``functional_call``; edited networks are BN-recalibrated before they are scored or shipped.
 
 The checkpoint is selected automatically: after every ``score_every`` epochs each validation
@@ -47,7 +51,7 @@ from metaprune.graph import to_graph
 from metaprune.io import atomic_path, write_json
 from metaprune.metanet.checkpoint import save_metanet
 from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
-from metaprune.metanet.loss import channel_sq_norms, dependency_groups, group_sparsity
+from metaprune.metanet.loss import channel_sq_norms, dependency_groups, group_sparsity, soft_prune
 from metaprune.metanet.model import Metanet
 from metaprune.metanet.transform import BN_BUFFERS, edit_params, transform_model
 from metaprune.metanet.zoo import list_members, load_member
@@ -71,7 +75,7 @@ def split_members(members: list[Path], cfg: MetaTrainConfig) -> tuple[list[Path]
 class _Member:
     """A training member: its module (structure), graph, BN buffers, dependency groups and S(theta)."""
 
-    def __init__(self, path: Path, input_shape: tuple[int, ...], alpha: float):
+    def __init__(self, path: Path, input_shape: tuple[int, ...], alpha: float, sparsity: str = "depgraph"):
         self.path = path
         self.model, self.metrics = load_member(path)
         self.graph = to_graph(self.model)
@@ -79,7 +83,7 @@ class _Member:
         self.buffers = {k: v.detach().clone() for k, v in sd.items() if k.rsplit(".", 1)[-1] in BN_BUFFERS}
         self.groups = dependency_groups(self.model, input_shape)
         with torch.no_grad():
-            self.s0 = float(group_sparsity(dict(sd), self.groups, alpha)) or 1.0
+            self.s0 = float(group_sparsity(dict(sd), self.groups, alpha, sparsity)) or 1.0
             self.norms0 = group_norms(dict(sd), self.groups)
         self.model.train()
 
@@ -144,7 +148,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     members = list_members(zoo_dir)
     train_p, val_p, held_p = split_members(members, cfg)
     shape = (data.in_chans, data.image_size, data.image_size)
-    train_m = [_Member(p, shape, cfg.alpha).to(device) for p in train_p]
+    train_m = [_Member(p, shape, cfg.alpha, cfg.sparsity).to(device) for p in train_p]
     net = Metanet.for_graph(train_m[0].graph, net_cfg or MetanetConfig()).to(device)
     for m in train_m[1:]:
         net.check_graph(m.graph)
@@ -179,10 +183,12 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         net.train()
         loader.set_epoch(epoch)
         batches = iter(loader)
-        sums = {"ce": 0.0, "sparsity": 0.0, "loss": 0.0, "acc": 0.0, "groups_down": 0.0, "groups_below_50": 0.0,
+        sums = {"ce": 0.0, "ce_pruned": 0.0, "sparsity": 0.0, "loss": 0.0, "acc": 0.0, "groups_down": 0.0, "groups_below_50": 0.0,
                 "groups_below_10": 0.0, "norm_ratio_median": 0.0}
         n = 0
-        order = torch.randperm(len(train_m), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        gen = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(train_m), generator=gen).tolist()
+        r_max = 1 - cfg.score_max_speedup ** -0.5
         steps = [(i, s) for i in order for s in range(cfg.steps_per_member)]
         for i, _ in progress(steps, f"meta-train {epoch + 1}/{cfg.epochs}"):
             m = train_m[i]
@@ -197,8 +203,17 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
                 logits = functional_call(m.model, params, (x,))
             params = {k: v.float() if v.is_floating_point() else v for k, v in params.items()}
             ce = F.cross_entropy(logits.float(), y)
-            sp = group_sparsity(params, m.groups, cfg.alpha) / m.s0
+            sp = group_sparsity(params, m.groups, cfg.alpha, cfg.sparsity) / m.s0
             loss = ce + cfg.lam * sp
+            if cfg.prune_aware > 0:
+                r = float(torch.rand((), generator=gen)) * r_max
+                gated = soft_prune(params, m.groups, r, cfg.prune_temperature)
+                gated.update(m.fresh_buffers())
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits_p = functional_call(m.model, gated, (x,))
+                ce_p = F.cross_entropy(logits_p.float(), y)
+                loss = loss + cfg.prune_aware * ce_p
+                sums["ce_pruned"] += ce_p.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
