@@ -23,9 +23,10 @@ def test_zoo_meta_train_transform(tmp_path):
     assert (zoo / "member_000" / "model.safetensors").stat().st_mtime == mtime
     assert main(["meta-train", "--zoo", str(zoo), "-o", str(mn), "--epochs", "1", "--steps-per-member", "1",
                  "--hidden", "8", "--layers", "1", "--score-steps", "1", "--score-batches", "1",
-                 "--batch-size", "16", "--quiet", "--device", "cpu"]) == 0
+                 "--batch-size", "16", "--lam", "1", "--sparsity", "functional", "--prune-aware", "1",
+                 "--quiet", "--device", "cpu"]) == 0
     log = [json.loads(line) for line in (mn / "log.jsonl").read_text().splitlines()]
-    assert {"ce", "sparsity", "score"} <= set(log[0])
+    assert {"ce", "ce_pruned", "sparsity", "score"} <= set(log[0]) and log[0]["ce_pruned"] > 0
     cfg = json.loads((mn / "config.json").read_text())
     assert cfg["val_members"] == ["member_002"] and "member_002" not in cfg["train_members"]
     out = tmp_path / "edited.safetensors"
