@@ -57,6 +57,8 @@ def register(sub) -> None:
                    "channels softly removed by the L2 ranking the pruner uses (0 = off, the paper's loss)")
     p.add_argument("--prune-temperature", type=float, default=0.1,
                    help="softness of the pruning-aware gates (relative to the median channel norm)")
+    p.add_argument("--prune-hard", action="store_true",
+                   help="straight-through pruning-aware gates: exact pruned network forward, soft-gate gradient")
     p.add_argument("--bn-eval", action="store_true",
                    help="members' BatchNorm in eval mode (original running statistics) during meta-training")
     p.add_argument("--val-members", type=int, default=1, help="members held out for checkpoint selection")
@@ -123,6 +125,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
                           prune_aware=args.prune_aware, prune_temperature=args.prune_temperature,
+                          prune_hard=args.prune_hard,
                           val_members=args.val_members, holdout_members=args.holdout_members,
                           score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
                           score_batches=args.score_batches, bn_eval=args.bn_eval, seed=args.seed,

@@ -95,6 +95,8 @@ class MetaTrainConfig:
             ``r`` is drawn per step from ``[0, 1 - score_max_speedup ** -0.5]``, the range the
             prunability score covers. 0 turns it off (the paper's loss).
         prune_temperature: softness of those gates, relative to the median channel norm.
+        prune_hard: straight-through gates: the forward pass is exactly the pruned network, the
+            gradient comes from the soft gates.
         val_members: zoo members held out for checkpoint selection (the last ones by index).
         holdout_members: the last K members by index are used neither for training nor for
             selection (kept for a final comparison).
@@ -119,6 +121,7 @@ class MetaTrainConfig:
     sparsity: str = "depgraph"
     prune_aware: float = 0.0
     prune_temperature: float = 0.1
+    prune_hard: bool = False
     val_members: int = 2
     holdout_members: int = 0
     score_every: int = 1

@@ -170,7 +170,7 @@ def criterion_norms(params: dict[str, Tensor], group: Group) -> Tensor:
 
 
 def soft_prune(params: dict[str, Tensor], groups: list[Group], ratio: float,
-               temperature: float = 0.1) -> dict[str, Tensor]:
+               temperature: float = 0.1, straight_through: bool = False) -> dict[str, Tensor]:
     """``params`` with the ``ratio`` least important channels of every group (by
     :func:`criterion_norms`, as uniform L2 pruning would pick them) softly switched off.
 
@@ -179,6 +179,8 @@ def soft_prune(params: dict[str, Tensor], groups: list[Group], ratio: float,
     (detached). The gate multiplies what produces the channel (BatchNorm weight and bias, or the
     output rows of a layer not followed by BatchNorm), so a gate of 0 is exactly the pruned
     network and the gradient reaches both the kept weights and the norms that decide the ranking.
+    With ``straight_through`` the forward pass uses hard 0/1 gates (exactly the uniformly pruned
+    network) and the backward pass the soft gates' gradient.
     """
     if not 0 <= ratio < 1:
         raise ValueError("soft_prune ratio must be in [0, 1)")
@@ -193,6 +195,8 @@ def soft_prune(params: dict[str, Tensor], groups: list[Group], ratio: float,
             t = 0.5 * (srt[k - 1] + srt[k])
             tau = temperature * srt.median().clamp_min(1e-12)
         gate = torch.sigmoid((n - t) / tau)
+        if straight_through:
+            gate = (n > t).to(gate.dtype) + gate - gate.detach()
         for s in g.slices:
             if not s.gate:
                 continue

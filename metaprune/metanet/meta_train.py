@@ -207,7 +207,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
             loss = ce + cfg.lam * sp
             if cfg.prune_aware > 0:
                 r = float(torch.rand((), generator=gen)) * r_max
-                gated = soft_prune(params, m.groups, r, cfg.prune_temperature)
+                gated = soft_prune(params, m.groups, r, cfg.prune_temperature, cfg.prune_hard)
                 gated.update(m.fresh_buffers())
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     logits_p = functional_call(m.model, gated, (x,))

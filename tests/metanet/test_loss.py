@@ -69,3 +69,15 @@ def test_soft_prune_gradient_reaches_ranking_norms(net):
     assert n.shape == (groups[0].size,) and bool((n > 0).all())
     with pytest.raises(ValueError):
         soft_prune(p, groups, 1.0)
+
+
+def test_straight_through_gates_are_hard_forward_soft_backward(net):
+    m, groups = net
+    x = torch.randn(4, *SHAPE)
+    p = {k: v.clone().requires_grad_(v.is_floating_point() and "running" not in k) for k, v in m.state_dict().items()}
+    hard = soft_prune(p, groups, 0.3, temperature=0.1, straight_through=True)
+    exact = soft_prune({k: v.detach() for k, v in p.items()}, groups, 0.3, temperature=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(functional_call(m, hard, (x,)), functional_call(m, exact, (x,)), atol=1e-5)
+    functional_call(m, hard, (x,)).square().sum().backward()
+    assert p["layer1.0.conv1.weight"].grad.abs().sum() > 0
