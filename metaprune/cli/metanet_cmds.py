@@ -68,7 +68,11 @@ def register(sub) -> None:
     p.add_argument("--score-batches", type=int, default=2)
     p.add_argument("--hidden", type=int, default=16, help="metanetwork width")
     p.add_argument("--layers", type=int, default=4, help="message-passing layers")
-    p.add_argument("--rho", type=float, default=0.1, help="residual edit scale (in per-layer units)")
+    p.add_argument("--rho", type=float, default=0.1,
+                   help="edit size: residual edit in per-layer units, or the bound of |log s| for --edit scale")
+    p.add_argument("--edit", choices=("residual", "scale"), default="residual",
+                   help="residual: edit every weight (paper); scale: function-preserving per-channel rescaling of "
+                   "BN-normalised layers that changes which channels the L2 pruner keeps")
     p.add_argument("--edge-chunk", type=int, help="process edges in chunks of this size")
     p.add_argument("--checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--no-resume", action="store_true")
@@ -130,7 +134,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                           score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
                           score_batches=args.score_batches, bn_eval=args.bn_eval, seed=args.seed,
                           device=device)
-    ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edge_chunk=args.edge_chunk,
+    ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edit=args.edit, edge_chunk=args.edge_chunk,
                          checkpoint=args.checkpointing)
     data = _zoo_data(args)
     status(args, f"meta-train on {args.zoo}: {data.describe()}")

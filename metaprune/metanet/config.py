@@ -14,8 +14,15 @@ class MetanetConfig:
     Attributes:
         hidden: width of node and edge states.
         layers: number of bidirectional message-passing layers.
-        rho: scale of the residual edit, in units of each layer's own spread
-            (output = input + rho * decoder(h) * layer_scale).
+        rho: scale of the edit: for ``edit="residual"`` in units of each layer's own spread
+            (output = input + rho * decoder(h) * layer_scale); for ``edit="scale"`` the bound of
+            the log channel scale (``|log s| <= rho``).
+        edit: ``"residual"`` (the paper's: every node and edge feature gets a residual edit) or
+            ``"scale"`` (function-preserving: every channel that feeds a BatchNorm gets its
+            incoming weights multiplied by a positive factor ``s_c = exp(rho * tanh(d(h_c)))``;
+            BatchNorm undoes it, so the network computes the same function after BN
+            re-estimation, but the L2 magnitudes the pruner ranks channels by change -- the
+            metanetwork learns which channels the pruner should keep).
         node_dim: node feature size of the graphs it reads (set from the first graph).
         edge_dims: feature size of every edge group, by group name (set from the first graph).
         frozen_groups: edge groups that are never edited (identity shortcuts carry no weight).
@@ -41,6 +48,7 @@ class MetanetConfig:
     hidden: int = 64
     layers: int = 8
     rho: float = 0.05
+    edit: str = "residual"
     node_dim: int = 0
     edge_dims: dict[str, int] = field(default_factory=dict)
     frozen_groups: tuple[str, ...] = ("id",)
@@ -59,6 +67,8 @@ class MetanetConfig:
             raise ConfigError("metanetwork hidden must be >= 1 and layers >= 0")
         if self.rho <= 0:
             raise ConfigError("metanetwork rho must be > 0")
+        if self.edit not in ("residual", "scale"):
+            raise ConfigError(f"unknown metanetwork edit {self.edit!r}: choose residual or scale")
         if self.edge_chunk is not None and self.edge_chunk < 1:
             raise ConfigError("edge_chunk must be >= 1 (or None for no chunking)")
 

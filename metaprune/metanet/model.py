@@ -200,9 +200,14 @@ class Metanet(nn.Module):
         self.edge_role = nn.Embedding(cfg.edge_roles, h)
         self.edge_enc = nn.ModuleDict({g: nn.Linear(d, h) for g, d in sorted(cfg.edge_dims.items())})
         self.layers = nn.ModuleList(MetanetLayer(h, cfg.fused) for _ in range(cfg.layers))
-        self.node_dec = _decoder(h, cfg.node_dim)
-        self.edge_dec = nn.ModuleDict({g: _decoder(h, d) for g, d in sorted(cfg.edge_dims.items())
-                                       if g not in cfg.frozen_groups})
+        if cfg.edit == "scale":
+            self.scale_dec = _decoder(h, 1)
+            nn.init.zeros_(self.scale_dec[-1].weight)  # starts at s = 1 (the identity)
+            nn.init.zeros_(self.scale_dec[-1].bias)
+        else:
+            self.node_dec = _decoder(h, cfg.node_dim)
+            self.edge_dec = nn.ModuleDict({g: _decoder(h, d) for g, d in sorted(cfg.edge_dims.items())
+                                           if g not in cfg.frozen_groups})
 
     @classmethod
     def for_graph(cls, graph, cfg: MetanetConfig | None = None) -> Metanet:
@@ -277,6 +282,8 @@ class Metanet(nn.Module):
             if chunked or cfg.checkpoint:  # keep RSS near what is live (see metanet.memory)
                 release_memory()
                 e = release_in_backward(e)
+        if cfg.edit == "scale":
+            return self._scale_edit(graph, x, attrs, h)
         x_out = x + mask * self.slot_mask(x) * cfg.rho * self.node_dec(h) * st.scale
         e = e.index_select(0, torch.argsort(perm))
         out = {}
@@ -293,3 +300,23 @@ class Metanet(nn.Module):
         for g in graph.edges:
             out.setdefault(g, attrs[g])
         return x_out, out
+
+    def channel_scales(self, graph, h: Tensor) -> Tensor:
+        """Per node, the factor ``s`` of the ``"scale"`` edit (1 where no BatchNorm follows): ``[N]``."""
+        from metaprune.graph import NODE_SLOTS
+
+        has_bn = graph.x_mask[:, NODE_SLOTS.index("bn_weight")]
+        log_s = self.cfg.rho * torch.tanh(self.scale_dec(h).squeeze(1).float())
+        return torch.where(has_bn, log_s, torch.zeros_like(log_s)).exp()
+
+    def _scale_edit(self, graph, x: Tensor, attrs: dict[str, Tensor], h: Tensor
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Multiply the incoming weights of every BN-normalised channel by its scale; nodes unchanged."""
+        s = self.channel_scales(graph, h)
+        out = {}
+        for g, eg in graph.edges.items():
+            if g in self.cfg.frozen_groups or eg.index.shape[1] == 0:
+                out[g] = attrs[g]
+            else:
+                out[g] = attrs[g] * s.index_select(0, eg.index[1]).unsqueeze(1).to(attrs[g].dtype)
+        return x, out
