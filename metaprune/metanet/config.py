@@ -19,7 +19,8 @@ class MetanetConfig:
             the log channel scale (``|log s| <= rho``).
         edit: ``"residual"`` (the paper's: every node and edge feature gets a residual edit) or
             ``"scale"`` (function-preserving: every channel that feeds a BatchNorm gets its
-            incoming weights multiplied by a positive factor ``s_c = exp(rho * tanh(d(h_c)))``;
+            incoming weights multiplied by a positive factor ``s_c = exp(rho * tanh(d(h_c)))``,
+            centred to geometric mean 1 within each layer;
             BatchNorm undoes it, so the network computes the same function after BN
             re-estimation, but the L2 magnitudes the pruner ranks channels by change -- the
             metanetwork learns which channels the pruner should keep).

@@ -302,12 +302,21 @@ class Metanet(nn.Module):
         return x_out, out
 
     def channel_scales(self, graph, h: Tensor) -> Tensor:
-        """Per node, the factor ``s`` of the ``"scale"`` edit (1 where no BatchNorm follows): ``[N]``."""
+        """Per node, the factor ``s`` of the ``"scale"`` edit (1 where no BatchNorm follows): ``[N]``.
+
+        ``log s`` is centred within every layer (geometric mean 1), so the edit can only move
+        channels against each other, not rescale a whole layer.
+        """
         from metaprune.graph import NODE_SLOTS
 
-        has_bn = graph.x_mask[:, NODE_SLOTS.index("bn_weight")]
-        log_s = self.cfg.rho * torch.tanh(self.scale_dec(h).squeeze(1).float())
-        return torch.where(has_bn, log_s, torch.zeros_like(log_s)).exp()
+        has_bn = graph.x_mask[:, NODE_SLOTS.index("bn_weight")].float()
+        log_s = self.cfg.rho * torch.tanh(self.scale_dec(h).squeeze(1).float()) * has_bn
+        # centre per layer: a layer-wide factor would only reweight whole layers in the pruner's
+        # ranking (the same for every network); what is left must single out channels
+        layer = graph.node_layer.long()
+        n = int(layer.max()) + 1 if layer.numel() else 0
+        mean = log_s.new_zeros(n).index_add(0, layer, log_s) / has_bn.new_zeros(n).index_add(0, layer, has_bn).clamp_min(1)
+        return ((log_s - mean.index_select(0, layer)) * has_bn).exp()
 
     def _scale_edit(self, graph, x: Tensor, attrs: dict[str, Tensor], h: Tensor
                     ) -> tuple[Tensor, dict[str, Tensor]]:
