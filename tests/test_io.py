@@ -114,3 +114,13 @@ def test_weights_hash_is_format_independent(tmp_path, tiny_resnet):
     a, _ = load_model(tmp_path / "a.safetensors")
     b, _ = load_model(tmp_path / "a.pt")
     assert state_dict_sha256(a) == state_dict_sha256(b) == state_dict_sha256(tiny_resnet)
+
+
+def test_outputs_get_umask_permissions(tmp_path, tiny_resnet):
+    """Files come out with the usual permissions (not the 0600 of a temporary file)."""
+    old = os.umask(0o022)
+    try:
+        save_model(tiny_resnet, tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644

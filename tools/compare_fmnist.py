@@ -60,10 +60,12 @@ def _table(res: dict) -> str:
                 row.append("-")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Prunability (AUC of validation accuracy over 1..3x, no finetuning, BN recalibrated):", "",
-              "| member | original | metanet-edited |", "|---|---|---|"]
+              "| member | original (L2) | metanet-edited (L2) | original, BN-scale criterion (reference) |",
+              "|---|---|---|---|"]
     for m in res["members"]:
-        lines.append(f"| {m['member']} | {m['prunability']['original']['auc']:.2f} | "
-                     f"{m['prunability']['edited']['auc']:.2f} |")
+        pr = m["prunability"]
+        ref = f"{pr['original_bn']['auc']:.2f}" if "original_bn" in pr else "-"
+        lines.append(f"| {m['member']} | {pr['original']['auc']:.2f} | {pr['edited']['auc']:.2f} | {ref} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,10 +151,13 @@ def main() -> None:
         cb = a.curve_batches
         c0 = prunability_curve(base, data, 3.0, 5, val_batches=cb, calib_batches=cb)
         c1 = prunability_curve(edited, data, 3.0, 5, val_batches=cb, calib_batches=cb)
-        rec["prunability"] = {"original": c0, "edited": c1}
+        # reference only (never used for selection): the same pruner ranking by BN scale instead of L2
+        c0bn = prunability_curve(base, data, 3.0, 5, criterion="bn", val_batches=cb, calib_batches=cb)
+        rec["prunability"] = {"original": c0, "edited": c1, "original_bn": c0bn}
         plot_curves({"original": c0, "metanet-edited": c1}, out.parent / f"metanet_prunability_{name}.png",
                     f"{zcfg['arch']} {name} (held out): prunability")
-        print(f"{name}: prunability original {c0['auc']:.2f} edited {c1['auc']:.2f}", flush=True)
+        print(f"{name}: prunability original {c0['auc']:.2f} edited {c1['auc']:.2f} "
+              f"(original with BN-scale ranking {c0bn['auc']:.2f})", flush=True)
         rec["edited_test_acc_no_ft"] = evaluate(edited, data.test)["acc"]
         starts = {"magnitude": (base, a.epochs)}
         sl = copy.deepcopy(base).train()
