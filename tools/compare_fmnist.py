@@ -86,14 +86,20 @@ def _merge(files: list[str], out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", required=True)
-    p.add_argument("--members", nargs="+", required=True, help="held-out member folders (names inside --zoo)")
+    p.add_argument("--zoo", help="zoo folder (required unless --merge)")
+    p.add_argument("--members", nargs="+", help="held-out member folders (names inside --zoo)")
     p.add_argument("--metanet", default=str(ROOT / "checkpoints" / "metanet_cifar_resnet_fmnist"))
     p.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0])
     p.add_argument("--epochs", type=int, default=2, help="total training epochs of every arm")
     p.add_argument("--steps-per-epoch", type=int, default=40)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--sl-lam", type=float, default=5e-4, help="DepGraph sparse-learning strength (reference value)")
+    p.add_argument("--recovery-epochs", type=int, default=1,
+                   help="arm (c): finetune epochs between the metanetwork edit and pruning (the paper's recipe: 1 "
+                   "here); the rest of the budget follows pruning")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--on-validation", action="store_true",
+                   help="run on the metanetwork's validation members (to choose a recipe; never for reporting)")
     p.add_argument("--curve-batches", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-o", "--output", default=str(ROOT / "results" / "compare_fmnist.json"))
@@ -102,6 +108,10 @@ def main() -> None:
     if a.merge:
         _merge(a.merge, Path(a.output))
         return
+    if not a.zoo or not a.members:
+        p.error("--zoo and --members are required (unless --merge)")
+    if not 0 <= a.recovery_epochs <= a.epochs:
+        p.error("--recovery-epochs must be between 0 and --epochs")
 
     import torch
 
@@ -120,12 +130,17 @@ def main() -> None:
     shape = (data.in_chans, data.image_size, data.image_size)
     net, meta = load_metanet(a.metanet)
     used = set(meta.get("train_members", [])) | set(meta.get("val_members", []))
-    clash = used & set(a.members)
-    if clash and Path(meta.get("zoo", "")).resolve() == Path(a.zoo).resolve():
+    same_zoo = Path(meta.get("zoo", "")).resolve() == Path(a.zoo).resolve()
+    if a.on_validation:
+        if not same_zoo or not set(a.members) <= set(meta.get("val_members", [])):
+            raise SystemExit(f"--on-validation takes validation members only: {meta.get('val_members')}")
+    elif same_zoo and (clash := used & set(a.members)):
         raise SystemExit(f"members {sorted(clash)} were used in meta-training/selection; pick held-out ones")
     out = Path(a.output)
     res = {"setup": {"arch": zcfg["arch"], "members": a.members, "speedups": a.speedups, "epochs": a.epochs,
                      "steps_per_epoch": a.steps_per_epoch, "lr": a.lr, "sl_lam": a.sl_lam,
+                     "metanet_recovery_epochs": a.recovery_epochs, "arms": a.arms,
+                     "split": "validation members" if a.on_validation else "held-out members",
                      "train_subset": zcfg["train_subset"], "metanet": a.metanet,
                      "metanet_selected_epoch": meta.get("selected_epoch"),
                      # identifies the checkpoint, so results of another metanetwork are never merged in
@@ -160,11 +175,13 @@ def main() -> None:
               f"(original with BN-scale ranking {c0bn['auc']:.2f})", flush=True)
         rec["edited_test_acc_no_ft"] = evaluate(edited, data.test)["acc"]
         starts = {"magnitude": (base, a.epochs)}
-        sl = copy.deepcopy(base).train()
-        sl = _finetune(sl, data, 1, a.steps_per_epoch, seed, a.lr, SparseRegularizer(sl, shape, a.sl_lam))
-        starts["depgraph"] = (sl, a.epochs - 1)
-        starts["metanet"] = (_finetune(copy.deepcopy(edited), data, 1, a.steps_per_epoch, seed, a.lr), a.epochs - 1)
-        for arm in ARMS:
+        if "depgraph" in a.arms:
+            sl = copy.deepcopy(base).train()
+            sl = _finetune(sl, data, 1, a.steps_per_epoch, seed, a.lr, SparseRegularizer(sl, shape, a.sl_lam))
+            starts["depgraph"] = (sl, a.epochs - 1)
+        starts["metanet"] = (_finetune(copy.deepcopy(edited), data, a.recovery_epochs, a.steps_per_epoch, seed, a.lr),
+                             a.epochs - a.recovery_epochs)
+        for arm in a.arms:
             start, left = starts[arm]
             for s in a.speedups:
                 pr = prune(start, PruneConfig(speedup=s), input_shape=shape)

@@ -21,19 +21,18 @@ def main() -> None:
     p.add_argument("--member", default="member_000")
     p.add_argument("--metanet", default=str(ROOT / "checkpoints" / "metanet_cifar_resnet_fmnist"))
     p.add_argument("--curve-batches", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("-o", "--output", default=str(ROOT / "results" / "metanet_transfer_r56.json"))
     a = p.parse_args()
     import torch
 
-    torch.set_num_threads(2)
-    from compare_fmnist import _curve_plot
-
+    torch.set_num_threads(a.threads)
     from metaprune.data import load_dataset
     from metaprune.io import read_json, write_json
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.transform import transform_model
     from metaprune.metanet.zoo import load_member
-    from metaprune.pruning import prunability_curve
+    from metaprune.pruning import plot_curves, prunability_curve
 
     zcfg = read_json(Path(a.zoo) / "zoo.json")["config"]
     data = load_dataset(zcfg["data"], val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
@@ -44,14 +43,16 @@ def main() -> None:
     cb = a.curve_batches
     c0 = prunability_curve(model, data, 3.0, 5, val_batches=cb, calib_batches=cb)
     c1 = prunability_curve(edited, data, 3.0, 5, val_batches=cb, calib_batches=cb)
+    c0bn = prunability_curve(model, data, 3.0, 5, criterion="bn", val_batches=cb, calib_batches=cb)  # reference
     out = Path(a.output)
-    _curve_plot(c0, c1, out.with_suffix(".png"), f"transfer: {zcfg['arch']} edited by a metanet trained on "
-                f"{meta.get('zoo', '?')}")
+    plot_curves({"original": c0, "metanet-edited": c1}, out.with_suffix(".png"),
+                f"transfer: {zcfg['arch']} edited by a metanet trained on {meta.get('zoo', '?')}")
     write_json(out, {"arch": zcfg["arch"], "member": a.member, "member_metrics": metrics, "metanet": a.metanet,
-                     "original": c0, "edited": c1, "auc_original": c0["auc"], "auc_edited": c1["auc"]})
-    print(f"{zcfg['arch']}: prunability original {c0['auc']:.2f} edited {c1['auc']:.2f}")
+                     "original": c0, "edited": c1, "original_bn": c0bn, "auc_original": c0["auc"],
+                     "auc_edited": c1["auc"], "auc_original_bn": c0bn["auc"]})
+    print(f"{zcfg['arch']}: prunability original {c0['auc']:.2f} edited {c1['auc']:.2f} "
+          f"(original with BN-scale ranking {c0bn['auc']:.2f})")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

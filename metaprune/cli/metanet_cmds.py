@@ -36,41 +36,44 @@ def register(sub) -> None:
 
     p = sub.add_parser("meta-train", help="train a metanetwork on a zoo of data models",
                        description="Loss = CE of the edited network + LAM x DepGraph group sparsity (normalised to "
-                       "1 on the unedited member). The checkpoint is chosen by the prunability score of the "
+                       "1 on the unedited member) + MU x CE of the edited network with a random fraction of channels "
+                       "removed as uniform L2 pruning would remove them. Defaults: the shipped recipe (function-"
+                       "preserving --edit scale); --edit residual --prune-aware 0 --bn-eval is the paper's. The checkpoint is chosen by the prunability score of the "
                        "validation members on validation data. Resumable; OUT/log.jsonl logs every epoch.")
     p.add_argument("--zoo", required=True, help="zoo folder (from `metaprune zoo`)")
     p.add_argument("-o", "--output", required=True, help="output folder (metanet.safetensors, config.json, log.jsonl)")
     p.add_argument("--data", help="dataset (default: the zoo's)")
     p.add_argument("--data-dir", help="folder holding the dataset files")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--steps-per-member", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--lam", type=float, default=1.0, help="weight of the (normalised) group-sparsity term")
+    p.add_argument("--lam", type=float, default=0.5, help="weight of the (normalised) group-sparsity term")
     p.add_argument("--alpha", type=float, default=16.0, help="DepGraph polarisation of the sparsity term")
     p.add_argument("--sparsity", choices=("depgraph", "functional"), default="depgraph",
                    help="depgraph: group sparsity on every coupled slice (paper); functional: BatchNorm-aware and "
                    "scale-invariant (only slices a channel's function depends on)")
-    p.add_argument("--prune-aware", type=float, default=0.0, metavar="MU",
+    p.add_argument("--prune-aware", type=float, default=1.0, metavar="MU",
                    help="weight of the pruning-aware term: CE of the edited network with a random fraction of "
                    "channels softly removed by the L2 ranking the pruner uses (0 = off, the paper's loss)")
     p.add_argument("--prune-temperature", type=float, default=0.1,
                    help="softness of the pruning-aware gates (relative to the median channel norm)")
-    p.add_argument("--prune-hard", action="store_true",
-                   help="straight-through pruning-aware gates: exact pruned network forward, soft-gate gradient")
+    p.add_argument("--soft-gates", action="store_true",
+                   help="pruning-aware term with soft gates in the forward pass too (default: straight-through "
+                   "gates, i.e. the exact pruned network forward and the soft gates' gradient)")
     p.add_argument("--bn-eval", action="store_true",
                    help="members' BatchNorm in eval mode (original running statistics) during meta-training")
-    p.add_argument("--val-members", type=int, default=1, help="members held out for checkpoint selection")
+    p.add_argument("--val-members", type=int, default=3, help="members held out for checkpoint selection")
     p.add_argument("--holdout-members", type=int, default=0, help="members used neither for training nor selection")
     p.add_argument("--score-max-speedup", type=float, default=3.0)
-    p.add_argument("--score-steps", type=int, default=3)
-    p.add_argument("--score-batches", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=16, help="metanetwork width")
+    p.add_argument("--score-steps", type=int, default=4)
+    p.add_argument("--score-batches", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=32, help="metanetwork width")
     p.add_argument("--layers", type=int, default=4, help="message-passing layers")
-    p.add_argument("--rho", type=float, default=0.1,
+    p.add_argument("--rho", type=float, default=1.0,
                    help="edit size: residual edit in per-layer units, or the bound of |log s| for --edit scale")
-    p.add_argument("--edit", choices=("residual", "scale"), default="residual",
+    p.add_argument("--edit", choices=("residual", "scale"), default="scale",
                    help="residual: edit every weight (paper); scale: function-preserving per-channel rescaling of "
                    "BN-normalised layers that changes which channels the L2 pruner keeps")
     p.add_argument("--edge-chunk", type=int, help="process edges in chunks of this size")
@@ -129,7 +132,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
                           prune_aware=args.prune_aware, prune_temperature=args.prune_temperature,
-                          prune_hard=args.prune_hard,
+                          prune_hard=not args.soft_gates,
                           val_members=args.val_members, holdout_members=args.holdout_members,
                           score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
                           score_batches=args.score_batches, bn_eval=args.bn_eval, seed=args.seed,

@@ -154,8 +154,10 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         net.check_graph(m.graph)
     runner = net
     if distributed:
+        # the scale edit reads no edge state after the last layer: its edge update gets no gradient
         runner = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=net.cfg.edit == "scale")
     amp = cfg.amp and device.type == "cuda"
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []

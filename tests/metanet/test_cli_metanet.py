@@ -23,7 +23,7 @@ def test_zoo_meta_train_transform(tmp_path):
     assert (zoo / "member_000" / "model.safetensors").stat().st_mtime == mtime
     assert main(["meta-train", "--zoo", str(zoo), "-o", str(mn), "--epochs", "1", "--steps-per-member", "1",
                  "--hidden", "8", "--layers", "1", "--score-steps", "1", "--score-batches", "1",
-                 "--batch-size", "16", "--lam", "1", "--sparsity", "functional", "--prune-aware", "1",
+                 "--batch-size", "16", "--val-members", "1", "--lam", "1", "--sparsity", "functional",
                  "--quiet", "--device", "cpu"]) == 0
     log = [json.loads(line) for line in (mn / "log.jsonl").read_text().splitlines()]
     assert {"ce", "ce_pruned", "sparsity", "score"} <= set(log[0]) and log[0]["ce_pruned"] > 0

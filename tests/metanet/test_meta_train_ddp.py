@@ -37,8 +37,8 @@ def _worker(rank, world, port, zoo, out):
 
     data = load_dataset("synthetic", in_chans=1, image_size=16, num_classes=4)
     cfg = MetaTrainConfig(epochs=1, steps_per_member=2, batch_size=16, val_members=1, score_steps=1,
-                          score_batches=1, device="cpu")
-    meta_train(zoo, data, out, cfg, MetanetConfig(hidden=8, layers=1), resume=False)
+                          score_batches=1, device="cpu", lam=0.5, prune_aware=1.0, prune_hard=True)
+    meta_train(zoo, data, out, cfg, MetanetConfig(hidden=8, layers=1, edit="scale", rho=1.0), resume=False)
     from metaprune.metanet.checkpoint import load_metanet
 
     flat = torch.cat([p.flatten() for p in load_metanet(out)[0].parameters()])
@@ -55,6 +55,6 @@ def test_meta_train_ddp_two_processes(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), zoo, out), nprocs=2, join=True)
     assert bool(torch.load(os.path.join(out, "same.pt"), weights_only=True)["same"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert len(log) == 1 and {"ce", "sparsity", "score"} <= set(log[0])
+    assert len(log) == 1 and {"ce", "sparsity", "score"} <= set(log[0]) and log[0]["ce_pruned"] > 0
     assert sorted(os.listdir(out)) == ["config.json", "last.pt", "log.jsonl", "metanet.safetensors", "same.pt",
                                        "summary.json"]
