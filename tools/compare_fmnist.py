@@ -5,7 +5,8 @@ target MAC speed-up, three arms get the same number of training epochs ``E``:
 
   (a) magnitude:  prune (group L2) -> finetune E epochs
   (b) depgraph:   sparse learning 1 epoch (GroupNorm regulariser) -> prune -> finetune E-1 epochs
-  (c) metanet:    metanetwork edit (+BN recalibration) -> finetune 1 epoch -> prune -> finetune E-1 epochs
+  (c) metanet:    metanetwork edit (+BN recalibration) -> finetune R epochs -> prune -> finetune E-R epochs
+                  (R = --recovery-epochs: 1 is the paper's order, 0 suits the function-preserving scale edit)
 
 Every finetune selects its epoch on the validation split; the reported accuracy is on the test
 split. Also writes each member's prunability curves (no finetuning, validation split) for the
@@ -73,6 +74,9 @@ def _merge(files: list[str], out: Path) -> None:
     from metaprune.io import atomic_path, read_json, write_json
 
     parts = [read_json(f) for f in files]
+    setups = [{k: v for k, v in p["setup"].items() if k != "members"} for p in parts]
+    if any(s != setups[0] for s in setups[1:]):
+        raise SystemExit("the files to merge hold results of different setups")
     res = {"setup": dict(parts[0]["setup"]), "members": []}
     for part in parts:
         for m in part["members"]:
@@ -150,9 +154,10 @@ def main() -> None:
         old = read_json(out)
         same = {k: v for k, v in old.get("setup", {}).items() if k != "members"} == \
             {k: v for k, v in res["setup"].items() if k != "members"}
-        if same:
-            old["setup"]["members"] = sorted(set(old["setup"]["members"]) | set(a.members))
-            res = old
+        if not same:
+            raise SystemExit(f"{out} holds results of another setup; choose another -o (or delete it)")
+        old["setup"]["members"] = sorted(set(old["setup"]["members"]) | set(a.members))
+        res = old
     done = {m["member"] for m in res["members"]}
     for name in a.members:
         if name in done:
@@ -179,8 +184,9 @@ def main() -> None:
             sl = copy.deepcopy(base).train()
             sl = _finetune(sl, data, 1, a.steps_per_epoch, seed, a.lr, SparseRegularizer(sl, shape, a.sl_lam))
             starts["depgraph"] = (sl, a.epochs - 1)
-        starts["metanet"] = (_finetune(copy.deepcopy(edited), data, a.recovery_epochs, a.steps_per_epoch, seed, a.lr),
-                             a.epochs - a.recovery_epochs)
+        if "metanet" in a.arms:
+            starts["metanet"] = (_finetune(copy.deepcopy(edited), data, a.recovery_epochs, a.steps_per_epoch, seed,
+                                           a.lr), a.epochs - a.recovery_epochs)
         for arm in a.arms:
             start, left = starts[arm]
             for s in a.speedups:

@@ -15,7 +15,8 @@ if ! $PY -c "import torch_geometric, torch_pruning, safetensors" 2>/dev/null; th
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/metaprune-site .whl/*.whl
   else
-    $PY -m pip install -q --no-compile --target /tmp/metaprune-site "torch-geometric<2.9" "torch-pruning>=1.6.1,<1.7" safetensors tqdm pyyaml
+    # --no-deps: --target ignores what is installed, and must not pull a second torch over the machine's CUDA one
+    $PY -m pip install -q --no-deps --no-compile --target /tmp/metaprune-site "torch-geometric<2.9" "torch-pruning>=1.6.1,<1.7"
   fi
   export PYTHONPATH="/tmp/metaprune-site${PYTHONPATH:+:$PYTHONPATH}"
 fi

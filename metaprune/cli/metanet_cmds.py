@@ -38,7 +38,7 @@ def register(sub) -> None:
                        description="Loss = CE of the edited network + LAM x DepGraph group sparsity (normalised to "
                        "1 on the unedited member) + MU x CE of the edited network with a random fraction of channels "
                        "removed as uniform L2 pruning would remove them. Defaults: the shipped recipe (function-"
-                       "preserving --edit scale); --edit residual --prune-aware 0 --bn-eval is the paper's. The checkpoint is chosen by the prunability score of the "
+                       "preserving --edit scale); --edit residual --prune-aware 0 --bn-eval is the paper's loss. The checkpoint is chosen by the prunability score of the "
                        "validation members on validation data. Resumable; OUT/log.jsonl logs every epoch.")
     p.add_argument("--zoo", required=True, help="zoo folder (from `metaprune zoo`)")
     p.add_argument("-o", "--output", required=True, help="output folder (metanet.safetensors, config.json, log.jsonl)")
@@ -71,8 +71,9 @@ def register(sub) -> None:
     p.add_argument("--score-batches", type=int, default=8)
     p.add_argument("--hidden", type=int, default=32, help="metanetwork width")
     p.add_argument("--layers", type=int, default=4, help="message-passing layers")
-    p.add_argument("--rho", type=float, default=1.0,
-                   help="edit size: residual edit in per-layer units, or the bound of |log s| for --edit scale")
+    p.add_argument("--rho", type=float, default=None,
+                   help="edit size: the residual edit in per-layer units (default 0.05), or the bound of log s "
+                   "before its per-layer centring for --edit scale (default 1.0)")
     p.add_argument("--edit", choices=("residual", "scale"), default="scale",
                    help="residual: edit every weight (paper); scale: function-preserving per-channel rescaling of "
                    "BN-normalised layers that changes which channels the L2 pruner keeps")

@@ -15,8 +15,9 @@ class MetanetConfig:
         hidden: width of node and edge states.
         layers: number of bidirectional message-passing layers.
         rho: scale of the edit: for ``edit="residual"`` in units of each layer's own spread
-            (output = input + rho * decoder(h) * layer_scale); for ``edit="scale"`` the bound of
-            the log channel scale (``|log s| <= rho``).
+            (output = input + rho * decoder(h) * layer_scale; default 0.05); for ``edit="scale"``
+            the bound of the log channel scale before its per-layer centring (default 1.0; after
+            centring ``|log s| < 2 * rho``). ``None`` picks the default of the edit.
         edit: ``"residual"`` (the paper's: every node and edge feature gets a residual edit) or
             ``"scale"`` (function-preserving: every channel that feeds a BatchNorm gets its
             incoming weights multiplied by a positive factor ``s_c = exp(rho * tanh(d(h_c)))``,
@@ -48,7 +49,7 @@ class MetanetConfig:
 
     hidden: int = 64
     layers: int = 8
-    rho: float = 0.05
+    rho: float | None = None
     edit: str = "residual"
     node_dim: int = 0
     edge_dims: dict[str, int] = field(default_factory=dict)
@@ -66,6 +67,8 @@ class MetanetConfig:
         self.frozen_slots = tuple(self.frozen_slots)
         if self.hidden < 1 or self.layers < 0:
             raise ConfigError("metanetwork hidden must be >= 1 and layers >= 0")
+        if self.rho is None:
+            self.rho = 1.0 if self.edit == "scale" else 0.05
         if self.rho <= 0:
             raise ConfigError("metanetwork rho must be > 0")
         if self.edit not in ("residual", "scale"):
@@ -132,7 +135,7 @@ class MetaTrainConfig:
     sparsity: str = "depgraph"
     prune_aware: float = 0.0
     prune_temperature: float = 0.1
-    prune_hard: bool = False
+    prune_hard: bool = True
     val_members: int = 2
     holdout_members: int = 0
     score_every: int = 1

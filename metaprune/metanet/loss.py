@@ -22,7 +22,7 @@ statistics are re-estimated (batch statistics in meta-training, recalibration af
 A conv/linear output slice that feeds a BatchNorm is *scale-free*: BN undoes any per-channel
 scaling of it, so shrinking it costs no accuracy and removes nothing; it is left out. Dividing
 each slice by its own current mean makes the term invariant to scaling a whole slice (which BN
-also undoes), so the only way to lower it is to move norm from the channels ``gamma`` marks as
+undoes for slices feeding it, and which is meaningless for a ranking anyway), so the only way to lower it is to move norm from the channels ``gamma`` marks as
 unimportant to the others -- in BN affine weights and in the consumers' input columns, i.e. to
 make those channels really removable.
 """
@@ -73,7 +73,7 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...], ignore_cla
         dg = tp.DependencyGraph().build_dependency(model, torch.randn(1, *input_shape, device=device))
         raw = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
     bn_fed = {mod for mod, node in dg.module2node.items() if isinstance(mod, (nn.Conv2d, nn.Linear))
-              and any(isinstance(o.module, nn.modules.batchnorm._BatchNorm) for o in node.outputs)}
+              and node.outputs and all(isinstance(o.module, nn.modules.batchnorm._BatchNorm) for o in node.outputs)}
     model.train(was)
     out: list[Group] = []
     for g in raw:
@@ -186,17 +186,18 @@ def soft_prune(params: dict[str, Tensor], groups: list[Group], ratio: float,
         raise ValueError("soft_prune ratio must be in [0, 1)")
     out = dict(params)
     for g in groups:
-        k = g.size - int(g.size * (1 - ratio))  # as torch-pruning: keep int(n * (1 - ratio))
+        k = g.size - max(1, int(g.size * (1 - ratio)))  # as torch-pruning: keep int(n * (1 - ratio)), >= 1
         if k < 1 or not any(s.gate for s in g.slices):
             continue
         n = criterion_norms(params, g).clamp_min(1e-12).sqrt()
         with torch.no_grad():
-            srt = n.sort().values
+            srt, order = n.sort()
             t = 0.5 * (srt[k - 1] + srt[k])
             tau = temperature * srt.median().clamp_min(1e-12)
         gate = torch.sigmoid((n - t) / tau)
-        if straight_through:
-            gate = (n > t).to(gate.dtype) + gate - gate.detach()
+        if straight_through:  # exactly k channels off, also when norms tie at the threshold
+            hard = torch.ones_like(gate).index_fill(0, order[:k], 0.0)
+            gate = hard + gate - gate.detach()
         for s in g.slices:
             if not s.gate:
                 continue

@@ -5,6 +5,8 @@ Per step, for one zoo member ``theta`` (graph ``G``) and one training batch::
     theta' = graph_params(G, metanet(G))
     loss   = CE(f(x; theta'), y)  +  lam * S(theta') / S(theta)  [+ mu * CE(f(x; gate_r(theta')), y)]
 
+``S`` is DepGraph's group sparsity or its BN-aware variant (``sparsity``).
+
 CE is the batch mean (no dependence on dataset size); ``S`` is DepGraph's polarised group
 sparsity (:mod:`metaprune.metanet.loss`) divided by its value on the unedited member, so it
 starts at 1 whatever the network's width. The optional pruning-aware term (``prune_aware`` = mu)
@@ -96,6 +98,9 @@ class _Member:
         self.graph = self.graph.to(device)
         self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
         self.norms0 = self.norms0.to(device)
+        for g in self.groups:  # index lists live where the parameters are (no copies per step)
+            for sl in g.slices:
+                sl.idxs, sl.root = sl.idxs.to(device), sl.root.to(device)
         return self
 
 
@@ -144,6 +149,9 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     distributed = init_distributed(device)  # torchrun: gradients averaged over processes, data sharded
+    if net_cfg is not None and net_cfg.edit == "scale" and cfg.bn_eval:
+        raise ConfigError("the scale edit is undone by BatchNorm's batch statistics, which is what makes it "
+                          "function-preserving; meta-train it with train-mode BN (drop --bn-eval)")
     seed_everything(cfg.seed)
     members = list_members(zoo_dir)
     train_p, val_p, held_p = split_members(members, cfg)

@@ -314,14 +314,24 @@ class Metanet(nn.Module):
         # centre per layer: a layer-wide factor would only reweight whole layers in the pruner's
         # ranking (the same for every network); what is left must single out channels
         layer = graph.node_layer.long()
-        n = int(layer.max()) + 1 if layer.numel() else 0
+        n = layer.shape[0]  # an upper bound on the layer ids (no device sync)
         mean = log_s.new_zeros(n).index_add(0, layer, log_s) / has_bn.new_zeros(n).index_add(0, layer, has_bn).clamp_min(1)
         return ((log_s - mean.index_select(0, layer)) * has_bn).exp()
 
     def _scale_edit(self, graph, x: Tensor, attrs: dict[str, Tensor], h: Tensor
                     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Multiply the incoming weights of every BN-normalised channel by its scale; nodes unchanged."""
+        """Multiply the incoming weights (and bias) of every BN-normalised channel by its scale ``s``,
+        its BN running mean by ``s`` and running variance by ``s**2``: the same function in eval
+        mode too (up to BN's eps), with or without re-estimated statistics."""
+        from metaprune.graph import NODE_SLOTS
+
         s = self.channel_scales(graph, h)
+        col = {n: NODE_SLOTS.index(n) for n in ("bias", "bn_mean", "bn_var")}
+        fac = torch.stack([s, s, s * s], 1).to(x.dtype)
+        cols = [col["bias"], col["bn_mean"], col["bn_var"]]
+        real = graph.x_mask[:, cols]
+        x = x.clone()
+        x[:, cols] = torch.where(real, x[:, cols] * fac, x[:, cols])
         out = {}
         for g, eg in graph.edges.items():
             if g in self.cfg.frozen_groups or eg.index.shape[1] == 0:

@@ -81,3 +81,16 @@ def test_straight_through_gates_are_hard_forward_soft_backward(net):
         assert torch.allclose(functional_call(m, hard, (x,)), functional_call(m, exact, (x,)), atol=1e-5)
     functional_call(m, hard, (x,)).square().sum().backward()
     assert p["layer1.0.conv1.weight"].grad.abs().sum() > 0
+
+
+def test_soft_prune_keeps_a_channel_in_tiny_groups():
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.BatchNorm2d(1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2, 3)).eval()
+    groups = dependency_groups(m, (1, 8, 8))
+    assert sorted(g.size for g in groups) == [1, 2]
+    p = dict(m.state_dict())
+    for r in (0.1, 0.42, 0.6):
+        gated = soft_prune(p, groups, r, straight_through=True)
+        assert (gated["1.weight"] != 0).all()  # the only channel of a 1-channel group is never removed
+        assert int((gated["4.weight"] != 0).sum()) >= 1

@@ -61,19 +61,39 @@ def test_bad_edit_name():
         MetanetConfig(edit="nope")
 
 
-def test_transform_scale_edit_keeps_accuracy():
+def test_scale_edit_keeps_the_eval_function_with_or_without_recalibration():
     from metaprune.data import load_dataset
-    from metaprune.engine import evaluate
-    from metaprune.pruning import recalibrate_bn
 
     data = load_dataset("synthetic", in_chans=1, image_size=28, num_classes=4)
     m, g, net = _setup()
-    torch.nn.init.normal_(net.scale_dec[-1].weight, std=1.0)
+    for mod in m.modules():  # trained-looking BN statistics, so a wrong rescaling would show
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
     m.eval()
+    torch.nn.init.normal_(net.scale_dec[-1].weight, std=1.0)
+    x = torch.randn(16, 1, 28, 28)
+    kept = transform_model(net, m, None)  # running statistics rescaled with the weights, not re-estimated
+    with torch.no_grad():
+        assert torch.allclose(kept(x), m(x), atol=1e-4)
+        assert not torch.equal(kept.layer1[0].conv1.weight, m.layer1[0].conv1.weight)
+    recal = transform_model(net, m, data.train, 4, batch_size=64)
+    from metaprune.pruning import recalibrate_bn
+
     base = create_model("cifar_resnet20", num_classes=4, in_chans=1)
     base.load_state_dict(m.state_dict())
     recalibrate_bn(base, data.train, 4, 64, "cpu")
-    edited = transform_model(net, m, data.train, 4, batch_size=64)
-    a0 = evaluate(base, data.val, batch_size=64)["acc"]
-    a1 = evaluate(edited, data.val, batch_size=64)["acc"]
-    assert abs(a0 - a1) < 1.0
+    with torch.no_grad():
+        assert torch.allclose(recal.eval()(x), base.eval()(x), atol=1e-3)
+
+
+def test_scale_edit_refuses_eval_mode_bn(tmp_path):
+    from metaprune.metanet.config import MetaTrainConfig
+    from metaprune.metanet.meta_train import meta_train
+
+    with pytest.raises(ConfigError, match="bn-eval"):
+        meta_train(tmp_path, None, tmp_path / "o", MetaTrainConfig(bn_eval=True), MetanetConfig(edit="scale"))
+
+
+def test_rho_default_follows_the_edit():
+    assert MetanetConfig(edit="scale").rho == 1.0 and MetanetConfig().rho == 0.05
