@@ -120,17 +120,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from metaprune.data import load_dataset
     from metaprune.engine import evaluate
     from metaprune.io import read_json, write_json
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.transform import transform_model
-    from metaprune.metanet.zoo import load_member
+    from metaprune.metanet.zoo import load_member, load_zoo_data
     from metaprune.pruning import PruneConfig, SparseRegularizer, plot_curves, prunability_curve, prune
 
     zcfg = read_json(Path(a.zoo) / "zoo.json")["config"]
-    data = load_dataset(zcfg["data"], val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
-                        train_subset=zcfg["train_subset"])
+    data = load_zoo_data(a.zoo)
     shape = (data.in_chans, data.image_size, data.image_size)
     net, meta = load_metanet(a.metanet)
     used = set(meta.get("train_members", [])) | set(meta.get("val_members", []))

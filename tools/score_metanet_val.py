@@ -27,15 +27,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from metaprune.data import load_dataset
-    from metaprune.io import read_json
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.config import MetaTrainConfig
     from metaprune.metanet.meta_train import score_members
+    from metaprune.metanet.zoo import load_zoo_data
 
-    zcfg = read_json(Path(a.zoo) / "zoo.json")["config"]
-    data = load_dataset(zcfg["data"], None, val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
-                        train_subset=zcfg["train_subset"])
+    data = load_zoo_data(a.zoo)
     cfg = MetaTrainConfig(score_steps=a.steps, score_batches=a.batches)
     paths = [Path(a.zoo) / m for m in a.members]
     out = {"unedited": score_members(None, paths, data, cfg)["scores"]}

@@ -27,16 +27,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from metaprune.data import load_dataset
     from metaprune.io import read_json, write_json
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.transform import transform_model
-    from metaprune.metanet.zoo import load_member
+    from metaprune.metanet.zoo import load_member, load_zoo_data
     from metaprune.pruning import plot_curves, prunability_curve
 
     zcfg = read_json(Path(a.zoo) / "zoo.json")["config"]
-    data = load_dataset(zcfg["data"], val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
-                        train_subset=zcfg["train_subset"])
+    data = load_zoo_data(a.zoo)
     net, meta = load_metanet(a.metanet)
     model, metrics = load_member(Path(a.zoo) / a.member)
     edited = transform_model(net, model, data.train, 8)

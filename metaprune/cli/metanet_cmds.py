@@ -115,15 +115,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo_data(args: argparse.Namespace):
-    from metaprune.data import load_dataset
-    from metaprune.io import read_json
-
-    zcfg = read_json(Path(args.zoo) / "zoo.json")["config"]
-    return load_dataset(args.data or zcfg["data"], args.data_dir, val_fraction=zcfg["val_fraction"],
-                        seed=zcfg["data_seed"], train_subset=zcfg["train_subset"])
-
-
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from metaprune.engine.runtime import resolve_device
     from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
@@ -140,7 +131,9 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                           device=device)
     ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edit=args.edit, edge_chunk=args.edge_chunk,
                          checkpoint=args.checkpointing)
-    data = _zoo_data(args)
+    from metaprune.metanet.zoo import load_zoo_data
+
+    data = load_zoo_data(args.zoo, args.data, args.data_dir)
     status(args, f"meta-train on {args.zoo}: {data.describe()}")
     s = meta_train(args.zoo, data, args.output, cfg, ncfg, resume=not args.no_resume)
     status(args, f"meta-train: selected epoch {s['selected_epoch']} (validation prunability {s['val_score']:.2f}, "

@@ -104,6 +104,13 @@ def dependency_groups(model: nn.Module, input_shape: tuple[int, ...], ignore_cla
     return out
 
 
+def _slice_sq(params: dict[str, Tensor], s: Slice) -> Tensor:
+    """Squared norm of each channel of one coupled slice: ``[len(s.idxs)]``."""
+    w = params[s.key]
+    w = w.movedim(s.dim, 0) if s.dim else w
+    return w.index_select(0, s.idxs.to(w.device)).reshape(len(s.idxs), -1).pow(2).sum(1)
+
+
 def channel_sq_norms(params: dict[str, Tensor], group: Group, functional: bool = False) -> tuple[Tensor, Tensor]:
     """Per root channel: the summed squared norm over the group's slices and the number of slices.
 
@@ -116,9 +123,7 @@ def channel_sq_norms(params: dict[str, Tensor], group: Group, functional: bool =
     for s in group.slices:
         if functional and s.scale_free:
             continue
-        w = params[s.key]
-        w = w.movedim(s.dim, 0) if s.dim else w
-        sq = w.index_select(0, s.idxs.to(dev)).reshape(len(s.idxs), -1).pow(2).sum(1)
+        sq = _slice_sq(params, s)
         if functional:
             sq = sq / sq.mean().clamp_min(1e-12)
         total = total.index_add(0, s.root.to(dev), sq)
@@ -160,12 +165,8 @@ def criterion_norms(params: dict[str, Tensor], group: Group) -> Tensor:
     dev = next(iter(params.values())).device
     total = torch.zeros(group.size, device=dev)
     for s in group.slices:
-        if s.key.endswith(".bias"):
-            continue
-        w = params[s.key]
-        w = w.movedim(s.dim, 0) if s.dim else w
-        sq = w.index_select(0, s.idxs.to(dev)).reshape(len(s.idxs), -1).pow(2).sum(1)
-        total = total.index_add(0, s.root.to(dev), sq)
+        if not s.key.endswith(".bias"):
+            total = total.index_add(0, s.root.to(dev), _slice_sq(params, s))
     return total
 
 

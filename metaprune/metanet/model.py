@@ -146,34 +146,41 @@ class MetanetLayer(nn.Module):
         self.node_mlp = nn.Sequential(nn.Linear(9 * h, h), nn.SiLU(), nn.Linear(h, h))
         self.edge_out = nn.Linear(h, h)
 
-    def forward(self, h: Tensor, e: Tensor, plan: EdgePlan, recompute: bool) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, e: Tensor, plan: EdgePlan, recompute: bool, edges: bool = True
+                ) -> tuple[Tensor, Tensor]:
         """Update node states ``h [N, h]`` and edge states ``e [E, h]`` (edges in ``plan``'s order).
 
         Edges are processed chunk by chunk (``plan``); with ``recompute`` every chunk is recomputed
-        in the backward pass, so only ``e`` itself and node-sized tensors are kept for it.
+        in the backward pass, so only ``e`` itself and node-sized tensors are kept for it. With
+        ``edges=False`` the edge states are returned unchanged (nothing reads them afterwards).
         """
         hn = self.norm_h(h)
         node = self.node_proj(hn)
         outs = []
         for i, ev in enumerate(e.split(plan.sizes, 0)):  # views: no copy, one SplitBackward
-            args = (ev, node, plan.fwd_idx[i], plan.fwd_len[i], plan.bwd_perm[i], plan.bwd_idx[i], plan.bwd_len[i])
+            args = (ev, node, plan.fwd_idx[i], plan.fwd_len[i], plan.bwd_perm[i], plan.bwd_idx[i], plan.bwd_len[i],
+                    edges)
             if recompute and torch.is_grad_enabled():
                 outs.append(checkpoint(self._chunk, *args, use_reentrant=False))
             else:
                 outs.append(self._chunk(*args))
         fwd = self.conv.combine([o[0] for o in outs], [ln > 0 for ln in plan.fwd_len], plan.deg_in, h.dtype)
         bwd = self.conv.combine([o[1] for o in outs], [ln > 0 for ln in plan.bwd_len], plan.deg_out, h.dtype)
-        de = torch.cat([o[2] for o in outs], 0) if len(outs) > 1 else outs[0][2]
         h = h + self.node_mlp(torch.cat([hn, fwd, bwd], dim=1))
+        if not edges:
+            return h, e
+        de = torch.cat([o[2] for o in outs], 0) if len(outs) > 1 else outs[0][2]
         return h, e + de
 
     def _chunk(self, e: Tensor, node: Tensor, fidx: Tensor, flen: Tensor, bperm: Tensor, bidx: Tensor,
-               blen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Forward and backward partial aggregates and the edge update of one chunk of edges."""
+               blen: Tensor, edges: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Forward and backward partial aggregates and (with ``edges``) the edge update of one chunk."""
         pf, qf, pb, qb, u, v = node.chunk(6, dim=1)
         ce, we = self.edge_proj(self.norm_e(e)).chunk(2, dim=1)
         fwd = self.conv.partial(fidx, pf, qf, ce + self.dir_bias[0], flen)
         bwd = self.conv.partial(bidx, pb, qb, ce.index_select(0, bperm) + self.dir_bias[1], blen)
+        if not edges:
+            return fwd, bwd, None
         de = self.edge_out(F.silu(u[fidx[0]] + v[fidx[1]] + we))
         return fwd, bwd, de
 
@@ -274,11 +281,12 @@ class Metanet(nn.Module):
         plan = EdgePlan.build(edge_index[:, perm], x.shape[0], cfg.edge_chunk)
         e = e.index_select(0, perm)
         chunked = cfg.edge_chunk is not None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            edges = cfg.edit != "scale" or i < len(self.layers) - 1  # the scale edit reads nodes only
             if cfg.checkpoint and torch.is_grad_enabled():  # per layer (nested with per-chunk recompute)
-                h, e = checkpoint(layer, h, e, plan, chunked, use_reentrant=False)
+                h, e = checkpoint(layer, h, e, plan, chunked, edges, use_reentrant=False)
             else:
-                h, e = layer(h, e, plan, chunked)
+                h, e = layer(h, e, plan, chunked, edges)
             if chunked or cfg.checkpoint:  # keep RSS near what is live (see metanet.memory)
                 release_memory()
                 e = release_in_backward(e)
@@ -326,9 +334,8 @@ class Metanet(nn.Module):
         from metaprune.graph import NODE_SLOTS
 
         s = self.channel_scales(graph, h)
-        col = {n: NODE_SLOTS.index(n) for n in ("bias", "bn_mean", "bn_var")}
+        cols = [NODE_SLOTS.index(n) for n in ("bias", "bn_mean", "bn_var")]
         fac = torch.stack([s, s, s * s], 1).to(x.dtype)
-        cols = [col["bias"], col["bn_mean"], col["bn_var"]]
         real = graph.x_mask[:, cols]
         x = x.clone()
         x[:, cols] = torch.where(real, x[:, cols] * fac, x[:, cols])

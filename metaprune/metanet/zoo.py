@@ -86,6 +86,16 @@ def list_members(root: str | Path) -> list[Path]:
     return members
 
 
+def load_zoo_data(root: str | Path, data: str | None = None, data_dir: str | None = None) -> DataSplits:
+    """The dataset a zoo was trained on, with the same training subset and train/validation split
+    (``data`` overrides the dataset name, ``data_dir`` where its files are)."""
+    from metaprune.data import load_dataset
+
+    zcfg = read_json(Path(root) / ZOO_INDEX)["config"]
+    return load_dataset(data or zcfg["data"], data_dir, val_fraction=zcfg["val_fraction"], seed=zcfg["data_seed"],
+                        train_subset=zcfg["train_subset"])
+
+
 def load_member(path: str | Path) -> tuple[nn.Module, dict]:
     """(model, metrics) of one member folder."""
     model, _ = load_model(Path(path) / "model.safetensors")
