@@ -42,3 +42,7 @@ class PruningError(MetapruneError):
 
 class BundleError(ModelFileError):
     """A Structured Pruning Adapter bundle is invalid or belongs to another source model."""
+
+
+class TrainingError(MetapruneError):
+    """A training run cannot go on (e.g. its loss or its weights became NaN or infinite)."""

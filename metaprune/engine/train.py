@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +18,7 @@ from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine.evaluate import evaluate
 from metaprune.engine.runtime import (
+    all_reduce_sum,
     barrier,
     get_rank,
     get_world_size,
@@ -27,9 +28,21 @@ from metaprune.engine.runtime import (
     resolve_device,
     seed_everything,
 )
-from metaprune.errors import ConfigError, ModelFileError
+from metaprune.errors import ConfigError, ModelFileError, TrainingError
+from metaprune.fingerprint import (
+    all_finite,
+    check_bool,
+    check_float,
+    check_int,
+    check_resume,
+    data_identity,
+    dumps,
+    model_identity,
+)
 
 LAST_CKPT = "last.pt"
+# options that do not change what a run computes: a resume may differ in them
+VOLATILE = ("resume", "device", "amp", "eval_batch_size")
 
 
 @dataclass
@@ -57,12 +70,35 @@ class TrainConfig:
     sparse_reg: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
-        if self.schedule not in ("cosine", "step", "onecycle", "constant"):
+        check_int("epochs", self.epochs, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("seed", self.seed)
+        check_int("max_steps_per_epoch", self.max_steps_per_epoch, 1, optional=True)
+        check_float("lr", self.lr, above=0)
+        check_float("momentum", self.momentum, minimum=0, below=1)
+        check_float("weight_decay", self.weight_decay, minimum=0)
+        check_float("warmup_epochs", self.warmup_epochs, minimum=0)
+        check_float("label_smoothing", self.label_smoothing, minimum=0, below=1)
+        check_float("sparse_reg", self.sparse_reg, minimum=0)
+        for f in ("nesterov", "augment", "flip", "amp", "resume"):
+            check_bool(f, getattr(self, f))
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string such as auto, cpu or cuda, got {self.device!r}")
+        if not isinstance(self.schedule, str) or self.schedule not in ("cosine", "step", "onecycle", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; use cosine, step, onecycle or constant")
-        if self.sparse_reg < 0:
-            raise ConfigError("--sparse-reg must be >= 0")
+        if not isinstance(self.milestones, (list, tuple)):
+            raise ConfigError(f"milestones must be a list of fractions of the run, got {self.milestones!r}")
+        self.milestones = tuple(self.milestones)
+        for m in self.milestones:
+            check_float("each milestone", m, minimum=0, maximum=1)
+
+    def identity(self) -> dict:
+        """The options that decide what a run computes (what a resume must agree on)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in VOLATILE}
+        if self.schedule == "constant" and self.warmup_epochs == 0:
+            d.pop("epochs")  # a constant learning rate: a longer run continues the shorter one exactly
+        return d
 
 
 class Regularizer(Protocol):
@@ -112,17 +148,42 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _save_resume(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    from metaprune.io import atomic_path
+
+    with atomic_path(path) as tmp:  # a crash (or kill -9) leaves the previous checkpoint intact
+        torch.save(state, tmp)
+
+
+def run_fingerprint(model: nn.Module, data: DataSplits, cfg: TrainConfig, identity: dict | None = None) -> dict:
+    """What a resume checkpoint of :func:`train` must match: the config (less :data:`VOLATILE`),
+    the architecture and widths, the dataset, and the starting point (``identity``, e.g. the source
+    file's hash; by default the SHA-256 of the incoming weights)."""
+    from metaprune.io import state_dict_sha256
+
+    start = identity if identity is not None else {"weights_sha256": state_dict_sha256(model)}
+    return {"kind": "train", "config": cfg.identity(), "model": model_identity(model), "data": data_identity(data),
+            "start": start}
+
+
+def _finite_flag(bad: bool, device: torch.device, distributed: bool) -> bool:
+    """Whether any process saw a non-finite value (every process gets the same answer)."""
+    if not distributed:
+        return bad
+    t = torch.tensor([1.0 if bad else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
 
 
 def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | Path | None = None,
-          regularizer: Regularizer | None = None, desc: str = "train") -> TrainResult:
+          regularizer: Regularizer | None = None, desc: str = "train", identity: dict | None = None) -> TrainResult:
     """Train ``model`` on ``data.train``, select the best epoch on ``data.val``, return it.
 
     With ``out_dir``, a resume checkpoint (``last.pt``, tensors and plain values only, loaded with
-    ``weights_only=True``) is written after every epoch and picked up by a rerun. Under torchrun
+    ``weights_only=True``) is written after every epoch and picked up by a rerun of the *same* run:
+    the checkpoint holds the run's fingerprint (:func:`run_fingerprint`; ``identity`` names the
+    starting point, by default the hash of the incoming weights) and a rerun whose fingerprint
+    differs is refused with a :class:`~metaprune.errors.ConfigError` naming what differs
+    (``cfg.resume=False`` starts afresh and replaces it). A loss or weights that become NaN or
+    infinite stop the run with :class:`~metaprune.errors.TrainingError`. Under torchrun
     the model is wrapped in DistributedDataParallel and the data sharded; only rank 0 writes.
     The test split is never looked at here.
     """
@@ -143,16 +204,30 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
     start_epoch, history = 0, []
     best = {"epoch": -1, "acc": -1.0, "state": None}
     ckpt = Path(out_dir) / LAST_CKPT if out_dir is not None else None
+    fp = run_fingerprint(model, data, cfg, identity) if ckpt is not None else None
+    if not all_finite(model.state_dict().values()):
+        raise TrainingError(f"{desc}: the model to train holds NaN or infinite weights; start from a finite model")
     if ckpt is not None and cfg.resume and ckpt.exists():
         try:
             st = torch.load(ckpt, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ModelFileError(f"{ckpt} is not a readable resume checkpoint ({str(e)[:200]}); pass --no-resume "
+                                 "to start afresh or choose another output folder") from None
+        check_resume(ckpt, st.get("fingerprint") if isinstance(st, dict) else None, fp, f"{desc} run")
+        try:
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
+            start_epoch, history = int(st["epoch"]) + 1, list(st["history"])
+            best = {"epoch": int(st["best_epoch"]), "acc": float(st["best_acc"]), "state": st["best_state"]}
         except Exception as e:  # noqa: BLE001
-            raise ModelFileError(f"{ckpt} is a resume checkpoint of a different run or is damaged ({e}); "
-                                 "delete it or choose another output folder") from None
-        start_epoch, history = int(st["epoch"]) + 1, list(st["history"])
-        best = {"epoch": int(st["best_epoch"]), "acc": float(st["best_acc"]), "state": st["best_state"]}
+            raise ModelFileError(f"{ckpt} is damaged ({str(e)[:200]}); pass --no-resume to start afresh") from None
+        if start_epoch > cfg.epochs:
+            raise ConfigError(f"{ckpt} is a checkpoint after epoch {start_epoch} of a run that asked for more epochs "
+                              f"than --epochs {cfg.epochs}; pass --no-resume to start afresh or use another folder")
+        if not distributed and isinstance(st.get("rng"), torch.Tensor):  # bit-exact continuation
+            torch.set_rng_state(st["rng"].cpu())
+            if device.type == "cuda" and isinstance(st.get("cuda_rng"), torch.Tensor):
+                torch.cuda.set_rng_state(st["cuda_rng"].cpu(), device)
     if best["state"] is None:  # epoch -1 = the incoming weights: training never returns a worse model
         v = evaluate(model, data.val, cfg.eval_batch_size, device, amp=amp, sharded=distributed, desc="val")
         best = {"epoch": -1, "acc": v["acc"], "state": copy.deepcopy(model.state_dict())}
@@ -173,17 +248,25 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = net(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            lv = loss.item()
+            if _finite_flag(not math.isfinite(lv), device, distributed):
+                raise TrainingError(f"{desc}: the loss became {lv} at epoch {epoch + 1}, step {i + 1} (learning rate "
+                                    f"{opt.param_groups[0]['lr']:.3g}); nothing was saved as the result. Lower --lr "
+                                    "(or --weight-decay), or check the data")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if regularizer is not None:
                 regularizer.after_backward(model)
             opt.step()
             step += 1
-            run_loss += loss.item() * len(y)
+            run_loss += lv * len(y)
             run_n += len(y)
             correct += (out.argmax(1) == y).sum().item()
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{100 * correct / run_n:.1f}")
+        if _finite_flag(not all_finite(model.state_dict().values()), device, distributed):
+            raise TrainingError(f"{desc}: the weights became NaN or infinite in epoch {epoch + 1}; nothing was saved "
+                                "as the result. Lower --lr (or --weight-decay)")
         v = evaluate(model, data.val, cfg.eval_batch_size, device, amp=amp, sharded=distributed, desc="val")
         rec = {"epoch": epoch, "train_loss": run_loss / max(1, run_n), "train_acc": 100 * correct / max(1, run_n),
                "val_acc": v["acc"], "val_loss": v["loss"], "lr": opt.param_groups[0]["lr"]}
@@ -192,9 +275,13 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
             best = {"epoch": epoch, "acc": v["acc"], "state": copy.deepcopy(model.state_dict())}
         if ckpt is not None and is_main():
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save_resume(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                                "history": history, "best_epoch": best["epoch"], "best_acc": best["acc"],
-                                "best_state": best["state"], "config": asdict(cfg)})
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "history": history, "best_epoch": best["epoch"], "best_acc": best["acc"],
+                     "best_state": best["state"], "config": asdict(cfg), "fingerprint": dumps(fp),
+                     "rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            _save_resume(ckpt, state)
         barrier()
     model.load_state_dict(best["state"])
     model.eval()

@@ -17,9 +17,13 @@ def test_training_learns_and_selects_on_validation(synthetic_data, tmp_path):
 
 
 def test_resume_continues_from_last_epoch(synthetic_data, tmp_path):
-    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu", max_steps_per_epoch=2)
+    # a constant learning rate: a longer run continues the shorter one exactly, so it may resume
+    # (with a schedule over the run's length, another --epochs is another run: tests/engine/test_resume.py)
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu", max_steps_per_epoch=2, schedule="constant")
+    torch.manual_seed(0)
     train(create_model("cifar_resnet20", in_chans=1), synthetic_data, cfg, out_dir=tmp_path)
-    cfg2 = TrainConfig(epochs=2, batch_size=64, lr=0.05, device="cpu", max_steps_per_epoch=2)
+    cfg2 = TrainConfig(epochs=2, batch_size=64, lr=0.05, device="cpu", max_steps_per_epoch=2, schedule="constant")
+    torch.manual_seed(0)
     r = train(create_model("cifar_resnet20", in_chans=1), synthetic_data, cfg2, out_dir=tmp_path)
     assert [h["epoch"] for h in r.history] == [0, 1]
     st = torch.load(tmp_path / "last.pt", weights_only=True)
