@@ -26,7 +26,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from metaprune import __version__
-from metaprune.errors import ModelFileError, OutputError
+from metaprune.errors import MetapruneError, ModelFileError, OutputError
 from metaprune.models import apply_widths, arch_spec, create_model, get_widths, list_models
 from metaprune.models.registry import ARCH_ATTR, get_entry
 
@@ -35,29 +35,128 @@ META_KEY = "metaprune"
 MODEL_FILENAME = "model.safetensors"
 
 
-# ----------------------------------------------------------------------------- atomic writes
-def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
-    """Validate an output path: its folder must be creatable and writable, and it must not be an input."""
-    p = Path(path)
+# ----------------------------------------------------------------------------- outputs never replace inputs
+def _real(p: str | os.PathLike) -> str:
+    return os.path.realpath(os.fspath(p))
+
+
+def input_files(inputs) -> set[str]:
+    """Real paths (symlinks resolved) of every input: files, and folders with every file inside them."""
+    out: set[str] = set()
     for inp in inputs:
-        if inp is not None and Path(inp).exists() and p.exists() and p.resolve() == Path(inp).resolve():
-            raise OutputError(f"refusing to overwrite the input file {p}; choose another output path with -o")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the output folder {p.parent}: {e.strerror}; choose a writable path") from None
-    if not os.access(p.parent, os.W_OK):
-        raise OutputError(f"the output folder {p.parent} is not writable; choose a writable path with -o")
+        if inp is None or str(inp) == "":
+            continue
+        r = _real(inp)
+        if os.path.isdir(r):
+            out.add(r)
+            for dirpath, _dirs, files in os.walk(r):
+                out.update(_real(os.path.join(dirpath, f)) for f in files)
+        elif os.path.lexists(r):
+            out.add(r)
+    return out
+
+
+def _check_writable_file(p: Path) -> None:
     if p.is_dir():
         raise OutputError(f"{p} is a folder; give a file name")
-    return p
+    a = p.parent
+    while not a.exists():
+        if a.parent == a:
+            break
+        a = a.parent
+    if not a.is_dir():
+        raise OutputError(f"cannot create the output folder {p.parent}: {a} is a file; choose another path with -o")
+    if not os.access(a, os.W_OK):
+        raise OutputError(f"the output folder {a} is not writable; choose a writable path with -o")
+
+
+def guard_outputs(inputs, files=(), folders=()) -> None:
+    """Refuse, before any work, outputs that would replace an input.
+
+    ``inputs`` are the command's input files and folders (every file inside an input folder is
+    protected), resolved through symlinks. ``files`` are the exact files the command writes;
+    ``folders`` are output folders the command fills with files of its own choosing, so they must
+    not hold any input. Output locations must also be creatable and writable. Nothing is created.
+    """
+    protected = input_files(inputs)
+    for f in files:
+        if f is None:
+            continue
+        r = _real(f)
+        if r in protected:
+            also = "" if r == os.path.abspath(f) else f" ({r})"
+            raise OutputError(f"refusing to overwrite the input {f}{also}; choose another output path with -o")
+        _check_writable_file(Path(f))
+    for d in folders:
+        if d is None:
+            continue
+        r = _real(d)
+        hit = sorted(q for q in protected if q == r or q.startswith(r.rstrip(os.sep) + os.sep))
+        if hit:
+            raise OutputError(f"refusing to write into {d}: it holds the input {hit[0]}, which the outputs could "
+                              "overwrite; choose another output folder with -o")
+        if Path(d).exists() and not Path(d).is_dir():
+            raise OutputError(f"{d} is a file; give a folder for the outputs")
+        _check_writable_file(Path(d) / "x")
+
+
+def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+    """Validate an output file path: its folder must be creatable and writable, and it must not be
+    (a file inside) an input. Nothing is created."""
+    guard_outputs(inputs, files=[path])
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+_CREATED: list[list[Path]] = []  # files and folders made by the running command (see output_transaction)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it into place, on error delete it."""
-    p = check_output(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+def output_transaction() -> Iterator[None]:
+    """Remove the files (and empty folders) that atomic writes created inside the block when it
+    fails, so a failed command leaves no partial set of outputs. Files that existed before are left."""
+    _CREATED.append([])
+    try:
+        yield
+    except Exception:
+        for q in reversed(_CREATED[-1]):
+            with contextlib.suppress(OSError):
+                q.rmdir() if q.is_dir() else q.unlink()
+        raise
+    finally:
+        _CREATED.pop()
+
+
+def _mkdirs(d: Path, track: bool) -> None:
+    missing = []
+    a = d
+    while not a.exists() and a.parent != a:
+        missing.append(a)
+        a = a.parent
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder {d}: {e.strerror}; choose a writable path") from None
+    if track and _CREATED:
+        _CREATED[-1].extend(reversed(missing))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, track: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it into place, on error delete it.
+
+    A write error (full disk, quota, file size limit) becomes one :class:`OutputError`. With
+    ``track``, a file this creates is removed again if the surrounding :func:`output_transaction`
+    fails (resume checkpoints pass ``track=False``).
+    """
+    p = Path(path)
+    _check_writable_file(p)
+    _mkdirs(p.parent, track)
+    existed = p.exists()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write in {p.parent}: {e.strerror}; choose a writable path with -o") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -65,10 +164,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and writers may recreate the file)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and "writ" in str(e)):
+            why = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise OutputError(f"could not write {p}: {why}; free some space or choose another output path "
+                              "(nothing was left behind)") from None
         raise
+    if track and not existed and _CREATED:
+        _CREATED[-1].append(p)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -175,22 +280,192 @@ def read_spec(path: str | os.PathLike) -> dict | None:
         return None
     try:
         return json.loads(meta[META_KEY])
-    except json.JSONDecodeError:
-        raise ModelFileError(f"{path}: the metaprune metadata is corrupt") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise ModelFileError(f"{path}: the metaprune metadata is corrupt (not JSON)") from None
+
+
+# ----------------------------------------------------------------------------- validation helpers
+def json_type(v: Any) -> str:
+    """The JSON name of a Python value's type (for error messages)."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "an object",
+               list: "a list", type(None): "null"}
+
+
+def check_json_object(obj: Any, what: str, required: dict[str, Any] | None = None,
+                      optional: dict[str, Any] | None = None, allow_extra: bool = False,
+                      error: type[MetapruneError] = ModelFileError) -> dict:
+    """Check that ``obj`` is a JSON object whose keys have the given types.
+
+    ``required`` / ``optional`` map key -> type or tuple of types (``int`` excludes ``bool``,
+    ``float`` accepts ints). Unknown keys are refused unless ``allow_extra``. Raises ``error``
+    with a message naming ``what``, the key and the type found. Returns ``obj``.
+    """
+    required, optional = required or {}, optional or {}
+    if not isinstance(obj, dict):
+        raise error(f"{what} must be a JSON object, not {json_type(obj)}; the file is corrupt or was edited")
+    for k in required:
+        if k not in obj:
+            raise error(f"{what} lacks {k!r}; the file is corrupt, truncated or not a metaprune file")
+    for k, v in obj.items():
+        if k not in required and k not in optional:
+            if allow_extra:
+                continue
+            raise error(f"{what} has an unknown key {k!r} (known: {', '.join(sorted({**required, **optional}))}); "
+                        "the file is corrupt or from another program")
+        types = required.get(k, optional.get(k))
+        types = types if isinstance(types, tuple) else (types,)
+        ok = any((isinstance(v, t) and not (t in (int, float) and isinstance(v, bool)))
+                 or (t is float and isinstance(v, int) and not isinstance(v, bool)) for t in types)
+        if not ok:
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise error(f"{what}: {k!r} must be {want}, not {json_type(v)} ({v!r:.60}); the file is corrupt or was edited")
+    return obj
+
+
+def check_tensors(tensors: Any, what: str, expected: dict[str, tuple[int, ...]] | None = None,
+                  finite: bool = True, error: type[MetapruneError] = ModelFileError) -> dict[str, torch.Tensor]:
+    """Check a loaded tensor dict: string keys, tensors only, and (optionally) exactly the
+    ``expected`` keys with those shapes, and no NaN/Inf in floating tensors. Returns it."""
+    if not isinstance(tensors, dict):
+        raise error(f"{what} holds {json_type(tensors)}, not a dict of tensors; the file is corrupt")
+    for k, v in tensors.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise error(f"{what}: entry {k!r} is not a named tensor; the file is corrupt")
+    if expected is not None:
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise error(f"{what} does not fit: missing tensors {missing[:4]}, unexpected {extra[:4]}; "
+                        "the file is damaged or belongs to something else")
+        for k, shape in expected.items():
+            if tuple(tensors[k].shape) != tuple(shape):
+                raise error(f"{what}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}; "
+                            "the file is damaged or belongs to something else")
+    if finite:
+        check_finite(tensors, what, error)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str, error: type[MetapruneError] = ModelFileError) -> None:
+    """Refuse NaN or Inf in any floating tensor of ``tensors``."""
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel() \
+                and not bool(torch.isfinite(v).all()):
+            raise error(f"{what}: tensor {k} holds NaN or Inf values; the file is corrupt or the run that "
+                        "wrote it diverged")
+
+
+def load_safetensors(path: str | os.PathLike, what: str | None = None,
+                     error: type[MetapruneError] = ModelFileError) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a ``.safetensors`` file (tensors and string metadata) with one clear error for any damage."""
+    p = Path(path)
+    what = what or str(p)
+    if p.is_dir():
+        raise error(f"{what} is a folder, not a .safetensors file")
+    if not p.exists():
+        raise error(f"{what} does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise error(f"{what} is not a readable safetensors file ({str(e)[:200]}); it may be truncated or "
+                    "corrupt") from None
+    return tensors, meta
+
+
+_SPEC_KEYS = {"format_version": int, "arch": str}
+_SPEC_OPTIONAL = {"arch_args": dict, "widths": dict, "metaprune_version": str, "extra": dict}
+_ARG_TYPES = (int, float, str, bool, type(None))
+
+
+def validate_model_spec(spec: Any, path: str = "<memory>") -> dict:
+    """Validate the metadata of a model file (types, names, format version) before anything is built."""
+    what = f"{path}: the model metadata"
+    check_json_object(spec, what, _SPEC_KEYS, _SPEC_OPTIONAL)
+    fv = spec["format_version"]
+    if fv > FORMAT_VERSION:
+        raise ModelFileError(f"{path} has format_version {fv}, newer than this metaprune ({FORMAT_VERSION}); "
+                             "upgrade metaprune")
+    if fv < 1:
+        raise ModelFileError(f"{what}: format_version {fv} is not a valid version (1..{FORMAT_VERSION})")
+    try:
+        entry = get_entry(spec["arch"])
+    except MetapruneError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    args = spec.get("arch_args", {})
+    for k, v in args.items():
+        if not isinstance(v, _ARG_TYPES):
+            raise ModelFileError(f"{what}: arch_args[{k!r}] must be a number, string or boolean, not {json_type(v)}")
+        if k in ("num_classes", "in_chans", "image_size") and (isinstance(v, bool) or not isinstance(v, int)
+                                                                or not 1 <= v <= 1 << 20):
+            raise ModelFileError(f"{what}: arch_args[{k!r}] must be a positive integer, not {v!r}")
+    import inspect
+
+    params = inspect.signature(entry.builder).parameters
+    unknown = [k for k in args if k not in params]
+    if unknown:
+        raise ModelFileError(f"{what}: architecture {spec['arch']!r} does not take {unknown}; the metadata is "
+                             "corrupt or was written for another architecture")
+    return spec
+
+
+def _example_input(model: nn.Module, spec: dict) -> torch.Tensor:
+    args = spec.get("arch_args", {})
+    size = args.get("image_size") or get_entry(spec["arch"]).default_image_size
+    return torch.zeros(1, args.get("in_chans", 3), size, size, device="meta")
 
 
 def build_from_spec(spec: dict, state_dict: dict[str, torch.Tensor], path: str = "<memory>") -> nn.Module:
-    """Rebuild the module described by ``spec`` and load ``state_dict`` into it strictly."""
-    if int(spec.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelFileError(f"{path} has format_version {spec['format_version']}, newer than this metaprune "
-                             f"({FORMAT_VERSION}); upgrade metaprune")
-    model = create_model(spec["arch"], **spec["arch_args"])
-    apply_widths(model, spec.get("widths", {}), state_dict)
+    """Rebuild the module described by ``spec`` and load ``state_dict`` into it strictly.
+
+    Everything is validated before any real memory is used: the metadata (types, names, format
+    version), the layer widths (only structural attributes, positive integers), every tensor's
+    name and shape against the architecture at those widths (including a forward pass on the
+    ``meta`` device, which checks that consecutive layers connect) and that weights are finite.
+    The module is built on the ``meta`` device (no random initialisation) and takes over the
+    tensors.
+    """
+    validate_model_spec(spec, path)
+    check_tensors(state_dict, f"{path}: the weights")
+    arch = spec["arch"]
     try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise ModelFileError(f"{path}: the weights do not fit architecture {spec['arch']!r} ({' '.join(first)})") from None
+        with torch.device("meta"):
+            model = create_model(arch, **spec.get("arch_args", {}))
+    except MetapruneError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise ModelFileError(f"{path}: architecture {arch!r} cannot be built with arch_args "
+                             f"{spec.get('arch_args', {})} ({str(e)[:160]}); the metadata is corrupt") from None
+    apply_widths(model, spec.get("widths", {}), state_dict, where=path)
+    ref = model.state_dict(keep_vars=True)
+    missing = sorted(set(ref) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(ref))
+    if missing or unexpected:
+        raise ModelFileError(f"{path}: the weights do not fit architecture {arch!r} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); the file is damaged or belongs to another model")
+    for k, t in ref.items():
+        if tuple(t.shape) != tuple(state_dict[k].shape):
+            raise ModelFileError(f"{path}: tensor {k} has shape {tuple(state_dict[k].shape)}, architecture {arch!r} "
+                                 f"needs {tuple(t.shape)}")
+    try:
+        with torch.no_grad():
+            model.eval()(_example_input(model, spec))
+    except Exception as e:  # noqa: BLE001 - any failure means the stored widths do not connect
+        raise ModelFileError(f"{path}: the layer shapes do not connect into a working {arch!r} "
+                             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); the widths or "
+                             "tensor shapes are corrupt") from None
+    sd = {k: v.to(ref[k].dtype) if v.dtype != ref[k].dtype else v for k, v in state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:  # a buffer outside the state dict (non-persistent): build the ordinary way
+        model = create_model(arch, **spec.get("arch_args", {}))
+        apply_widths(model, spec.get("widths", {}), state_dict, where=path)
+        model.load_state_dict(sd, strict=True)
     return model
 
 
@@ -229,9 +504,10 @@ def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False) ->
             return torch.load(p, map_location="cpu", weights_only=False), "pickle"
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise ModelFileError(f"{p} could not be unpickled: {e}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFileError(f"{p} is not a readable PyTorch file ({str(e).splitlines()[0]}); "
-                             "it may be truncated or corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        why = str(e).splitlines()[0][:200] if str(e).strip() else ("empty file" if p.stat().st_size == 0
+                                                                    else type(e).__name__)
+        raise ModelFileError(f"{p} is not a readable PyTorch file ({why}); it may be truncated or corrupt") from None
 
 
 _MHA_RENAMES = {"in_proj_weight": "qkv.weight", "in_proj_bias": "qkv.bias",
@@ -304,11 +580,15 @@ def match_architecture(state_dict: dict[str, torch.Tensor], path: str = "<state 
             base = create_model(name, **({"image_size": 224} if get_entry(name).family == "vit" else {}))
         base_keys = {k for k in base.state_dict() if not k.endswith("num_batches_tracked")}
         if base_keys == keys:
-            args = _arch_args_from_shapes(name, sd, base)
-            with torch.device("meta"):
-                shaped = create_model(name, **args)
-            spec = {"format_version": FORMAT_VERSION, "arch": name, "arch_args": args,
-                    "widths": _widths_from_shapes(shaped, sd)}
+            try:
+                args = _arch_args_from_shapes(name, sd, base)
+                with torch.device("meta"):
+                    shaped = create_model(name, **args)
+                widths = _widths_from_shapes(shaped, sd)
+            except (IndexError, ValueError, KeyError, RuntimeError, ZeroDivisionError, MetapruneError) as e:
+                raise ModelFileError(f"{path}: the tensors have the names of {name!r} but shapes that do not fit it "
+                                     f"({str(e)[:160]}); the file is damaged") from None
+            spec = {"format_version": FORMAT_VERSION, "arch": name, "arch_args": args, "widths": widths}
             full = {**{k: v for k, v in shaped.state_dict().items() if k.endswith("num_batches_tracked")}, **sd}
             full = {k: (torch.zeros((), dtype=torch.long) if v.is_meta else v) for k, v in full.items()}
             return build_from_spec(spec, full, path)
@@ -331,16 +611,18 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False,
         extra = spec.get("extra", {})
     elif isinstance(obj, nn.Module):
         model = obj
+        check_finite(model.state_dict(), str(p))
         try:
             model = match_architecture(obj.state_dict(), str(p))
         except ModelFileError:
             setattr(model, ARCH_ATTR, {"arch": type(obj).__name__, "args": {}})
         extra = {}
     else:
-        if isinstance(obj, dict) and isinstance(obj.get("metaprune"), dict) and "model" in obj:
+        if isinstance(obj, dict) and "metaprune" in obj and "model" in obj:
             spec = obj["metaprune"]
-            return build_from_spec(spec, obj["model"], str(p)).eval().to(map_location), ModelInfo(
-                str(p), spec["arch"], spec["arch_args"], spec.get("extra", {}), fmt)
+            model = build_from_spec(spec, obj["model"], str(p))
+            return model.eval().to(map_location), ModelInfo(
+                str(p), spec["arch"], spec.get("arch_args", {}), spec.get("extra", {}), fmt)
         model = match_architecture(_unwrap_checkpoint(obj), str(p))
         extra = {}
     spec_now = arch_spec(model)

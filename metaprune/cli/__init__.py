@@ -16,6 +16,7 @@ from metaprune.cli import demo_cmd, graph_cmds, metanet_cmds, prune_cmds, spa_cm
 from metaprune.cli.common import apply_config, setup_runtime
 from metaprune.errors import MetapruneError
 
+RESUMABLE = ("zoo", "meta-train")  # long runs whose finished parts stay on failure
 COMMAND_MODULES = (train_cmds, graph_cmds, prune_cmds, metanet_cmds, spa_cmds, demo_cmd)
 
 
@@ -45,9 +46,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args = apply_config(parser, args, argv)
         setup_runtime(args)
-        return int(args.func(args) or 0)
+        from metaprune.io import output_transaction
+
+        if args.command in RESUMABLE:  # finished members / epochs are kept for the rerun
+            return int(args.func(args) or 0)
+        with output_transaction():  # a failed command removes the outputs it created
+            return int(args.func(args) or 0)
     except MetapruneError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system failure outside the writers (full disk, permissions, I/O error)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}; free some space, fix the permissions or choose another path",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, nothing half-written was left", file=sys.stderr)

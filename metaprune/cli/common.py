@@ -104,9 +104,11 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def setup_runtime(args: argparse.Namespace) -> None:
     """Logging, progress bars and threads, from the common options."""
-    from metaprune.engine.runtime import set_quiet
+    from metaprune.engine.runtime import resolve_device, set_quiet
 
     set_quiet(bool(getattr(args, "quiet", False)))
+    if getattr(args, "device", None) is not None:  # every verb: a bad --device is refused before any work
+        resolve_device(args.device)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
 
@@ -159,6 +161,26 @@ def check_fits(model, data) -> None:
                           f"build the model with in_chans={data.in_chans}")
     if args.get("num_classes") not in (None, data.num_classes):
         raise ConfigError(f"the model has {args['num_classes']} classes but {data.name} has {data.num_classes}")
+
+
+def guard(args: argparse.Namespace, inputs=(), files=(), folders=()) -> None:
+    """Before any work: refuse outputs that would replace an input of this command (the ``--config``
+    file included), through symlinks too. ``files`` are the exact output files, ``folders`` output
+    folders the command fills freely (they must hold no input). See :func:`metaprune.io.guard_outputs`."""
+    from metaprune.io import guard_outputs
+
+    guard_outputs([*inputs, getattr(args, "config", None)], files=files, folders=folders)
+
+
+def output_folder_files(out, *names: str) -> list[Path]:
+    """``out/name`` for each name (the files a command writes into its output folder)."""
+    return [Path(out) / n for n in names]
+
+
+def model_output_file(out) -> Path:
+    """Where :func:`metaprune.io.save_model` writes for ``-o out`` (a ``.safetensors`` file, or a folder)."""
+    p = Path(out)
+    return p if p.suffix == ".safetensors" else p / "model.safetensors"
 
 
 def print_json(obj) -> None:

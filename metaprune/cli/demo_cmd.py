@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from metaprune.cli.common import DEFAULT_METANET, add_common, model_path, status
+from metaprune.cli.common import DEFAULT_METANET, add_common, guard, model_path, status
 
 
 def register(sub) -> None:
@@ -22,10 +22,32 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _check_tasks(tasks) -> None:
+    """Unknown task names fail now, not after the first stages have run (and written)."""
+    from pathlib import Path
+
+    from metaprune.data import get_task
+    from metaprune.data.datasets import DATASETS
+    from metaprune.errors import DataError
+
+    for t in tasks:
+        if t.startswith("imagefolder:"):
+            if not Path(t.split(":", 1)[1]).is_dir():
+                raise DataError(f"--task {t}: image folder {t.split(':', 1)[1]} does not exist")
+        elif t not in DATASETS:
+            get_task(t)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from metaprune.demo import DEFAULT_TASKS, DemoConfig, format_summary, run_demo
+    from metaprune.metanet.checkpoint import load_metanet
 
-    cfg = DemoConfig(source=model_path(args), metanet=args.metanet or str(DEFAULT_METANET), output=args.output,
+    src = model_path(args)
+    mdir = args.metanet or str(DEFAULT_METANET)
+    guard(args, [src, mdir], folders=[args.output])
+    _check_tasks(args.task or DEFAULT_TASKS)
+    load_metanet(mdir)  # a missing or damaged metanetwork fails before any work
+    cfg = DemoConfig(source=src, metanet=mdir, output=args.output,
                      data=args.data, data_dir=args.data_dir, tasks=tuple(args.task or DEFAULT_TASKS), fast=args.fast,
                      device=args.device, seed=args.seed)
     report = run_demo(cfg, say=lambda m: status(args, m))

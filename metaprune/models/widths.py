@@ -2,6 +2,10 @@
 
 A pruned model is stored as its registry spec plus these widths plus its weights; reloading
 builds the registered architecture, resizes it here, then loads the weights strictly. No pickle.
+
+Widths come from files, so they are untrusted: only the structural attributes listed in
+:data:`_ATTRS` (per layer type) can be set, each must be a positive integer (a list of them for
+``normalized_shape``), and :func:`check_layer_shapes` verifies that they agree with the tensors.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ _ATTRS: dict[type, tuple[str, ...]] = {
 }
 # model-level attributes some architectures read in forward (torchvision ViT)
 _MODEL_ATTRS = ("hidden_dim",)
+_MAX_WIDTH = 1 << 24  # far above any real layer; keeps a hostile file from asking for absurd sizes
 
 
 def _attrs_for(module: nn.Module) -> tuple[str, ...]:
@@ -33,41 +38,152 @@ def _attrs_for(module: nn.Module) -> tuple[str, ...]:
     return ()
 
 
+def _model_attrs(module: nn.Module) -> tuple[str, ...]:
+    return tuple(a for a in _MODEL_ATTRS
+                 if isinstance(getattr(module, a, None), int) and not isinstance(getattr(module, a), bool))
+
+
 def get_widths(model: nn.Module) -> dict[str, dict]:
     """Structural attributes of every prunable layer, keyed by module path (JSON-friendly)."""
     out: dict[str, dict] = {}
     for name, m in model.named_modules():
         attrs = {a: getattr(m, a) for a in _attrs_for(m)}
-        attrs.update({a: getattr(m, a) for a in _MODEL_ATTRS if isinstance(getattr(m, a, None), int)})
+        attrs.update({a: getattr(m, a) for a in _model_attrs(m)})
         if attrs:
             out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
     return out
 
 
-def apply_widths(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Resize ``model`` in place to ``widths`` and the tensor shapes of ``state_dict``.
+def _positive_int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_WIDTH:
+        raise ModelFileError(f"{what} must be a positive integer, not {v!r}; the model file's metadata is corrupt "
+                             "or was edited")
+    return v
 
-    Attributes come from ``widths``; every parameter or buffer whose shape differs from the
-    state dict is replaced by an uninitialised tensor of the stored shape (the following
-    ``load_state_dict`` fills it). Returns the model.
+
+def check_widths(model: nn.Module, widths, where: str = "the model file") -> dict[str, dict]:
+    """Validate stored ``widths`` against ``model``'s layers; returns them with tuples for lists.
+
+    Every layer name must exist, every attribute must be a structural attribute of that layer
+    type, every value a positive integer. Anything else raises :class:`ModelFileError`.
     """
+    if not isinstance(widths, dict):
+        raise ModelFileError(f"{where}: 'widths' must be a JSON object of layer -> attributes, not "
+                             f"{type(widths).__name__}; the metadata is corrupt")
     modules = dict(model.named_modules())
+    out: dict[str, dict] = {}
     for name, attrs in widths.items():
         if name not in modules:
-            raise ModelFileError(f"the model file names a layer {name!r} that architecture "
-                                 f"{type(model).__name__} does not have; the file belongs to another architecture")
+            raise ModelFileError(f"{where} names a layer {name!r} that architecture {type(model).__name__} does not "
+                                 "have; the file belongs to another architecture or its metadata is corrupt")
+        if not isinstance(attrs, dict):
+            raise ModelFileError(f"{where}: the widths of layer {name!r} must be a JSON object, not "
+                                 f"{type(attrs).__name__}")
         m = modules[name]
+        allowed = _attrs_for(m) + _model_attrs(m)
+        clean: dict = {}
         for k, v in attrs.items():
-            setattr(m, k, tuple(v) if isinstance(v, list) else v)
+            if k not in allowed:
+                raise ModelFileError(
+                    f"{where}: layer {name!r} ({type(m).__name__}) cannot take {k!r} from a file (only "
+                    f"{', '.join(allowed) or 'nothing'}); refusing metadata that would change the layer's behaviour")
+            what = f"{where}: {name or '<model>'}.{k}"
+            if k == "normalized_shape":
+                cur = tuple(getattr(m, k))
+                if not isinstance(v, list) or len(v) != len(cur):
+                    raise ModelFileError(f"{what} must be a list of {len(cur)} positive integers, not {v!r}")
+                clean[k] = tuple(_positive_int(x, what) for x in v)
+            else:
+                clean[k] = _positive_int(v, what)
+        out[name] = clean
+    return out
+
+
+def apply_widths(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, torch.Tensor],
+                 where: str = "the model file") -> nn.Module:
+    """Resize ``model`` in place to ``widths`` and the tensor shapes of ``state_dict``.
+
+    ``widths`` is validated first (:func:`check_widths`); nothing is changed when it is invalid.
+    Every parameter or buffer whose shape differs from the state dict is then replaced by an
+    uninitialised tensor of the stored shape on the same device (the following
+    ``load_state_dict`` fills it), and :func:`check_layer_shapes` verifies that attributes and
+    shapes agree. Returns the model.
+    """
+    clean = check_widths(model, widths, where)
+    modules = dict(model.named_modules())
+    for name, attrs in clean.items():
+        for k, v in attrs.items():
+            setattr(modules[name], k, v)
     for mod_name, m in modules.items():
         prefix = f"{mod_name}." if mod_name else ""
         for pname, p in list(m.named_parameters(recurse=False)):
-            key = prefix + pname
-            if key in state_dict and state_dict[key].shape != p.shape:
-                setattr(m, pname, nn.Parameter(torch.empty(state_dict[key].shape, dtype=p.dtype),
+            t = state_dict.get(prefix + pname)
+            if isinstance(t, torch.Tensor) and t.shape != p.shape:
+                if t.dim() != p.dim():
+                    raise ModelFileError(f"{where}: tensor {prefix + pname} has shape {tuple(t.shape)}, architecture "
+                                         f"{type(model).__name__} needs {p.dim()} dimensions ({tuple(p.shape)})")
+                setattr(m, pname, nn.Parameter(torch.empty(t.shape, dtype=p.dtype, device=p.device),
                                                requires_grad=p.requires_grad))
         for bname, b in list(m.named_buffers(recurse=False)):
-            key = prefix + bname
-            if b is not None and key in state_dict and state_dict[key].shape != b.shape:
-                m.register_buffer(bname, torch.empty(state_dict[key].shape, dtype=b.dtype))
+            t = state_dict.get(prefix + bname)
+            if b is not None and isinstance(t, torch.Tensor) and t.shape != b.shape:
+                if t.dim() != b.dim():
+                    raise ModelFileError(f"{where}: tensor {prefix + bname} has shape {tuple(t.shape)}, architecture "
+                                         f"{type(model).__name__} needs {b.dim()} dimensions ({tuple(b.shape)})")
+                m.register_buffer(bname, torch.empty(t.shape, dtype=b.dtype, device=b.device))
+    check_layer_shapes(model, where)
     return model
+
+
+def _shape(t) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
+
+
+def check_layer_shapes(model: nn.Module, where: str = "the model file") -> None:
+    """Every known layer's structural attributes agree with its tensors' shapes (and with each other)."""
+
+    def bad(name: str, msg: str) -> ModelFileError:
+        return ModelFileError(f"{where}: layer {name!r}: {msg}; the widths disagree with the tensor shapes "
+                              "(the file is corrupt or was edited)")
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            o, i, g = m.out_channels, m.in_channels, m.groups
+            if o % g or i % g:
+                raise bad(name, f"groups={g} does not divide in_channels={i} and out_channels={o}")
+            want = (o, i // g, *m.kernel_size)
+            if _shape(m.weight) != want:
+                raise bad(name, f"weight has shape {_shape(m.weight)}, expected {want}")
+            if m.bias is not None and _shape(m.bias) != (o,):
+                raise bad(name, f"bias has shape {_shape(m.bias)}, expected ({o},)")
+        elif isinstance(m, nn.Linear):
+            if _shape(m.weight) != (m.out_features, m.in_features):
+                raise bad(name, f"weight has shape {_shape(m.weight)}, expected {(m.out_features, m.in_features)}")
+            if m.bias is not None and _shape(m.bias) != (m.out_features,):
+                raise bad(name, f"bias has shape {_shape(m.bias)}, expected ({m.out_features},)")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+            for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                if t is not None and _shape(t) != (m.num_features,):
+                    raise bad(name, f"a tensor has shape {_shape(t)}, expected ({m.num_features},)")
+        elif isinstance(m, nn.LayerNorm):
+            for t in (m.weight, m.bias):
+                if t is not None and _shape(t) != tuple(m.normalized_shape):
+                    raise bad(name, f"a tensor has shape {_shape(t)}, expected {tuple(m.normalized_shape)}")
+        elif isinstance(m, nn.GroupNorm):
+            if m.num_channels % m.num_groups:
+                raise bad(name, f"num_groups={m.num_groups} does not divide num_channels={m.num_channels}")
+            for t in (m.weight, m.bias):
+                if t is not None and _shape(t) != (m.num_channels,):
+                    raise bad(name, f"a tensor has shape {_shape(t)}, expected ({m.num_channels},)")
+        if isinstance(m, SelfAttention):
+            q = m.qkv.out_features
+            if q % (3 * m.num_heads) or q // (3 * m.num_heads) < 1:
+                raise bad(name, f"qkv has {q} outputs, not 3 x num_heads ({m.num_heads}) x a head size")
+            if m.proj.in_features != q // 3:
+                raise bad(name, f"proj takes {m.proj.in_features} inputs, qkv gives {q // 3}")
+        hd = getattr(m, "hidden_dim", None) if "hidden_dim" in _model_attrs(m) else None
+        if hd is not None:
+            for t, dim in ((getattr(m, "class_token", None), -1),
+                           (getattr(getattr(m, "conv_proj", None), "weight", None), 0)):
+                if isinstance(t, torch.Tensor) and t.shape[dim] != hd:
+                    raise bad(name, f"hidden_dim={hd} but a tensor has shape {_shape(t)}")
