@@ -108,6 +108,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     source, info = load_model(cfg.source)
+    net, _ = load_metanet(cfg.metanet)  # before any work: a missing metanetwork fails now, not after minutes
     data = _load_data(cfg, source, say)
     tag = data.name + (" (synthetic)" if data.synthetic else "")
     rows, stages = [], {}
@@ -132,7 +133,6 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
 
     # 3. transform
     t0 = time.time()
-    net, _ = load_metanet(cfg.metanet)
     edited = transform_model(net, source.cpu(), data.train, calib_batches=8, device=device)
     epath = save_model(edited, out / "edited.safetensors", extra={"metanet": cfg.metanet, "source": cfg.source})
     e = _measure(edited, data, device, cfg)

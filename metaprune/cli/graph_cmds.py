@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from metaprune.cli.common import add_common, model_path, print_json, status
+from metaprune.cli.common import add_common, guard, model_output_file, model_path, print_json, status
 
 
 def register(sub) -> None:
@@ -46,6 +46,8 @@ def cmd_convert(args) -> int:
     from metaprune.io import check_output, load_model, save_model
 
     src = model_path(args)
+    if args.output:
+        guard(args, [src], files=[model_output_file(args.output) if args.to_model else args.output])
     if args.to_model:
         if not args.output:
             raise ConfigError("--to-model needs -o/--output, the model file to write (e.g. -o model.safetensors)")

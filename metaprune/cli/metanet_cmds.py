@@ -11,6 +11,7 @@ from metaprune.cli.common import (
     add_data,
     add_train,
     check_fits,
+    guard,
     load_data_for,
     model_path,
     status,
@@ -103,6 +104,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from metaprune.metanet.zoo import ZooConfig, build_zoo
     from metaprune.models import create_model
 
+    guard(args, folders=[args.output])
     probe = create_model(args.model, 10, 3)
     data = load_data_for(args, probe)
     cfg = ZooConfig(arch=args.model, data=data.name, count=args.count, seed=args.seed, data_seed=args.seed,
@@ -120,6 +122,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
     from metaprune.metanet.meta_train import meta_train
 
+    guard(args, [args.zoo], folders=[args.output])
     device = str(resolve_device(args.device))
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
@@ -151,8 +154,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix != ".safetensors":
         out = out / "model.safetensors"
-    check_output(out, (src,))
     mdir = args.metanet or str(DEFAULT_METANET)
+    guard(args, [src, mdir], files=[out])
+    check_output(out, (src,))
     if not args.metanet:
         status(args, f"no --metanet given: using the shipped {DEFAULT_METANET.name}")
     net, meta = load_metanet(mdir)

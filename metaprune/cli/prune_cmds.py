@@ -9,8 +9,10 @@ from metaprune.cli.common import (
     add_common,
     add_data,
     add_train,
+    guard,
     load_data_for,
     model_path,
+    output_folder_files,
     print_json,
     status,
     train_config,
@@ -79,6 +81,8 @@ def register(sub) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     src = model_path(args)
+    guard(args, [src], folders=[args.output] if args.task else (),
+          files=() if args.task else output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
     if args.task:
         try:
             from spa.api import adapt_tasks
@@ -124,6 +128,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
     src = model_path(args)
     out = Path(args.output)
+    guard(args, [src], files=output_folder_files(out, "curve.json", "curve.png"))
     check_output(out / "curve.json", (src,))
     model, info = load_model(src, trust_pickle=args.trust_pickle)
     data = load_data_for(args, model)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from metaprune.cli.common import add_common, model_path, print_json, status
+from metaprune.cli.common import (
+    add_common,
+    guard,
+    model_output_file,
+    model_path,
+    output_folder_files,
+    print_json,
+    status,
+)
 
 
 def register(sub) -> None:
@@ -53,6 +61,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from spa.api import AdaptConfig, adapt_task
 
     src = model_path(args, "source")
+    guard(args, [src], files=output_folder_files(args.output, "adapter_config.json", "adapter_model.safetensors",
+                                                 "report.json"))
     cfg = AdaptConfig.from_namespace(args)
     res = adapt_task(src, args.task, args.output, cfg)
     r = res.report
@@ -71,6 +81,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from spa.bundle import merge, read_bundle
 
     src = model_path(args, "source")
+    guard(args, [src, args.bundle], files=[model_output_file(args.output)])
     cfg, _ = read_bundle(args.bundle)
     source, _ = load_model(src)
     model = merge(args.bundle, source.eval())

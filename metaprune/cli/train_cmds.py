@@ -11,8 +11,10 @@ from metaprune.cli.common import (
     add_data,
     add_train,
     check_fits,
+    guard,
     load_data_for,
     model_path,
+    output_folder_files,
     print_json,
     status,
     train_config,
@@ -93,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.model:
         raise ConfigError("train needs --model NAME (or a --config preset that sets it); see `metaprune list-models`")
+    guard(args, files=output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
     probe = create_model(args.model, 10, 3)  # validates the name before loading data
     data = load_data_for(args, probe)
     kw = {"image_size": data.image_size} if "image_size" in probe.metaprune_arch["args"] or args.model.startswith("vit") else {}
@@ -104,6 +107,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from metaprune.io import load_model
 
     src = model_path(args)
+    guard(args, [src], files=output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
     model, _ = load_model(src, trust_pickle=args.trust_pickle)
     data = load_data_for(args, model)
     check_fits(model, data)
