@@ -28,6 +28,17 @@ def augment_batch(x: torch.Tensor, pad: int = 4, flip: bool = True, generator: t
     return x
 
 
+def _seed_worker(worker_id: int) -> None:
+    """Seed Python and NumPy in a DataLoader worker from its torch seed (base seed + worker id)."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 class BatchLoader:
     """Iterate ``(x, y)`` batches of a dataset, normalised, optionally augmented and sharded.
 
@@ -37,8 +48,11 @@ class BatchLoader:
     Args:
         dataset: the dataset.
         batch_size: batch size (per process when sharded).
-        shuffle: reshuffle every epoch (seeded by ``seed + epoch``).
-        augment: random crop (pad 4 for 32 px, 2 for 28 px) and horizontal flip.
+        shuffle: reshuffle every epoch (seeded by ``seed + epoch``, the same order on every rank so the
+            shards are disjoint).
+        augment: random crop (pad 4 for 32 px, 2 for 28 px) and horizontal flip, drawn from a generator
+            seeded by ``(seed, rank, epoch)``: deterministic for a seed, different on every rank (and
+            DataLoader workers get distinct seeds derived from it).
         rank, world_size: shard of the data this process sees (DDP).
         device: where batches are put.
     """
@@ -54,6 +68,20 @@ class BatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def aug_seed(self) -> int:
+        """Seed of this epoch's augmentation on this rank: a function of (seed, rank, epoch) only."""
+        return ((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.epoch * 7919 + 17) % (2**63 - 1)
+
+    def is_padding(self, start: int, count: int) -> torch.Tensor:
+        """Which of positions ``start .. start+count-1`` of this rank's shard repeat another rank's sample.
+
+        Sharding pads the index list so every rank gets the same number of samples (5 samples on 3
+        ranks: 6 slots); position ``j`` of rank ``r`` is global slot ``r + j * world_size``, a
+        duplicate when that slot is at or beyond the dataset's length.
+        """
+        pos = self.rank + (start + torch.arange(count)) * self.world_size
+        return pos >= len(self.dataset)
 
     def _indices(self) -> torch.Tensor:
         n = len(self.dataset)
@@ -76,7 +104,7 @@ class BatchLoader:
         idx = self._indices()
         base = getattr(ds, "dataset", ds)
         if isinstance(ds, TensorImageDataset):
-            gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            gen = torch.Generator().manual_seed(self.aug_seed())
             pad = 4 if ds.images.shape[-1] >= 32 else 2
             for s in range(0, len(idx), self.batch_size):
                 b = idx[s : s + self.batch_size]
@@ -88,11 +116,15 @@ class BatchLoader:
                 yield ds.normalise(x), ds.labels[b].to(self.device, non_blocking=True)
             return
         sub = torch.utils.data.Subset(ds, idx.tolist())
+        gen = torch.Generator().manual_seed(self.aug_seed())
+        # workers' base seed comes from `generator` (each worker adds its id): distinct per rank and worker
         dl = DataLoader(sub, batch_size=self.batch_size, num_workers=self.num_workers,
-                        pin_memory=self.device.type == "cuda", drop_last=self.drop_last)
+                        pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
+                        generator=torch.Generator().manual_seed(self.aug_seed() + 1),
+                        worker_init_fn=_seed_worker if self.num_workers else None)
         norm = getattr(base, "normalise", None)
         for x, y in dl:
             x = x.to(self.device, non_blocking=True)
             if self.augment:
-                x = augment_batch(x, pad=max(2, x.shape[-1] // 8), flip=self.flip)
+                x = augment_batch(x, pad=max(2, x.shape[-1] // 8), flip=self.flip, generator=gen)
             yield (norm(x) if norm and x.dtype == torch.uint8 else x.float()), torch.as_tensor(y).to(self.device)

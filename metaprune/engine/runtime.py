@@ -30,22 +30,53 @@ def progress(it: Iterable, desc: str = "", total: int | None = None, leave: bool
                 dynamic_ncols=True, **kw)
 
 
+def _local_processes() -> tuple[int, int]:
+    """(LOCAL_RANK, processes on this machine) as torchrun sets them (0, 1 without torchrun)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1)
+    return local_rank, local_world
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> the local CUDA device when present, else CPU; ``cuda[:N]`` checks that it exists."""
+    """The torch device a command runs on, checked before any work.
+
+    ``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is present, else CPU. ``cuda`` -> ``cuda:LOCAL_RANK`` (under
+    torchrun each process takes its own GPU; ``cuda:0`` without torchrun). ``cuda:N`` names one GPU and is
+    refused when several processes run on this machine (they would all share GPU N). ``cpu`` takes no index
+    other than 0. Anything else, or a CUDA device that is not visible, raises :class:`ConfigError`.
+    """
+    local_rank, local_world = _local_processes()
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return _check_cuda_index(local_rank, "auto")
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return dev
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise ConfigError(f"--device {device}: there is one CPU device; use --device cpu")
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if dev.index is None:
+        return _check_cuda_index(local_rank, str(device))
+    if local_world > 1:
+        raise ConfigError(f"--device {device} with {local_world} processes on this machine would put every process "
+                          "on the same GPU; use --device cuda (process i takes cuda:LOCAL_RANK) and choose the GPUs "
+                          "with CUDA_VISIBLE_DEVICES")
+    return _check_cuda_index(dev.index, str(device))
+
+
+def _check_cuda_index(index: int, asked: str) -> torch.device:
+    n = torch.cuda.device_count()
+    if not 0 <= index < n:
+        raise ConfigError(f"--device {asked}: CUDA device {index} is not visible (only {n} device(s)); "
+                          f"use an index below {n}, or start at most {n} processes per machine under torchrun")
+    return torch.device("cuda", index)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -82,6 +113,8 @@ def init_distributed(device: torch.device) -> bool:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
+            if device.index is None:  # a bare "cuda": this process's own GPU
+                device = torch.device("cuda", _local_processes()[0])
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
     return True
