@@ -94,12 +94,21 @@ def _short(v: Any) -> str:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two fingerprints: ``"config.lr: 0.1 -> 0.05"``."""
+    """Human-readable differences between two fingerprints, e.g. ``"config.lr: 0.1 -> 0.05"``;
+    many differences under one entry (the widths of many layers) are summed up in one line."""
     a, b = _flatten(canonical(old)), _flatten(canonical(new))
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(".".join(k.split(".")[:2]), []).append(k)
+    order = {"start": 0, "kind": 0, "model": 1, "config": 2, "data": 3}
     out = []
-    for k in sorted(set(a) | set(b)):
-        if a.get(k, "<absent>") != b.get(k, "<absent>"):
-            out.append(f"{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}")
+    for g, ks in sorted(groups.items(), key=lambda kv: (order.get(kv[0].split(".")[0], 4), len(kv[1]), kv[0])):
+        if len(ks) > 2:
+            out.append(f"{g}: {len(ks)} entries differ (e.g. {ks[0]}: {_short(a.get(ks[0], '<absent>'))} -> "
+                       f"{_short(b.get(ks[0], '<absent>'))})")
+        else:
+            out += [f"{k}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}" for k in ks]
     return out
 
 

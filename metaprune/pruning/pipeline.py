@@ -46,6 +46,8 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     from metaprune.io import check_output, load_model, save_model
 
     out_dir = Path(out_dir)
+    if finetune is not None and finetune.epochs > 0 and data is None:
+        raise ConfigError("--finetune-epochs needs --data")
     check_output(out_dir / "model.safetensors", (source,))
     dev = resolve_device(device)
     model, info = load_model(source, trust_pickle=trust_pickle)
@@ -63,12 +65,15 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     pruned = result.model
     ft_info = None
     if finetune is not None and finetune.epochs > 0:
-        if data is None:
-            raise ConfigError("--finetune-epochs needs --data")
         from metaprune.engine import train
+        from metaprune.fingerprint import canonical
+        from metaprune.io import file_sha256
 
         cfg = copy.copy(finetune)
-        res = train(pruned.train(), data, cfg, out_dir=out_dir, desc="finetune")
+        # the resume checkpoint in out_dir belongs to this source and this pruning only (not to
+        # another source of the same widths): the run is identified by the source file's hash
+        ident = {"source_sha256": file_sha256(info.path), "prune": canonical(asdict(config))}
+        res = train(pruned.train(), data, cfg, out_dir=out_dir, desc="finetune", identity=ident)
         pruned = res.model
         ft_info = {"epochs": cfg.epochs, "data": data.name, "best_epoch": res.best_epoch,
                    "best_val_acc": res.best_val_acc, "config": asdict(cfg), "history": res.history}
