@@ -16,6 +16,7 @@ edge states carry role embeddings; every edge group has its own encoder and deco
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,120 @@ class MetanetLayer(nn.Module):
         return fwd, bwd, de
 
 
+_BAD_BN_CACHE: OrderedDict[str, frozenset[str] | None] = OrderedDict()
+_BAD_BN_CACHE_SIZE = 16
+
+
+def _bn_not_after_sole_conv(spec: dict) -> frozenset[str] | None:
+    """Module paths of the BatchNorms of ``spec``'s architecture whose input is *not* the output of
+    a conv / linear layer read by that BatchNorm alone (e.g. ``bn(x + f(x))`` in a pre-activation
+    block, or ``bn(conv(x))`` where ``conv(x)`` also feeds a shortcut). ``None`` when the
+    architecture cannot be built and traced here (not registered, e.g. a synthetic graph).
+
+    The graph cannot tell these apart (a BatchNorm writes its slots into the channels it reads,
+    and a shortcut reading ``conv(x)`` looks like one reading ``bn(conv(x))``), so the model's
+    forward is traced once per architecture (on the meta device, torch.fx, the graph's leaf rules).
+    """
+    import json
+
+    import torch.fx as fx
+
+    from metaprune.graph.rules import find_rule
+    from metaprune.models import create_model
+
+    arch = spec.get("arch")
+    if not isinstance(arch, str):
+        return None
+    key = json.dumps([arch, spec.get("arch_args", {})], sort_keys=True, default=str)
+    if key in _BAD_BN_CACHE:
+        _BAD_BN_CACHE.move_to_end(key)
+        return _BAD_BN_CACHE[key]
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return find_rule(m) is not None or super().is_leaf_module(m, qualname)
+
+    try:
+        with torch.device("meta"):
+            model = create_model(arch, **dict(spec.get("arch_args", {})))
+        fxg = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - an architecture we cannot rebuild: the caller falls back
+        bad = None
+    else:
+        mods = dict(model.named_modules())
+        bad_set = set()
+        for n in fxg.nodes:
+            if n.op != "call_module" or not isinstance(mods.get(str(n.target)), nn.modules.batchnorm._BatchNorm):
+                continue
+            src = n.args[0] if n.args else None
+            sole_conv = (isinstance(src, fx.Node) and src.op == "call_module"
+                         and isinstance(mods.get(str(src.target)), (nn.Conv2d, nn.Linear)) and len(src.users) == 1)
+            if not sole_conv:
+                bad_set.add(str(n.target))
+        bad = frozenset(bad_set)
+    _BAD_BN_CACHE[key] = bad
+    while len(_BAD_BN_CACHE) > _BAD_BN_CACHE_SIZE:
+        _BAD_BN_CACHE.popitem(last=False)
+    return bad
+
+
+def scalable_channels(graph, frozen_groups=("id",)) -> Tensor:
+    """Which channels the ``"scale"`` edit may rescale without changing the network's function: ``[N]`` bool.
+
+    Scaling a channel multiplies its incoming weights and bias by ``s`` and its BatchNorm running
+    statistics by ``s`` / ``s**2``; that leaves the function unchanged only if the BatchNorm reads
+    exactly that channel's conv / linear output and nothing else reads it. So a channel qualifies
+    when it has a BatchNorm, at least one incoming edge, no incoming edge of a frozen group
+    (identity edges of residual sums, concats, stacked norms are never scaled) and -- where the
+    architecture can be traced -- its BatchNorm's input is a conv / linear output used by that
+    BatchNorm only. A BatchNorm that reads a residual sum (pre-activation blocks), the input, or a
+    conv output that a shortcut also reads is skipped (``s = 1``).
+    """
+    from metaprune.graph import NODE_SLOTS
+
+    dev = graph.x_mask.device
+    n = graph.x_mask.shape[0]
+    ok = graph.x_mask[:, NODE_SLOTS.index("bn_weight")].clone()
+    fed = torch.zeros(n, dtype=torch.bool, device=dev)
+    frozen_in = torch.zeros(n, dtype=torch.bool, device=dev)
+    for g, eg in graph.edges.items():
+        if eg.index.shape[1] == 0:
+            continue
+        tgt = eg.index[1].to(dev)
+        (frozen_in if g in frozen_groups else fed).index_fill_(0, tgt, True)
+    ok &= fed & ~frozen_in
+    keep = _traced_keep(graph.spec or {}, n, dev)
+    return ok if keep is None else ok & keep
+
+
+_KEEP_CACHE: OrderedDict[tuple, Tensor | None] = OrderedDict()
+
+
+def _traced_keep(spec: dict, n: int, dev: torch.device) -> Tensor | None:
+    """``[N]`` bool on ``dev``: False on the channels of the BatchNorms :func:`_bn_not_after_sole_conv`
+    rejects; ``None`` when the architecture cannot be traced. Cached per structure and device,
+    so a meta-training step makes no host-to-device copy (no device sync)."""
+    import json
+
+    key = (json.dumps([spec.get("arch"), spec.get("arch_args", {}), spec.get("widths", {})], sort_keys=True,
+                      default=str), n, str(dev))
+    if key in _KEEP_CACHE:
+        _KEEP_CACHE.move_to_end(key)
+        return _KEEP_CACHE[key]
+    bad = _bn_not_after_sole_conv(spec)
+    keep = None
+    if bad is not None:
+        keep = torch.ones(n, dtype=torch.bool)
+        for e in spec.get("layout", []):
+            if e.get("kind") == "node" and str(e.get("key", "")).rsplit(".", 1)[0] in bad:
+                keep[int(e["start"]):int(e["start"]) + int(e["count"])] = False
+        keep = keep.to(dev)
+    _KEEP_CACHE[key] = keep
+    while len(_KEEP_CACHE) > 4 * _BAD_BN_CACHE_SIZE:
+        _KEEP_CACHE.popitem(last=False)
+    return keep
+
+
 def _decoder(hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out))
 
@@ -310,27 +425,27 @@ class Metanet(nn.Module):
         return x_out, out
 
     def channel_scales(self, graph, h: Tensor) -> Tensor:
-        """Per node, the factor ``s`` of the ``"scale"`` edit (1 where no BatchNorm follows): ``[N]``.
+        """Per node, the factor ``s`` of the ``"scale"`` edit (1 where it would not preserve the
+        function, see :func:`scalable_channels`): ``[N]``.
 
         ``log s`` is centred within every layer (geometric mean 1), so the edit can only move
         channels against each other, not rescale a whole layer.
         """
-        from metaprune.graph import NODE_SLOTS
-
-        has_bn = graph.x_mask[:, NODE_SLOTS.index("bn_weight")].float()
-        log_s = self.cfg.rho * torch.tanh(self.scale_dec(h).squeeze(1).float()) * has_bn
+        ok = scalable_channels(graph, self.cfg.frozen_groups).float()
+        log_s = self.cfg.rho * torch.tanh(self.scale_dec(h).squeeze(1).float()) * ok
         # centre per layer: a layer-wide factor would only reweight whole layers in the pruner's
         # ranking (the same for every network); what is left must single out channels
         layer = graph.node_layer.long()
         n = layer.shape[0]  # an upper bound on the layer ids (no device sync)
-        mean = log_s.new_zeros(n).index_add(0, layer, log_s) / has_bn.new_zeros(n).index_add(0, layer, has_bn).clamp_min(1)
-        return ((log_s - mean.index_select(0, layer)) * has_bn).exp()
+        mean = log_s.new_zeros(n).index_add(0, layer, log_s) / ok.new_zeros(n).index_add(0, layer, ok).clamp_min(1)
+        return ((log_s - mean.index_select(0, layer)) * ok).exp()
 
     def _scale_edit(self, graph, x: Tensor, attrs: dict[str, Tensor], h: Tensor
                     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Multiply the incoming weights (and bias) of every BN-normalised channel by its scale ``s``,
         its BN running mean by ``s`` and running variance by ``s**2``: the same function in eval
-        mode too (up to BN's eps), with or without re-estimated statistics."""
+        mode too (up to BN's eps), with or without re-estimated statistics. Only channels where
+        this holds are scaled (:func:`scalable_channels`); every other channel keeps ``s = 1``."""
         from metaprune.graph import NODE_SLOTS
 
         s = self.channel_scales(graph, h)

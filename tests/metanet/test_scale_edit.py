@@ -14,6 +14,7 @@ from metaprune.metanet.loss import criterion_norms, dependency_groups
 from metaprune.metanet.model import Metanet
 from metaprune.metanet.transform import edit_params, transform_model
 from metaprune.models import create_model
+from metaprune.models import registry as model_registry
 
 
 def _setup(seed: int = 0):
@@ -97,3 +98,111 @@ def test_scale_edit_refuses_eval_mode_bn(tmp_path):
 
 def test_rho_default_follows_the_edit():
     assert MetanetConfig(edit="scale").rho == 1.0 and MetanetConfig().rho == 0.05
+
+
+class _PreActBlock(torch.nn.Module):
+    """Pre-activation basic block: ``x + conv2(relu(bn2(conv1(relu(bn1(x))))))``; with a 1x1 shortcut
+    conv on the pre-activated input when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = torch.nn.BatchNorm2d(cin)
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=True)
+        self.shortcut = torch.nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(x))
+        sc = x if self.shortcut is None else self.shortcut(a)
+        return self.conv2(torch.relu(self.bn2(self.conv1(a)))) + sc
+
+
+class _PreActNet(torch.nn.Module):
+    """Stem conv (its output feeds block 1's bn1 *and* the identity shortcut), three pre-activation
+    blocks (their bn1 read residual sums), a final BN on the last sum, pooling, a classifier."""
+
+    def __init__(self, num_classes: int = 4, in_chans: int = 1):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(in_chans, 8, 3, 1, 1, bias=False)
+        self.block1 = _PreActBlock(8, 8)
+        self.block2 = _PreActBlock(8, 8)
+        self.block3 = _PreActBlock(8, 12, stride=2)
+        self.bn = torch.nn.BatchNorm2d(12)
+        self.fc = torch.nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(torch.relu(self.bn(x)).mean((2, 3)))
+
+
+class _RandomLogScale(torch.nn.Module):
+    """Stands in for the scale decoder: a fixed random pre-tanh log scale per node (untrained
+    decoders give scales within 1e-3 of 1, too close to the identity to show a wrong rescaling)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("v", 3 * torch.randn(n, 1))
+
+    def forward(self, h):
+        return self.v
+
+
+@pytest.fixture
+def preact_arch(monkeypatch):
+    """A tiny pre-activation ResNet registered for this test only (removed afterwards)."""
+    name = "test_preact_resnet"
+    monkeypatch.setitem(model_registry._REGISTRY, name, model_registry.ModelEntry(
+        name, lambda num_classes=4, in_chans=1: _PreActNet(num_classes, in_chans), "test_preact", 16))
+    return name
+
+
+def test_scale_edit_is_function_preserving_on_pre_activation_blocks(preact_arch):
+    """A BatchNorm that reads a residual sum (or a conv output a shortcut also reads) must not be
+    rescaled: identity edges are not scaled, the BN statistics would be. Eval mode, no recalibration."""
+    from metaprune.metanet.model import scalable_channels
+
+    torch.manual_seed(0)
+    m = create_model(preact_arch, num_classes=4, in_chans=1)
+    for mod in m.modules():  # trained-looking statistics and affine parameters
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.normal_(0, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.2)
+    m.eval()
+    g = to_graph(m)
+    net = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=2, edit="scale", rho=1.0))
+    net.scale_dec = _RandomLogScale(g.num_nodes)  # a random edit of every channel's scale (about 0.4 to 2.9)
+    x = torch.randn(8, 1, 16, 16)
+    edited = transform_model(net, m, None)  # running statistics rescaled with the weights, not re-estimated
+    with torch.no_grad():
+        y0, y1 = m(x), edited(x)
+        assert (y1 - y0).abs().max().item() <= 1e-5 * max(1.0, y0.abs().max().item())
+        # the edit did something where it is allowed: bn2 reads conv1's output alone
+        for k in ("block1", "block2", "block3"):
+            ratio = (edited.get_parameter(f"{k}.conv1.weight") / m.get_parameter(f"{k}.conv1.weight")).flatten(1)[:, 0]
+            assert ratio.max() / ratio.min() > 1.5, k
+        # and nothing where it is not: the stem feeds bn1 and the shortcut; bn1 / bn read sums
+        assert torch.equal(edited.conv1.weight, m.conv1.weight)
+        for k in ("block1.bn1", "block2.bn1", "block3.bn1", "bn"):
+            for b in ("running_mean", "running_var"):
+                assert torch.equal(edited.get_buffer(f"{k}.{b}"), m.get_buffer(f"{k}.{b}")), (k, b)
+    # which channels qualify: exactly those of the three bn2 (conv1 outputs read by bn2 alone)
+    ok = scalable_channels(g)
+    starts = {e["key"].rsplit(".", 1)[0]: (e["start"], e["count"]) for e in g.spec["layout"]
+              if e["kind"] == "node" and e["key"].endswith("running_mean")}
+    expect = torch.zeros_like(ok)
+    for k in ("block1.bn2", "block2.bn2", "block3.bn2"):
+        s, c = starts[k]
+        expect[s:s + c] = True
+    assert torch.equal(ok, expect)
+
+
+def test_scalable_channels_on_the_post_activation_resnet():
+    """Every BN of a post-activation ResNet follows its conv alone: all of them stay scalable."""
+    from metaprune.graph import NODE_SLOTS
+    from metaprune.metanet.model import scalable_channels
+
+    _, g, _ = _setup()
+    assert torch.equal(scalable_channels(g), g.x_mask[:, NODE_SLOTS.index("bn_weight")])
