@@ -35,8 +35,13 @@ class PruneResult:
     """A pruned model and what was achieved.
 
     ``speedup`` and ``params_reduction`` are base / pruned (MACs per image, parameter count);
-    ``ratio`` is the channel ratio that was applied; ``target_met`` says whether a speed-up or
-    params target was hit within the tolerance (always True for a plain ratio).
+    ``ratio`` is the share of channels that was actually removed, measured on the pruned model
+    (over the layers the target applies to: not the classifier, ``ignore`` or layers tied to them),
+    and ``layer_ratios`` the same per layer; ``uniform_ratio`` is the per-group ratio the uniform stage
+    applied and ``refine_ratio`` the global ratio of the refine stage (None when it did not run).
+    ``criterion`` is the ranking used in every stage. ``target_met`` compares measured values with the
+    target: a speed-up / params target within the tolerance; a channel ratio reached within the
+    tolerance (less is reported, with ``notes`` naming the layers that could not be pruned).
     """
 
     model: nn.Module
@@ -51,6 +56,10 @@ class PruneResult:
     target_met: bool = True
     trials: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    uniform_ratio: float | None = None
+    refine_ratio: float | None = None
+    layer_ratios: dict[str, float] = field(default_factory=dict)
+    criterion: str = ""
 
     @property
     def speedup(self) -> float:
@@ -62,7 +71,8 @@ class PruneResult:
 
     def summary(self) -> dict:
         """JSON-ready description (no model)."""
-        return {"ratio": self.ratio, "macs_before": self.macs_before, "macs_after": self.macs_after,
+        return {"ratio": self.ratio, "uniform_ratio": self.uniform_ratio, "refine_ratio": self.refine_ratio,
+                "criterion": self.criterion, "layer_ratios": self.layer_ratios, "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "speedup": self.speedup, "params_reduction": self.params_reduction,
                 "heads_before": self.heads_before, "heads_after": self.heads_after,
@@ -82,11 +92,12 @@ def _example(model: nn.Module, example_input: torch.Tensor | None, input_shape: 
 
 
 def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_input: torch.Tensor,
-               grads_ready: bool = False) -> nn.Module:
+               grads_ready: bool = False, keep_grads: bool = False) -> nn.Module:
     """Remove ``ratio`` of the channels (and heads) of every group of ``model``, in place.
 
     The classifier and ``config.ignore`` keep their widths. With ``taylor`` the parameters must
-    already hold gradients (``grads_ready``). Returns the model, in the train/eval mode it had.
+    already hold gradients (``grads_ready``); ``keep_grads`` leaves the (pruned) gradients in place for a
+    further Taylor-ranked step. Returns the model, in the train/eval mode it had.
     """
     was_training = model.training
     ignored = resolve_ignored(model, config.ignore)
@@ -119,7 +130,8 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
                                "use an operation it cannot trace (chunk/indexing on channels); try --ignore on the "
                                "failing block") from None
     sync_attributes(model, pruner.num_heads)
-    model.zero_grad(set_to_none=True)
+    if not keep_grads:
+        model.zero_grad(set_to_none=True)
     model.train(was_training)
     return model
 
@@ -189,18 +201,23 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
         grads = True
     kind, value = config.target
 
-    def trial(ratio: float, final: bool = False) -> tuple[nn.Module, int, int]:
+    def trial(ratio: float, final: bool = False, keep_grads: bool = False) -> tuple[nn.Module, int, int]:
         m = base if (final and inplace) else _copy_with_grads(base)
-        prune_once(m, config, ratio, x, grads_ready=grads)
+        prune_once(m, config, ratio, x, grads_ready=grads, keep_grads=keep_grads)
         return m, count_macs(m, shape), count_params(m)
 
-    trial.shape, trial.example = shape, x
+    trial.shape, trial.example, trial.grads = shape, x, grads
+    widths0 = _prunable_widths(model, config)
+    _check_round_to(config, widths0)
+    groups0 = _group_widths(model, config, x)
 
     if kind == "ratio":
         m, macs1, params1 = trial(value, final=True)
-        result = PruneResult(m, value, macs0, macs1, params0, params1, heads0, _heads(m), (kind, value))
+        result = PruneResult(m, value, macs0, macs1, params0, params1, heads0, _heads(m), (kind, value),
+                             uniform_ratio=value)
     else:
         result = _search(trial, config, kind, value, macs0, params0, heads0)
+    _measure_achieved(result, config, widths0, groups0)
     _check_runs(result.model, x, classes)
     if result.model is not model and config.criterion == "taylor" and not inplace:
         model.zero_grad(set_to_none=True)
@@ -223,7 +240,8 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
     def measure(r: float):
         m, macs, params = trial(r)
         achieved = macs0 / max(1, macs) if kind == "speedup" else params0 / max(1, params)
-        trials.append({"stage": stage, "ratio": round(r, 6), kind: achieved, "macs": macs, "params": params})
+        trials.append({"stage": stage, "ratio": round(r, 6), kind: achieved, "macs": macs, "params": params,
+                       "criterion": config.criterion})
         return r, m, achieved, macs, params
 
     def good(a: float) -> bool:
@@ -245,7 +263,7 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
                                "raise --max-layer-ratio")
         f_hi = top[2]
         best = top if _closer(top[2], best[2], target) else best
-    side = 0
+    side, refine = 0, None
     for _ in range(config.search_iters):
         if good(best[2]) or hi - lo < (5e-3 if stage == "uniform" else 1e-4):  # finer: the refine stage
             break
@@ -268,13 +286,13 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
         # a uniform ratio moves all widths at once (coarse steps on small models; heads are
         # discrete): from the ratio just below the target, remove the globally least important
         # channels (heads kept) with a second, global search
-        lo_model = trial(lo)[0]
-        fine_cfg = replace(config, global_pruning=True, global_steps=1, prune_heads=False,
-                           criterion="l2" if config.criterion == "taylor" else config.criterion)
-        x = trial.example
+        # the same criterion as the uniform stage: Taylor keeps the (pruned) gradients of the first stage
+        lo_model = trial(lo, keep_grads=True)[0]
+        fine_cfg = replace(config, global_pruning=True, global_steps=1, prune_heads=False)
+        x, grads = trial.example, getattr(trial, "grads", False)
 
         def trial2(g: float):
-            m = prune_once(copy.deepcopy(lo_model), fine_cfg, g, x)
+            m = prune_once(_copy_with_grads(lo_model), fine_cfg, g, x, grads_ready=grads)
             return m, count_macs(m, trial.shape), count_params(m)
 
         try:
@@ -286,14 +304,112 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
                                         best[2], target):
             best = (lo, fine.model, fine.speedup if kind == "speedup" else fine.params_reduction,
                     fine.macs_after, fine.params_after)
+            refine = fine.uniform_ratio
+        lo_model.zero_grad(set_to_none=True)
     r_best, m, achieved, macs, params = best
+    m.zero_grad(set_to_none=True)
     met = abs(achieved / target - 1) <= tol
     notes = [] if met else [f"the closest reachable {kind} is {achieved:.3f}x (target {target:g}x, tolerance "
                             f"{tol:.0%}); the model's channel granularity (or --round-to) allows no closer value"]
     if not met and stage == "uniform":
         log.warning(notes[0])
     return PruneResult(m, r_best, macs0, macs, params0, params, heads0, _heads(m), (kind, target), met,
-                       trials, notes)
+                       trials, notes, uniform_ratio=r_best, refine_ratio=refine)
+
+
+def _prunable_widths(model: nn.Module, config: PruneConfig) -> dict[str, int]:
+    """Output width of every conv / linear layer the target applies to (not the classifier, not
+    ``config.ignore``, not the attention of ``prune_heads=False``)."""
+    skip = {id(m) for m in resolve_ignored(model, config.ignore)}
+    if not config.prune_heads:
+        skip |= {id(a.qkv) for a in attention_layers(model)}
+    out = {}
+    for name, m in model.named_modules():
+        if id(m) in skip:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = int(m.out_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = int(m.out_features)
+    return out
+
+
+def _group_widths(model: nn.Module, config: PruneConfig, x: torch.Tensor) -> dict[str, int]:
+    """Width of every dependency group torch-pruning may prune (coupled layers share their channels),
+    keyed by the group's root layer: what "share of the channels of every group" is counted on."""
+    ignored = resolve_ignored(model, config.ignore)
+    if not config.prune_heads:
+        ignored += [a.qkv for a in attention_layers(model)]
+    names = {m: n for n, m in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dg = tp.DependencyGraph().build_dependency(model, x, unwrapped_parameters=unwrapped_parameters(model))
+        out = {}
+        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+            root = group[0].dep.target.module
+            if root in names:
+                out[names[root]] = int(dg.get_out_channels(root))
+    return out
+
+
+def _out_width(model: nn.Module, name: str) -> int | None:
+    m = dict(model.named_modules()).get(name)
+    return getattr(m, "out_channels", None) or getattr(m, "out_features", None)
+
+
+def _check_round_to(config: PruneConfig, widths: dict[str, int]) -> None:
+    """``round_to`` must leave some layer prunable: keeping a multiple of it below the width."""
+    if config.round_to and widths and config.round_to >= max(widths.values()):
+        raise PruningError(f"--round-to {config.round_to} is not smaller than the widest prunable layer "
+                           f"({max(widths.values())} channels): every layer would keep all its channels, nothing "
+                           "can be pruned; use a smaller --round-to (e.g. 8) or leave it out")
+
+
+def _kept_by_tp(width: int, ratio: float, round_to: int | None) -> int:
+    """Channels torch-pruning keeps of a ``width``-channel group at a uniform ``ratio`` (0: it skips the group)."""
+    keep = int(width * (1 - ratio))
+    if round_to:
+        keep -= keep % round_to
+    return keep
+
+
+def _measure_achieved(result: PruneResult, config: PruneConfig, widths0: dict[str, int],
+                      groups0: dict[str, int]) -> None:
+    """Set ``ratio`` (share of the prunable groups' channels removed, as torch-pruning counts a ratio)
+    and ``layer_ratios`` from the pruned model, and for a ratio target decide ``target_met`` from them.
+    Nothing pruned at all raises :class:`PruningError`."""
+    kind, value = result.target
+    m = result.model
+    result.layer_ratios = {n: round(1 - (_out_width(m, n) or w) / w, 6) for n, w in widths0.items()}
+    result.criterion = config.criterion
+    after = {n: (_out_width(m, n) or w) for n, w in groups0.items()}
+    # a group left whole is "blocked" when the granularity left torch-pruning nothing to keep (it never
+    # empties a group)
+    ref = result.uniform_ratio if result.uniform_ratio is not None else value
+    blocked = [n for n, w in groups0.items() if after[n] == w and _kept_by_tp(w, ref, config.round_to) < 1]
+    total0 = sum(groups0.values())
+    result.ratio = round(1 - sum(after.values()) / total0, 6) if total0 else 0.0
+    why = (f"with --round-to {config.round_to}, " if config.round_to else "") +         "torch-pruning would keep no channel of them and never empties a layer"
+    if result.params_after >= result.params_before and result.macs_after >= result.macs_before:
+        hint = ""
+        if kind == "ratio" and widths0:
+            w = min(widths0.values())
+            hint = (f"; the narrowest prunable layer has {w} channels, so a ratio up to {1 - 1 / w:.3f} keeps "
+                    "at least one channel in every layer" if not config.round_to else
+                    f"; --round-to {config.round_to} needs layers wider than {config.round_to} channels and a ratio "
+                    f"that keeps at least {config.round_to} of them")
+        raise PruningError(f"nothing was pruned: {kind} {value:g} leaves every prunable layer unchanged "
+                           f"({why}){hint}; ask for less")
+    if kind != "ratio":
+        return
+    if result.ratio < value * (1 - config.tolerance):
+        result.target_met = False
+        names = ", ".join(blocked[:4]) + (f" and {len(blocked) - 4} more" if len(blocked) > 4 else "")
+        note = (f"only {result.ratio:.1%} of the channels were removed (asked {value:.1%})"
+                + (f": {len(blocked)} channel group(s) kept all their channels (groups of {names}) because {why}"
+                   if blocked else ""))
+        result.notes.append(note)
+        log.warning("warning: %s", note)
 
 
 def _closer(a: float, b: float, target: float) -> bool:

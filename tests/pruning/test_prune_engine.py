@@ -198,3 +198,60 @@ def test_vit_b_16_heads_removed_and_reloads(tmp_path):
     out = res.model(x)
     again, _ = load_model(save_model(res.model, tmp_path / "v.safetensors"))
     assert torch.equal(again(x), out)
+
+
+# ----------------------------------------------------------------------------- what was done is reported
+def test_refine_stage_reports_the_achieved_ratio_and_keeps_taylor(monkeypatch, synthetic_data):
+    """A speed-up target that needs the global refine stage: ``ratio`` is the measured share of removed
+    channels (more than the uniform stage's ratio), and Taylor ranks the refine stage too (not L2)."""
+    from metaprune.data import BatchLoader
+    from metaprune.pruning import engine
+
+    shape = (1, 28, 28)
+    model = _model("cifar_resnet20", shape, {})
+    model.fc = nn.Linear(64, 10)
+    model.metaprune_arch["args"]["num_classes"] = 10
+    asked = []
+    real = engine.make_importance
+    monkeypatch.setattr(engine, "make_importance", lambda name, *a, **k: asked.append(name) or real(name, *a, **k))
+    calib = BatchLoader(synthetic_data.train, 32)
+    res = prune(model, PruneConfig(speedup=3.0, criterion="taylor"), input_shape=shape, calibration=calib)
+    stages = {t["stage"] for t in res.trials}
+    assert "global-refine" in stages and res.refine_ratio is not None and res.target_met
+    assert set(asked) == {"taylor"}, asked
+    assert {t["criterion"] for t in res.trials} == {"taylor"} and res.summary()["criterion"] == "taylor"
+    convs0 = {n: c.out_channels for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
+    convs1 = {n: c.out_channels for n, c in res.model.named_modules() if isinstance(c, nn.Conv2d)}
+    per_layer = {n: 1 - convs1[n] / convs0[n] for n in convs0}
+    assert res.layer_ratios == pytest.approx(per_layer)
+    # the refine stage removed channels beyond the uniform ratio, and ``ratio`` says so
+    assert res.ratio > res.uniform_ratio + 1e-3
+    assert min(per_layer.values()) <= res.ratio <= max(per_layer.values())
+    assert res.summary()["ratio"] == res.ratio
+    assert all(p.grad is None for p in res.model.parameters())
+
+
+@pytest.mark.parametrize("kw", [dict(ratio=0.99, max_layer_ratio=0.99), dict(ratio=0.9, round_to=16)])
+def test_nothing_prunable_is_an_error(kw):
+    shape = (1, 16, 16)
+    model = _model("cifar_resnet20", shape, {})
+    with pytest.raises(PruningError, match="nothing was pruned"):
+        prune(model, PruneConfig(**kw), input_shape=shape)
+
+
+def test_round_to_wider_than_every_layer_is_refused():
+    shape = (1, 16, 16)
+    with pytest.raises(PruningError, match="--round-to 1000"):
+        prune(_model("cifar_resnet20", shape, {}), PruneConfig(ratio=0.5, round_to=1000), input_shape=shape)
+
+
+def test_ratio_target_met_is_measured():
+    """Layers too narrow for the ratio keep their width: the achieved share is reported, not the asked one."""
+    shape = (1, 16, 16)
+    model = _model("cifar_resnet20", shape, {})
+    res = prune(model, PruneConfig(ratio=0.97, max_layer_ratio=0.99), input_shape=shape)
+    assert model.layer1[0].conv1.out_channels == res.model.layer1[0].conv1.out_channels == 16  # int(16*0.03) = 0
+    assert res.model.layer3[0].conv1.out_channels == 1  # int(64 * 0.03) = 1
+    assert not res.target_met and res.ratio < 0.9 and "kept all their channels" in res.notes[0]
+    ok = prune(model, PruneConfig(ratio=0.5), input_shape=shape)
+    assert ok.target_met and ok.ratio == pytest.approx(0.5) and ok.uniform_ratio == 0.5
