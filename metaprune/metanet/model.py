@@ -16,6 +16,7 @@ edge states carry role embeddings; every edge group has its own encoder and deco
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -253,7 +254,8 @@ def scalable_channels(graph, frozen_groups=("id",)) -> Tensor:
     (identity edges of residual sums, concats, stacked norms are never scaled) and -- where the
     architecture can be traced -- its BatchNorm's input is a conv / linear output used by that
     BatchNorm only. A BatchNorm that reads a residual sum (pre-activation blocks), the input, or a
-    conv output that a shortcut also reads is skipped (``s = 1``).
+    conv output that a shortcut also reads is skipped (``s = 1``). An architecture that cannot be
+    rebuilt from the graph's spec (not registered) gets no scalable channel at all.
     """
     from metaprune.graph import NODE_SLOTS
 
@@ -268,17 +270,16 @@ def scalable_channels(graph, frozen_groups=("id",)) -> Tensor:
         tgt = eg.index[1].to(dev)
         (frozen_in if g in frozen_groups else fed).index_fill_(0, tgt, True)
     ok &= fed & ~frozen_in
-    keep = _traced_keep(graph.spec or {}, n, dev)
-    return ok if keep is None else ok & keep
+    return ok & _traced_keep(graph.spec or {}, n, dev)
 
 
-_KEEP_CACHE: OrderedDict[tuple, Tensor | None] = OrderedDict()
+_KEEP_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
-def _traced_keep(spec: dict, n: int, dev: torch.device) -> Tensor | None:
+def _traced_keep(spec: dict, n: int, dev: torch.device) -> Tensor:
     """``[N]`` bool on ``dev``: False on the channels of the BatchNorms :func:`_bn_not_after_sole_conv`
-    rejects; ``None`` when the architecture cannot be traced. Cached per structure and device,
-    so a meta-training step makes no host-to-device copy (no device sync)."""
+    rejects, and everywhere when the architecture cannot be traced (with a warning). Cached per
+    structure and device, so a meta-training step makes no host-to-device copy (no device sync)."""
     import json
 
     key = (json.dumps([spec.get("arch"), spec.get("arch_args", {}), spec.get("widths", {})], sort_keys=True,
@@ -287,8 +288,12 @@ def _traced_keep(spec: dict, n: int, dev: torch.device) -> Tensor | None:
         _KEEP_CACHE.move_to_end(key)
         return _KEEP_CACHE[key]
     bad = _bn_not_after_sole_conv(spec)
-    keep = None
-    if bad is not None:
+    if bad is None:  # nothing can be verified: the edit keeps every channel (the identity)
+        warnings.warn(f"the scale edit cannot trace architecture {spec.get('arch')!r} (not registered), so it "
+                      "cannot tell which BatchNorms read a conv output alone; it leaves this network unchanged",
+                      stacklevel=3)
+        keep = torch.zeros(n, dtype=torch.bool, device=dev)
+    else:
         keep = torch.ones(n, dtype=torch.bool)
         for e in spec.get("layout", []):
             if e.get("kind") == "node" and str(e.get("key", "")).rsplit(".", 1)[0] in bad:

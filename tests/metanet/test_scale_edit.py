@@ -206,3 +206,21 @@ def test_scalable_channels_on_the_post_activation_resnet():
 
     _, g, _ = _setup()
     assert torch.equal(scalable_channels(g), g.x_mask[:, NODE_SLOTS.index("bn_weight")])
+
+
+def test_scale_edit_leaves_an_untraceable_architecture_unchanged():
+    """Without the model's forward the graph cannot show whether a BN's input is also read elsewhere:
+    no channel is rescaled then (and a warning says so)."""
+    from metaprune.graph import Graph
+    from metaprune.metanet import model as model_mod
+    from metaprune.metanet.model import scalable_channels
+
+    model_mod._KEEP_CACHE.clear()  # the warning is given once per architecture
+    _, g, net = _setup()
+    net.scale_dec = _RandomLogScale(g.num_nodes)
+    g2 = Graph(g.x, g.x_mask, g.node_role, g.node_layer, g.node_depth, g.edges, {**g.spec, "arch": "not_registered"})
+    with pytest.warns(UserWarning, match="cannot trace architecture 'not_registered'"):
+        assert not scalable_channels(g2).any()
+    x, ea = net(g2)
+    assert torch.equal(x, g.x) and all(torch.equal(ea[k], g.edges[k].attr) for k in g.edges)
+    assert not torch.equal(net(g)[1]["k9"], g.edges["k9"].attr)  # the same edit on the registered arch
