@@ -24,7 +24,8 @@ from metaprune.cli.common import (
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a registered architecture from scratch",
                        description="Train with SGD + one-cycle/cosine/step schedule; the best epoch is chosen on a "
-                       "validation split carved from the training data; resumes from OUT/last.pt.")
+                       "validation split carved from the training data; resumes from OUT/last.pt when it was written by "
+                       "the same run (same model, data and options; --no-resume starts afresh).")
     p.add_argument("--model", help="registry name (see `metaprune list-models`); required here or in --config")
     add_data(p, default="fashion-mnist")
     add_train(p)
@@ -58,14 +59,23 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_list_models)
 
 
-def _fit_and_save(args, model, data, out: Path, command: str, source: str | None = None) -> int:
+def _train_config(args):
+    """The validated training options (before any data is loaded or anything is written)."""
+    from metaprune.errors import ConfigError
+
+    cfg = train_config(args)
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1 for `metaprune {args.command}`, got {cfg.epochs}")
+    return cfg
+
+
+def _fit_and_save(args, cfg, model, data, out: Path, command: str, source: str | None = None) -> int:
     from metaprune.engine import train
     from metaprune.engine.report import model_summary, write_report
     from metaprune.engine.runtime import is_main, resolve_device
     from metaprune.io import check_output, save_model
 
     check_output(out / "model.safetensors", (source,))
-    cfg = train_config(args)
     regularizer = None
     if cfg.sparse_reg > 0:
         from metaprune.engine.report import input_shape
@@ -90,28 +100,32 @@ def _fit_and_save(args, model, data, out: Path, command: str, source: str | None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from metaprune.engine import seed_everything
     from metaprune.errors import ConfigError
     from metaprune.models import create_model
 
     if not args.model:
         raise ConfigError("train needs --model NAME (or a --config preset that sets it); see `metaprune list-models`")
+    cfg = _train_config(args)
     guard(args, files=output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
     probe = create_model(args.model, 10, 3)  # validates the name before loading data
     data = load_data_for(args, probe)
     kw = {"image_size": data.image_size} if "image_size" in probe.metaprune_arch["args"] or args.model.startswith("vit") else {}
+    seed_everything(cfg.seed)  # --seed fixes the initial weights too (the same on every rank)
     model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, **kw)
-    return _fit_and_save(args, model, data, Path(args.output), "train")
+    return _fit_and_save(args, cfg, model, data, Path(args.output), "train")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from metaprune.io import load_model
 
+    cfg = _train_config(args)
     src = model_path(args)
     guard(args, [src], files=output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
     model, _ = load_model(src, trust_pickle=args.trust_pickle)
     data = load_data_for(args, model)
     check_fits(model, data)
-    return _fit_and_save(args, model.train(), data, Path(args.output), "finetune", source=src)
+    return _fit_and_save(args, cfg, model.train(), data, Path(args.output), "finetune", source=src)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
