@@ -104,12 +104,16 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from metaprune.metanet.zoo import ZooConfig, build_zoo
     from metaprune.models import create_model
 
+    def config(data_name: str) -> ZooConfig:
+        return ZooConfig(arch=args.model, data=data_name, count=args.count, seed=args.seed, data_seed=args.seed,
+                         val_fraction=args.val_fraction, train_subset=args.train_subset,
+                         init_speedup=args.init_speedup, finetune_epochs=args.finetune_epochs, train=train_config(args))
+
+    config(str(args.data))  # every option checked before data is loaded or anything written
     guard(args, folders=[args.output])
     probe = create_model(args.model, 10, 3)
     data = load_data_for(args, probe)
-    cfg = ZooConfig(arch=args.model, data=data.name, count=args.count, seed=args.seed, data_seed=args.seed,
-                    val_fraction=args.val_fraction, train_subset=args.train_subset, init_speedup=args.init_speedup,
-                    finetune_epochs=args.finetune_epochs, train=train_config(args))
+    cfg = config(data.name)
     status(args, f"zoo: {args.count} x {args.model} on {data.describe()}")
     res = build_zoo(cfg, data, args.output)
     for m in res:
@@ -122,7 +126,6 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
     from metaprune.metanet.meta_train import meta_train
 
-    guard(args, [args.zoo], folders=[args.output])
     device = str(resolve_device(args.device))
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
@@ -134,22 +137,34 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                           device=device)
     ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edit=args.edit, edge_chunk=args.edge_chunk,
                          checkpoint=args.checkpointing)
+    guard(args, [args.zoo], folders=[args.output])
+    from metaprune.errors import TrainingError
     from metaprune.metanet.zoo import load_zoo_data
 
     data = load_zoo_data(args.zoo, args.data, args.data_dir)
     status(args, f"meta-train on {args.zoo}: {data.describe()}")
     s = meta_train(args.zoo, data, args.output, cfg, ncfg, resume=not args.no_resume)
+    weights = Path(args.output) / "metanet.safetensors"
+    if s["selected_epoch"] < 0 or not weights.exists():
+        raise TrainingError(f"meta-train selected no epoch, so no metanetwork was written to {args.output}")
     status(args, f"meta-train: selected epoch {s['selected_epoch']} (validation prunability {s['val_score']:.2f}, "
-           f"unedited {s['val_score_unedited']:.2f}) -> {Path(args.output) / 'metanet.safetensors'}")
+           f"unedited {s['val_score_unedited']:.2f}) -> {weights}")
     return 0
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
+    from metaprune.engine import TrainConfig
     from metaprune.engine.runtime import resolve_device
+    from metaprune.fingerprint import check_int
     from metaprune.io import check_output, load_model, save_model
     from metaprune.metanet.checkpoint import load_metanet
     from metaprune.metanet.transform import transform_model
 
+    check_int("--calib-batches", args.calib_batches, 0)
+    check_int("--finetune-epochs", args.finetune_epochs, 0)
+    # finetune options checked even when unused (a typo should not pass silently)
+    ft_cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                         device=args.device, schedule="cosine")
     src = model_path(args)
     out = Path(args.output)
     if out.suffix != ".safetensors":
@@ -170,11 +185,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
                              device=device)
     extra = {**info.extra, "metanet": str(mdir), "transformed_from": src, "bn_recalibrated": args.calib_batches}
     if args.finetune_epochs > 0:
-        from metaprune.engine import TrainConfig, train
+        from metaprune.engine import train
 
-        cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                          device=args.device, schedule="cosine")
-        res = train(edited.train(), data, cfg, desc="finetune")
+        res = train(edited.train(), data, ft_cfg, desc="finetune")
         edited = res.model
         extra.update(finetune_epochs=args.finetune_epochs, val_acc=res.best_val_acc)
     path = save_model(edited, out, extra=extra, inputs=(src,))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from metaprune.errors import ConfigError
+from metaprune.fingerprint import check_bool, check_float, check_int
 
 
 @dataclass
@@ -63,18 +64,27 @@ class MetanetConfig:
     fused: bool = True
 
     def __post_init__(self) -> None:
-        self.frozen_groups = tuple(self.frozen_groups)
-        self.frozen_slots = tuple(self.frozen_slots)
-        if self.hidden < 1 or self.layers < 0:
-            raise ConfigError("metanetwork hidden must be >= 1 and layers >= 0")
-        if self.rho is None:
-            self.rho = 1.0 if self.edit == "scale" else 0.05
-        if self.rho <= 0:
-            raise ConfigError("metanetwork rho must be > 0")
+        for name in ("frozen_groups", "frozen_slots"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"metanetwork {name} must be a list of names, got {v!r}")
+            setattr(self, name, tuple(v))
+        check_int("metanetwork hidden", self.hidden, 1)
+        check_int("metanetwork layers", self.layers, 0)
+        for name in ("node_dim", "node_roles", "edge_roles", "depth_freqs"):
+            check_int(f"metanetwork {name}", getattr(self, name), 0)
+        if not isinstance(self.edge_dims, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in self.edge_dims.items()):
+            raise ConfigError(f"metanetwork edge_dims must map edge group names to sizes, got {self.edge_dims!r}")
         if self.edit not in ("residual", "scale"):
             raise ConfigError(f"unknown metanetwork edit {self.edit!r}: choose residual or scale")
-        if self.edge_chunk is not None and self.edge_chunk < 1:
-            raise ConfigError("edge_chunk must be >= 1 (or None for no chunking)")
+        if self.rho is None:
+            self.rho = 1.0 if self.edit == "scale" else 0.05
+        check_float("metanetwork rho", self.rho, above=0)
+        check_int("edge_chunk", self.edge_chunk, 1, optional=True)
+        check_bool("metanetwork checkpoint", self.checkpoint)
+        check_bool("metanetwork fused", self.fused)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,18 +158,27 @@ class MetaTrainConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.steps_per_member < 1 or self.batch_size < 1:
-            raise ConfigError("epochs must be >= 0, steps_per_member and batch_size >= 1")
-        if self.lam < 0 or self.alpha < 1:
-            raise ConfigError("lam must be >= 0 and alpha >= 1")
-        if self.prune_aware < 0 or self.prune_temperature <= 0:
-            raise ConfigError("prune_aware must be >= 0 and prune_temperature > 0")
+        check_int("epochs", self.epochs, 1)  # 0 epochs would write no metanetwork
+        for name in ("steps_per_member", "batch_size", "score_every", "score_steps", "score_batches"):
+            check_int(name, getattr(self, name), 1)
+        check_int("holdout_members", self.holdout_members, 0)
+        check_int("seed", self.seed)
+        if isinstance(self.val_members, int) and not isinstance(self.val_members, bool) and self.val_members < 1:
+            raise ConfigError("meta-training needs at least one validation member (val_members >= 1)")
+        check_int("val_members", self.val_members, 1)
+        check_float("lr", self.lr, above=0)
+        check_float("weight_decay", self.weight_decay, minimum=0)
+        check_float("lam", self.lam, minimum=0)
+        check_float("alpha", self.alpha, minimum=1)
+        check_float("prune_aware", self.prune_aware, minimum=0)
+        check_float("prune_temperature", self.prune_temperature, above=0)
+        check_float("score_max_speedup", self.score_max_speedup, above=1)
+        for name in ("prune_hard", "bn_eval", "amp"):
+            check_bool(name, getattr(self, name))
         if self.sparsity not in ("depgraph", "functional"):
             raise ConfigError(f"unknown sparsity {self.sparsity!r}: choose depgraph or functional")
-        if self.score_max_speedup <= 1 or self.score_steps < 1 or self.score_batches < 1:
-            raise ConfigError("score_max_speedup must be > 1, score_steps and score_batches >= 1")
-        if self.val_members < 1:
-            raise ConfigError("meta-training needs at least one validation member (val_members >= 1)")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string such as cpu or cuda, got {self.device!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

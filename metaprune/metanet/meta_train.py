@@ -20,16 +20,25 @@ The checkpoint is selected automatically: after every ``score_every`` epochs eac
 member is edited, BN-recalibrated and scored by :func:`metaprune.pruning.prunability_curve`
 (area under accuracy vs. MAC speed-up without finetuning, on the *validation* split), and the
 epoch with the best mean score is kept in ``OUT/metanet.safetensors``. The test split is never
-read. ``OUT/log.jsonl`` has one line per epoch (both loss terms, the score); ``OUT/last.pt``
-(tensors and plain values only, loaded with ``weights_only=True``) makes a rerun resume.
+read. Under torchrun every process scores a share of the validation members and the results are
+exchanged through the process group's key-value store, so no process waits inside a collective
+(whose timeout would fire) while another one scores. ``OUT/log.jsonl`` has one line per epoch
+(both loss terms, the score); ``OUT/last.pt`` (tensors and plain values only, loaded with
+``weights_only=True``) makes a rerun of the same run resume: it holds the run's fingerprint (the
+zoo members' hashes, the dataset, the meta-training and metanetwork configs), and a rerun that
+differs is refused (``resume=False`` / ``--no-resume`` starts afresh). A loss or metanetwork
+weights that become NaN or infinite stop the run with :class:`~metaprune.errors.TrainingError`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,17 +49,18 @@ from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine import progress, seed_everything
 from metaprune.engine.runtime import (
+    all_reduce_sum,
     barrier,
-    broadcast_object,
     get_rank,
     get_world_size,
     init_distributed,
     is_main,
     resolve_device,
 )
-from metaprune.errors import ConfigError, ModelFileError
+from metaprune.errors import ConfigError, ModelFileError, TrainingError
+from metaprune.fingerprint import all_finite, check_resume, data_identity, dumps
 from metaprune.graph import to_graph
-from metaprune.io import atomic_path, write_json
+from metaprune.io import atomic_path, file_sha256, write_json
 from metaprune.metanet.checkpoint import save_metanet
 from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
 from metaprune.metanet.loss import channel_sq_norms, dependency_groups, group_sparsity, soft_prune
@@ -61,6 +71,9 @@ from metaprune.metanet.zoo import list_members, load_member
 log = logging.getLogger(__name__)
 LOG = "log.jsonl"
 LAST = "last.pt"
+SCORE_WAIT_S = 24 * 3600  # how long a process waits for the others' validation scores
+VOLATILE = ("device", "amp", "epochs")  # options a resumed run may change
+_EXCHANGES = itertools.count()  # every process makes the same sequence of exchanges
 
 
 def split_members(members: list[Path], cfg: MetaTrainConfig) -> tuple[list[Path], list[Path], list[Path]]:
@@ -118,20 +131,74 @@ def norm_shift(params: dict[str, torch.Tensor], m: _Member) -> dict[str, float]:
             "groups_below_10": float((r < 0.1).float().mean()), "norm_ratio_median": float(r.median())}
 
 
-def score_members(net: Metanet | None, paths: list[Path], data: DataSplits, cfg: MetaTrainConfig) -> dict:
-    """Mean prunability AUC of the members (edited by ``net``, or as they are when ``net`` is None)."""
+def _score_one(net: Metanet | None, path: Path, data: DataSplits, cfg: MetaTrainConfig) -> dict:
     from metaprune.pruning import prunability_curve
 
-    scores, curves = [], []
-    for p in paths:
-        model, _ = load_member(p)
-        if net is not None:
-            model = transform_model(net, model, data.train, cfg.score_batches, device=cfg.device)
-        c = prunability_curve(model, data, max_speedup=cfg.score_max_speedup, steps=cfg.score_steps,
-                              val_batches=cfg.score_batches, calib_batches=cfg.score_batches, device=cfg.device)
-        scores.append(c["auc"])
-        curves.append(c)
+    model, _ = load_member(path)
+    if net is not None:
+        model = transform_model(net, model, data.train, cfg.score_batches, device=cfg.device)
+    return prunability_curve(model, data, max_speedup=cfg.score_max_speedup, steps=cfg.score_steps,
+                             val_batches=cfg.score_batches, calib_batches=cfg.score_batches, device=cfg.device)
+
+
+def gather_patiently(obj) -> list:
+    """Every process's ``obj`` (JSON values), in rank order; ``[obj]`` without a process group.
+
+    The values go through the process group's key-value store and each process waits there (up
+    to :data:`SCORE_WAIT_S`), not inside a collective: a process that finishes its share early does
+    not hit the collective timeout (NCCL's watchdog, gloo's timeout) while another still works.
+    """
+    world = get_world_size()
+    if world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    n = next(_EXCHANGES)
+    try:
+        store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 - the store torchrun set up
+    except Exception:  # noqa: BLE001 - no store reachable: a plain collective
+        out: list = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+    keys = [f"metaprune/meta_train/{n}/{r}" for r in range(world)]
+    store.set(keys[get_rank()], json.dumps(obj))
+    store.wait(keys, timedelta(seconds=SCORE_WAIT_S))
+    return [json.loads(store.get(k)) for k in keys]
+
+
+def score_members(net: Metanet | None, paths: list[Path], data: DataSplits, cfg: MetaTrainConfig) -> dict:
+    """Mean prunability AUC of the members (edited by ``net``, or as they are when ``net`` is None).
+
+    Under torchrun call it on every process: member ``i`` is scored by rank ``i % world_size`` and
+    every process gets all the results (:func:`gather_patiently`).
+    """
+    world, rank = get_world_size(), get_rank()
+    mine = {i: _score_one(net, p, data, cfg) for i, p in enumerate(paths) if i % world == rank}
+    if world > 1:
+        mine = {int(i): c for part in gather_patiently({str(i): c for i, c in mine.items()}) for i, c in part.items()}
+    curves = [mine[i] for i in range(len(paths))]
+    scores = [c["auc"] for c in curves]
     return {"score": sum(scores) / len(scores), "scores": scores, "curves": curves}
+
+
+def _any(flag: bool, device: torch.device, distributed: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process gets the same answer)."""
+    if not distributed:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def run_fingerprint(members: list[Path], split: tuple[list[Path], list[Path], list[Path]], data: DataSplits,
+                    cfg: MetaTrainConfig, net: Metanet) -> dict:
+    """What a resume checkpoint of :func:`meta_train` must match."""
+    train_p, val_p, held_p = split
+    return {"kind": "meta-train",
+            "zoo": {p.name: file_sha256(p / "model.safetensors") for p in [*train_p, *val_p]},
+            "split": {"train": [p.name for p in train_p], "val": [p.name for p in val_p],
+                      "holdout": [p.name for p in held_p]},
+            "data": data_identity(data),
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE},
+            "metanet": net.cfg.to_dict()}
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
@@ -172,17 +239,28 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     start, best = 0, {"epoch": -1, "score": -1.0}
     baseline = None
     last = out / LAST
+    fp = run_fingerprint(members, (train_p, val_p, held_p), data, cfg, net)
     if resume and last.exists():
         try:
             st = torch.load(last, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ModelFileError(f"{last} is not a readable resume checkpoint ({str(e)[:200]}); pass --no-resume to "
+                                 "start afresh or use another -o") from None
+        check_resume(last, st.get("fingerprint") if isinstance(st, dict) else None, fp, "meta-training run")
+        try:
             net.load_state_dict(st["net"])
             opt.load_state_dict(st["opt"])
+            start, history, best, baseline = int(st["epoch"]) + 1, list(st["history"]), dict(st["best"]), st["baseline"]
         except Exception as e:  # noqa: BLE001
-            raise ModelFileError(f"{last} belongs to another run or is damaged ({e}); delete it or use another -o") from None
-        start, history, best, baseline = int(st["epoch"]) + 1, list(st["history"]), dict(st["best"]), st["baseline"]
+            raise ModelFileError(f"{last} is damaged ({str(e)[:200]}); pass --no-resume to start afresh") from None
+        if start > cfg.epochs:
+            raise ConfigError(f"{last} is a checkpoint after epoch {start} of a run with more epochs than --epochs "
+                              f"{cfg.epochs}; pass --no-resume to start afresh or use another -o")
+        if not distributed and isinstance(st.get("rng"), torch.Tensor):
+            torch.set_rng_state(st["rng"].cpu())
         log.info("meta-train: resuming after epoch %d", start)
     if baseline is None:
-        baseline = broadcast_object(score_members(None, val_p, data, cfg)["score"] if is_main() else None)
+        baseline = score_members(None, val_p, data, cfg)["score"]  # every process scores a share
         log.info("meta-train: validation members unedited: prunability %.2f", baseline)
     loader = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=False, seed=cfg.seed, drop_last=True,
                          rank=get_rank(), world_size=get_world_size(), device=device)
@@ -224,20 +302,31 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
                 ce_p = F.cross_entropy(logits_p.float(), y)
                 loss = loss + cfg.prune_aware * ce_p
                 sums["ce_pruned"] += ce_p.item()
+            lv = loss.item()
+            if _any(not math.isfinite(lv), device, distributed):
+                raise TrainingError(f"meta-train: the loss became {lv} at epoch {epoch + 1} (member {m.path.name}); "
+                                    "the metanetwork diverged. Lower --lr (or --lam / --prune-aware); nothing was "
+                                    "saved from this epoch")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             n += 1
             sums["ce"] += ce.item()
             sums["sparsity"] += sp.item()
-            sums["loss"] += loss.item()
+            sums["loss"] += lv
             sums["acc"] += (logits.argmax(1) == y).float().mean().item() * 100
             for k, v in norm_shift(params, m).items():  # before the step: what this loss saw
                 sums[k] += v
         rec = {"epoch": epoch, **{k: v / max(1, n) for k, v in sums.items()}, "steps": n}
+        if _any(not all_finite(net.state_dict().values()), device, distributed):
+            raise TrainingError(f"meta-train: the metanetwork's weights became NaN or infinite in epoch {epoch + 1}; "
+                                "lower --lr; nothing was saved from this epoch")
         if (epoch + 1) % cfg.score_every == 0 or epoch == cfg.epochs - 1:
             net.eval()
-            sc = broadcast_object(score_members(net, val_p, data, cfg) if is_main() else None)  # rank 0 scores
+            sc = score_members(net, val_p, data, cfg)  # every process scores a share of the members
+            if not math.isfinite(sc["score"]):
+                raise TrainingError(f"meta-train: the validation score of epoch {epoch + 1} is {sc['score']} "
+                                    f"(members: {sc['scores']}); the edited networks are broken. Lower --lr")
             rec.update(score=sc["score"], member_scores=sc["scores"], baseline_score=baseline)
             if sc["score"] > best["score"]:
                 best = {"epoch": epoch, "score": sc["score"]}
@@ -248,10 +337,10 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
         history.append(rec)
         if is_main():  # one process writes
             _write_log(out / LOG, history)
-            tmp = last.with_suffix(".tmp")
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history,
-                        "best": best, "baseline": baseline}, tmp)
-            tmp.replace(last)
+            with atomic_path(last) as tmp:  # a crash (or kill -9) leaves the previous checkpoint intact
+                torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "history": history,
+                            "best": best, "baseline": baseline, "fingerprint": dumps(fp),
+                            "rng": torch.get_rng_state()}, tmp)
         barrier()
         log.info("meta-train epoch %d: ce %.3f sparsity %.3f groups down %.1f%% (<50%%: %.1f%%) score %s "
                  "(unedited %.2f)", epoch, rec["ce"], rec["sparsity"], 100 * rec["groups_down"],

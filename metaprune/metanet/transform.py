@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from metaprune.errors import ModelFileError
 from metaprune.graph import Graph, from_graph, graph_params, to_graph
 from metaprune.metanet.model import Metanet
 
@@ -48,9 +49,21 @@ def transform_model(net: Metanet, model: nn.Module, calib_data=None, calib_batch
     g = edited_graph(net, to_graph(model))
     out = from_graph(g)
     model.train(was)
+    _check_finite(out, "edited by the metanetwork")
     if calib_data is not None and calib_batches > 0:
         from metaprune.pruning import recalibrate_bn
 
         out.to(device)
         recalibrate_bn(out, calib_data, calib_batches, batch_size, device)
+        _check_finite(out, "after BatchNorm recalibration")
     return out.eval()
+
+
+def _check_finite(model: nn.Module, when: str) -> None:
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        share = sum(int((~torch.isfinite(v)).sum()) for k, v in model.state_dict().items() if k in bad)
+        total = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+        raise ModelFileError(f"the model {when} has NaN or infinite values ({share:,} of {total:,}, in "
+                             f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the metanetwork does not fit "
+                             "this model or is broken: nothing was written")

@@ -23,7 +23,9 @@ from metaprune.data.datasets import DataSplits
 from metaprune.engine import TrainConfig, count_macs, count_params, evaluate, seed_everything, train
 from metaprune.engine.report import input_shape
 from metaprune.engine.runtime import barrier, is_main, resolve_device
+from metaprune.engine.train import VOLATILE
 from metaprune.errors import ConfigError, ModelFileError
+from metaprune.fingerprint import check_float, check_int, differences
 from metaprune.io import load_model, read_json, save_model, write_json
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,17 @@ class ZooConfig:
             self.train = TrainConfig(epochs=3, lr=0.1, device="cpu")
         elif isinstance(self.train, dict):
             self.train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.train.items()})
-        if self.count < 1:
-            raise ConfigError("a zoo needs --count >= 1 members")
-        if self.init_speedup < 1.0:
-            raise ConfigError("--init-speedup must be >= 1.0 (1.0 = no initial pruning)")
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"the zoo's train settings must be a mapping of training options, got {self.train!r}")
+        check_int("count", self.count, 1)
+        check_int("seed", self.seed)
+        check_int("data_seed", self.data_seed)
+        check_int("finetune_epochs", self.finetune_epochs, 0)
+        check_int("train_subset", self.train_subset, 1, optional=True)
+        check_float("val_fraction", self.val_fraction, above=0, below=1)
+        check_float("init_speedup", self.init_speedup, minimum=1.0)
+        if self.train.epochs < 1:
+            raise ConfigError(f"zoo members need --epochs >= 1, got {self.train.epochs}")
 
 
 def member_dir(root: str | Path, i: int) -> Path:
@@ -112,6 +121,14 @@ def _initial_prune(model: nn.Module, data: DataSplits, cfg: ZooConfig, out: Path
     return pruned, float(getattr(res, "speedup", 0.0) or 0.0)
 
 
+def _zoo_identity(cfg: dict) -> dict:
+    """The settings that decide what the members are (all but ``count`` and volatile training options)."""
+    ident = {k: v for k, v in cfg.items() if k not in ("count", "train")}
+    train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    ident["train"] = {k: v for k, v in train_cfg.items() if k not in VOLATILE}
+    return ident
+
+
 def build_zoo(cfg: ZooConfig, data: DataSplits, out_dir: str | Path) -> list[dict]:
     """Train the members of a zoo into ``out_dir`` (skipping finished ones); return their metrics."""
     from metaprune.models import create_model
@@ -121,11 +138,15 @@ def build_zoo(cfg: ZooConfig, data: DataSplits, out_dir: str | Path) -> list[dic
     index_path = out / ZOO_INDEX
     cfg_dict = asdict(cfg)
     if index_path.exists():
-        old = read_json(index_path).get("config", {})
-        keys = ("arch", "data", "data_seed", "train_subset", "val_fraction", "init_speedup")
-        diff = [k for k in keys if old.get(k) != cfg_dict.get(k)]
+        # finished members are reused and an interrupted one resumes: only for the same settings
+        # (the member count may grow; device and similar options may change)
+        old = read_json(index_path)
+        old = old.get("config") if isinstance(old, dict) else None
+        if not isinstance(old, dict):
+            raise ModelFileError(f"{index_path} is not a zoo index (no `config` object); use another output folder")
+        diff = differences(_zoo_identity(old), _zoo_identity(cfg_dict))
         if diff:
-            raise ConfigError(f"{out} is a zoo built with different settings ({', '.join(diff)}); "
+            raise ConfigError(f"{out} is a zoo built with different settings ({'; '.join(diff[:6])}); "
                               "use another output folder or the same settings")
     results = []
     for i in range(cfg.count):
@@ -158,6 +179,9 @@ def build_zoo(cfg: ZooConfig, data: DataSplits, out_dir: str | Path) -> list[dic
             save_model(model, d / "model.safetensors", extra={"zoo_member": i, **metrics})
             write_json(d / METRICS, metrics)
             (d / "last.pt").unlink(missing_ok=True)
+            (d / "finetune" / "last.pt").unlink(missing_ok=True)
+            if (d / "finetune").is_dir() and not any((d / "finetune").iterdir()):
+                (d / "finetune").rmdir()
             write_json(index_path, {"config": cfg_dict, "members": [m["index"] for m in results]})
         barrier()
         log.info("zoo: member %d val %.2f%% test %.2f%%", i, val["acc"], test["acc"])
