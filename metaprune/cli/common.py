@@ -73,12 +73,24 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     path = Path(args.config)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; presets are in {ROOT / 'configs'}")
+    if not path.is_file():
+        raise ConfigError(f"--config {path} is not a file; give a YAML preset (see {ROOT / 'configs'})")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; give a YAML preset (see {ROOT / 'configs'})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        cfg = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or "malformed"
+        raise ConfigError(f"{path} is not valid YAML{at}: {what}; write `option: value` lines, one section per "
+                          "command (see configs/)") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} must be a mapping of option: value")
+        raise ConfigError(f"{path} must be a mapping of option: value, not {type(cfg).__name__}")
     # a preset holds one section per command (`train:`, `prune:`, ...); flat presets apply as they are
     sections = {k for k, v in cfg.items() if isinstance(v, dict)}
     if sections:
@@ -91,8 +103,51 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
         raise ConfigError(f"{path}: options {unknown} do not exist for `metaprune {args.command}`; "
                           f"valid: {sorted(k for k in vars(args) if k not in ('func', 'command'))}")
     sub = _subparser(parser, args.command)
+    actions = {a.dest: a for a in sub._actions}  # noqa: SLF001 - argparse has no public accessor
+    cfg = {k: _coerce(actions.get(k), k, v, path) for k, v in cfg.items()}
     sub.set_defaults(**cfg)
     return parser.parse_args(argv)
+
+
+def _coerce(action: argparse.Action | None, key: str, value, path: Path):
+    """A preset value checked against its option: the option's type, choices, flag or list."""
+    if action is None or value is None:
+        return value
+    flag = f"{key} (--{key.replace('_', '-')})"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # noqa: SLF001
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {flag} is a switch; write true or false, not {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):  # noqa: SLF001
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+            raise ConfigError(f"{path}: {flag} must be a value or a list of values, not {value!r}")
+        return [_coerce_one(action, flag, v, path) for v in items]
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{path}: {flag} must be a single value, not {type(value).__name__} {value!r:.60}")
+    return _coerce_one(action, flag, value, path)
+
+
+def _coerce_one(action: argparse.Action, flag: str, value, path: Path):
+    typ = action.type
+    if isinstance(value, bool) and typ is not None:
+        raise ConfigError(f"{path}: {flag} must be {'an integer' if typ is int else 'a number'}, not {value!r}")
+    if typ is int:
+        if isinstance(value, float) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{path}: {flag} must be an integer, not {value!r}")
+    if typ is not None:
+        try:
+            value = typ(value)
+        except (TypeError, ValueError):
+            want = {int: "an integer", float: "a number"}.get(typ, f"a valid {getattr(typ, '__name__', 'value')}")
+            raise ConfigError(f"{path}: {flag} must be {want}, not {value!r}") from None
+    elif not isinstance(value, str):
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: {flag} must be a string, not {value!r}")
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{path}: {flag} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return value
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

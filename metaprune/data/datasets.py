@@ -154,7 +154,10 @@ class ImageFolderTensor(Dataset):
         if in_chans == 1:
             tf.append(transforms.Grayscale())
         tf.append(transforms.PILToTensor())
-        self.ds = datasets.ImageFolder(root, transform=transforms.Compose(tf))
+        try:
+            self.ds = datasets.ImageFolder(root, transform=transforms.Compose(tf))
+        except (FileNotFoundError, RuntimeError, OSError) as e:
+            raise DataError(f"{root}: {e}; an image folder needs one sub-folder of images per class") from None
         self.classes = tuple(self.ds.classes)
         self.mean, self.std = (0.485, 0.456, 0.406)[:in_chans] or (0.5,), (0.229, 0.224, 0.225)[:in_chans]
         if in_chans == 1:
@@ -164,7 +167,12 @@ class ImageFolderTensor(Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        x, y = self.ds[i]
+        try:
+            x, y = self.ds[i]
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError is an OSError
+            path = self.ds.samples[i][0]
+            raise DataError(f"cannot read image {path} ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}); "
+                            "the file is damaged or not an image: remove or replace it") from None
         return x, y
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +189,21 @@ def load_imagefolder(path: str, image_size: int, in_chans: int) -> tuple[Dataset
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"{root} must hold train/ and test/ (or val/) folders with one sub-folder per class")
-    return ImageFolderTensor(str(root / "train"), image_size, in_chans), ImageFolderTensor(str(test_dir), image_size, in_chans)
+    train = ImageFolderTensor(str(root / "train"), image_size, in_chans)
+    test = ImageFolderTensor(str(test_dir), image_size, in_chans)
+    if len(train.classes) < 2:
+        raise DataError(f"{root / 'train'} holds {len(train.classes)} class folder(s) ({', '.join(train.classes)}); "
+                        "a classification task needs at least 2 (one sub-folder of images per class)")
+    for d in (root / "test", root / "val"):
+        if not d.is_dir():
+            continue
+        classes = test.classes if d == test_dir else tuple(sorted(e.name for e in os.scandir(d) if e.is_dir()))
+        if classes != train.classes:
+            only_train = sorted(set(train.classes) - set(classes))
+            only_d = sorted(set(classes) - set(train.classes))
+            raise DataError(f"{d} has other classes than {root / 'train'} (only in train: {only_train or '-'}, "
+                            f"only in {d.name}: {only_d or '-'}); both need the same class folders")
+    return train, test
 
 
 DATASETS: dict[str, str] = {

@@ -56,3 +56,39 @@ def test_real_fashion_mnist_and_tasks():
     assert tops.num_classes == 5 and len(tops.test) == 5000
     assert int(tops.test.labels.max()) == 4
     assert get_task("fmnist-groups").num_classes == 4
+
+
+def _folder(root, layout: dict[str, dict[str, int]]):
+    """An image folder: {split: {class: number of 8x8 grey PNGs}}."""
+    from PIL import Image
+
+    for split, classes in layout.items():
+        for c, n in classes.items():
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), color=40 * i).save(root / split / c / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def test_imagefolder_with_one_class_is_refused(tmp_path):
+    name = _folder(tmp_path, {"train": {"a": 4}, "test": {"a": 2}})
+    with pytest.raises(DataError, match="at least 2"):
+        load_dataset(name, in_chans=1, image_size=8)
+
+
+@pytest.mark.parametrize("held_out", ["test", "val"])
+def test_imagefolder_split_classes_must_match(tmp_path, held_out):
+    layout = {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}}
+    layout[held_out] = {"a": 2, "c": 2}
+    with pytest.raises(DataError, match=r"only in train: \['b'\].*only in " + held_out + r": \['c'\]"):
+        load_dataset(_folder(tmp_path, layout), in_chans=1, image_size=8)
+
+
+def test_imagefolder_corrupt_image_is_one_clear_error(tmp_path):
+    name = _folder(tmp_path, {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}})
+    (tmp_path / "train" / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    d = load_dataset(name, in_chans=1, image_size=8, val_fraction=0.25)
+    assert len(d.train) + len(d.val) == 8 and d.num_classes == 2
+    with pytest.raises(DataError, match=r"cannot read image .*1\.png"):
+        for i in range(len(d.train.dataset)):
+            d.train.dataset[i]
