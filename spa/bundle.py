@@ -12,14 +12,19 @@ A bundle is a folder with
   order; see :func:`bundle_tensors`).
 
 Format 2 (written now) stores ``values`` in float16 and no BatchNorm running statistics: at save
-time each BatchNorm's eval-mode statistics are folded into its affine parameters
-(``γ' = γ/√(var+ε)``, ``β' = β − γ'·mean``; the statistics become the canonical ``mean 0``,
-``var 1−ε``) and every stored value is rounded to float16 — *in the saved model too*
-(:func:`round_model_`). The task model is by definition what the bundle holds, so the model in
-memory after :func:`save_bundle`, :func:`load_bundle` and :func:`merge` all compute the same
-function (≤ 1e-5), and accuracy measured after saving is the accuracy the bundle reproduces.
-When a value does not fit float16 the bundle falls back to float32 (``value_dtype`` in the
-config). Format 1 bundles (float32, running statistics stored) still load.
+time a *copy* of the model has each BatchNorm's eval-mode statistics folded into its affine
+parameters (``γ' = γ/√(var+ε)``, ``β' = β − γ'·mean``; the statistics become the canonical
+``mean 0``, ``var 1−ε``) and every stored value rounded to float16 (:func:`round_model_`).
+Saving never changes the caller's model (its parameters, statistics and train-mode function stay
+as they were); :func:`load_bundle` and :func:`merge` give back the rounded model, which computes
+the saved model's eval function up to float16 rounding, and merged == loaded (≤ 1e-5). When a
+value does not fit float16 the bundle falls back to float32 (``value_dtype`` in the config).
+Format 1 bundles (float32, running statistics stored) still load.
+
+Reading validates everything before anything is built (:func:`validate_config`,
+:func:`validate_tensors`): unknown or wrongly typed config keys, unknown methods or method
+options, out-of-range numbers, tensors of the wrong name, dtype (float masks) or size, and
+NaN/Inf values all raise :class:`~metaprune.errors.BundleError`.
 
 :func:`merge` rebuilds the adapted model on the source, checks the hash, removes the masked
 channels with torch-pruning (base and adapter together) and fuses every adapter away.
@@ -27,7 +32,9 @@ channels with torch-pruning (base and adapter together) and fuses every adapter 
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metaprune import __version__
-from metaprune.errors import BundleError
+from metaprune.errors import BundleError, MetapruneError
 from metaprune.io import atomic_path, state_dict_sha256
 from spa.adapt import _NORMS, adapt_model, fuse_model
 from spa.methods import MethodConfig, get_method
@@ -168,28 +175,146 @@ def save_bundle(model: nn.Module, out_dir: str | os.PathLike, *, method: str, me
                 extra: dict | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (atomically).
 
-    ``model`` is first made what the bundle reproduces (:func:`round_model_`: BatchNorm statistics
-    folded, values rounded to float16), in place, so evaluating it afterwards measures the bundle.
+    ``model`` is left exactly as it was: a copy is made what the bundle reproduces
+    (:func:`round_model_`: BatchNorm statistics folded, values rounded to float16) and written.
+    :func:`load_bundle` gives that model back; it computes the same eval function as ``model`` up
+    to the float16 rounding. Non-finite values are refused (:class:`BundleError`), nothing is written.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     arch = getattr(model, "metaprune_arch", {})
     cfg = {"format_version": BUNDLE_FORMAT_VERSION, "metaprune_version": __version__, "method": method,
            "method_config": asdict(method_config), "rank": getattr(method_config, "rank", None),
            "task": task, "classes": list(classes), "num_classes": len(classes),
            "input_shape": list(input_shape), "head": model.spa_head, "source_sha256": source_sha256,
            "source_arch": arch.get("arch"), "extra": extra or {}}
-    dtype = round_model_(model)
-    tensors = bundle_tensors(model, dtype)
+    snapshot = copy.deepcopy(model)  # saving has no side effects on the caller's model
+    dtype = round_model_(snapshot)
+    tensors = bundle_tensors(snapshot, dtype)
+    del snapshot
+    if not bool(torch.isfinite(tensors["values"]).all()):
+        n = int((~torch.isfinite(tensors["values"])).sum())
+        raise BundleError(f"the adapted model holds {n} NaN/Inf value(s) in its learned tensors; nothing was "
+                          f"written to {out} — the training diverged (lower the learning rate)")
     cfg["n_values"] = int(tensors["values"].numel())
     cfg["layout"] = "packed-v2"
     cfg["value_dtype"] = "float16" if dtype == torch.float16 else "float32"
     cfg["norm_stats"] = "folded"
+    validate_config(cfg, str(out / CONFIG_NAME))  # what we write is what we accept
+    out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "spa_format_version": str(BUNDLE_FORMAT_VERSION)})
     with atomic_path(out / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(cfg, separators=(",", ":")) + "\n")
     return out
+
+
+# ----------------------------------------------------------------------------- validation
+_HEX = set("0123456789abcdef")
+_CONFIG_REQUIRED = {"format_version": int, "method": str, "method_config": dict, "task": str, "classes": list,
+                    "num_classes": int, "input_shape": list, "head": str, "source_sha256": str, "n_values": int,
+                    "layout": str}
+_CONFIG_OPTIONAL = {"metaprune_version": str, "rank": (int, type(None)), "source_arch": (str, type(None)),
+                    "extra": dict, "value_dtype": str, "norm_stats": str}
+_LAYOUTS = {1: "packed-v1", 2: "packed-v2"}
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+MAX_IMAGE_SIZE = 4096
+
+
+def _field_types(annotation) -> tuple[type, ...]:
+    if isinstance(annotation, type):
+        return (annotation,)
+    return tuple(_FIELD_TYPES[t.strip()] for t in str(annotation).split("|"))
+
+
+def validate_config(cfg, where: str) -> dict:
+    """Check every key, type and range of a bundle's ``adapter_config.json``; raise :class:`BundleError`.
+
+    Nothing is built before this passes: unknown or missing keys, wrongly typed values, unknown
+    method names or method options, out-of-range numbers and inconsistent counts are all refused.
+    """
+    import dataclasses
+
+    from metaprune.io import check_json_object
+
+    fv = cfg.get("format_version") if isinstance(cfg, dict) else None
+    if isinstance(fv, int) and not isinstance(fv, bool) and fv > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{where} has bundle format {fv}, newer than this metaprune ({BUNDLE_FORMAT_VERSION}); "
+                          "upgrade metaprune")
+    check_json_object(cfg, where, _CONFIG_REQUIRED, _CONFIG_OPTIONAL, error=BundleError)
+
+    def bad(msg: str):
+        raise BundleError(f"{where}: {msg}; the bundle is corrupt or was edited — re-create it with `metaprune adapt`")
+
+    if fv not in _LAYOUTS:
+        bad(f"format_version {fv} is not a bundle format (1..{BUNDLE_FORMAT_VERSION})")
+    if cfg["layout"] != _LAYOUTS[fv]:
+        bad(f"layout {cfg['layout']!r} does not belong to format {fv} (expected {_LAYOUTS[fv]!r})")
+    if fv >= 2:
+        for k in ("value_dtype", "norm_stats"):
+            if k not in cfg:
+                bad(f"{k!r} is missing (format {fv} stores it)")
+        if cfg["norm_stats"] != "folded":
+            bad(f"norm_stats {cfg['norm_stats']!r} is unknown (format 2 folds them: 'folded')")
+    if cfg.get("value_dtype", "float32") not in VALUE_DTYPES:
+        bad(f"value_dtype {cfg.get('value_dtype')!r} is not one of {', '.join(VALUE_DTYPES)}")
+    if fv < 2 and cfg.get("value_dtype", "float32") != "float32":
+        bad("format 1 bundles hold float32 values")
+    from spa.methods import METHODS
+
+    if cfg["method"] not in METHODS:
+        bad(f"method {cfg['method']!r} is unknown (known: {', '.join(METHODS)})")
+    cfg_cls, _ = METHODS[cfg["method"]]
+    flds = {f.name: _field_types(f.type) for f in dataclasses.fields(cfg_cls)}
+    check_json_object(cfg["method_config"], f"{where}: method_config of {cfg['method']}", {},
+                      flds, error=BundleError)
+    mc = cfg["method_config"]
+    n_values = cfg["n_values"]
+    if n_values < 0:
+        bad(f"n_values {n_values} is negative")
+    for k, v in mc.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(f"method_config {k} is {v}")
+        if k in ("rank", "seq_rank") and v is not None and not 1 <= v <= max(1, n_values):
+            bad(f"method_config {k} {v} is out of range (1..{max(1, n_values)}, the stored values)")
+    if cfg.get("rank") is not None and cfg["rank"] != mc.get("rank", cfg["rank"]):
+        bad(f"rank {cfg['rank']} disagrees with method_config rank {mc.get('rank')}")
+    nc = cfg["num_classes"]
+    if nc < 1 or len(cfg["classes"]) != nc:
+        bad(f"num_classes {nc} must be >= 1 and equal the number of classes listed ({len(cfg['classes'])})")
+    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in cfg["classes"]):
+        bad("classes must be names (strings) or integers")
+    shp = cfg["input_shape"]
+    if len(shp) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_IMAGE_SIZE
+                                for d in shp):
+        bad(f"input_shape {shp!r:.60} must be three integers (C, H, W) in 1..{MAX_IMAGE_SIZE}")
+    sha = cfg["source_sha256"]
+    if len(sha) != 64 or not set(sha) <= _HEX:
+        bad(f"source_sha256 {sha!r:.80} is not a SHA-256 hex digest")
+    if not cfg["head"] or len(cfg["head"]) > 1000:
+        bad("head must name the classifier module")
+    return cfg
+
+
+def validate_tensors(tensors: dict[str, torch.Tensor], cfg: dict, where: str) -> None:
+    """Check the bundle's tensors against its config: names, dtypes, shapes, finite values."""
+    if set(tensors) != {"masks", "values"}:
+        raise BundleError(f"{where} holds tensors {sorted(tensors)[:6]}, expected 'masks' and 'values'; it was not "
+                          "written by this metaprune")
+    masks, values = tensors["masks"], tensors["values"]
+    if masks.dtype != torch.uint8 or masks.dim() != 1:
+        raise BundleError(f"{where}: 'masks' must be bit-packed uint8 (1-D), not {masks.dtype} of shape "
+                          f"{tuple(masks.shape)}; the bundle is corrupt or was edited")
+    want = VALUE_DTYPES[cfg.get("value_dtype", "float32")]
+    if values.dtype != want or values.dim() != 1:
+        raise BundleError(f"{where}: 'values' must be 1-D {want} (value_dtype), not {values.dtype} of shape "
+                          f"{tuple(values.shape)}; the bundle is corrupt or was edited")
+    if values.numel() != cfg["n_values"]:
+        raise BundleError(f"{where}: 'values' holds {values.numel()} numbers but the config says n_values "
+                          f"{cfg['n_values']}; the bundle is truncated or its files do not belong together")
+    if not bool(torch.isfinite(values).all()):
+        n = int((~torch.isfinite(values)).sum())
+        raise BundleError(f"{where}: 'values' holds {n} NaN/Inf number(s); the bundle is corrupt or the run that "
+                          "wrote it diverged — re-create it with `metaprune adapt`")
 
 
 def read_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -202,22 +327,20 @@ def read_bundle(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
         if not f.exists():
             raise BundleError(f"{p} is not a bundle: {f.name} is missing (a bundle folder holds {CONFIG_NAME} "
                               f"and {WEIGHTS_NAME}, as written by `metaprune adapt`)")
+    if cfg_path.is_dir() or w_path.is_dir():
+        raise BundleError(f"{p} is not a bundle: {CONFIG_NAME} and {WEIGHTS_NAME} must be files")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{cfg_path} is not valid JSON ({e}); the bundle is corrupt or truncated — re-create it "
-                          "with `metaprune adapt`") from None
-    for key in ("format_version", "method", "source_sha256", "num_classes", "head"):
-        if key not in cfg:
-            raise BundleError(f"{cfg_path} has no {key!r}; it was not written by `metaprune adapt` or is damaged")
-    if int(cfg["format_version"]) > BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{p} has bundle format {cfg['format_version']}, newer than this metaprune "
-                          f"({BUNDLE_FORMAT_VERSION}); upgrade metaprune")
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise BundleError(f"{cfg_path} is not valid JSON ({str(e)[:120]}); the bundle is corrupt or truncated — "
+                          "re-create it with `metaprune adapt`") from None
+    validate_config(cfg, str(cfg_path))
     try:
         tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BundleError(f"{w_path} cannot be read ({e}); the file is truncated or corrupt — re-create the bundle "
-                          "with `metaprune adapt`") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        raise BundleError(f"{w_path} cannot be read ({str(e)[:200]}); the file is truncated or corrupt — re-create "
+                          "the bundle with `metaprune adapt`") from None
+    validate_tensors(tensors, cfg, str(w_path))
     return cfg, tensors
 
 
@@ -232,12 +355,21 @@ def load_bundle(path: str | os.PathLike, source: nn.Module) -> nn.Module:
     if have != cfg["source_sha256"]:
         raise BundleError(f"bundle {path} was trained on the source model with sha256 {cfg['source_sha256']}, "
                           f"but the given source has sha256 {have}; pass the bundle's own source model")
+    from spa.adapt import find_head
+
+    head = find_head(source)
+    if head != cfg["head"]:
+        raise BundleError(f"bundle {path} has head {cfg['head']!r} but the source's head is {head!r}")
+    in_chans = getattr(source, "metaprune_arch", {}).get("args", {}).get("in_chans")
+    if in_chans is not None and cfg["input_shape"][0] != in_chans:
+        raise BundleError(f"bundle {path} takes {cfg['input_shape'][0]}-channel inputs but the source takes {in_chans}")
     cfg_cls, _ = get_method(cfg["method"])
-    mcfg = cfg_cls(**cfg.get("method_config", {}))
-    model = adapt_model(source, cfg["method"], mcfg, num_classes=int(cfg["num_classes"]))
-    if model.spa_head != cfg["head"]:
-        raise BundleError(f"bundle {path} has head {cfg['head']!r} but the source's head is {model.spa_head!r}")
-    _scatter(model, tensors, str(path), int(cfg["format_version"]))
+    try:
+        mcfg = cfg_cls(**cfg["method_config"])
+    except MetapruneError as e:
+        raise BundleError(f"bundle {path}: method_config is invalid ({e})") from None
+    model = adapt_model(source, cfg["method"], mcfg, num_classes=cfg["num_classes"])
+    _scatter(model, tensors, str(path), cfg["format_version"])
     model.eval()
     model.spa_config = cfg
     return model
@@ -255,6 +387,8 @@ def _scatter(model: nn.Module, tensors: dict[str, torch.Tensor], path: str, vers
         raise BundleError(f"bundle {path} has {packed.numel() * 8} mask bits but this source architecture needs "
                           f"{n_bits}; the bundle belongs to another architecture")
     bits = _unpack_bits(packed, n_bits)
+    if bool(_unpack_bits(packed, packed.numel() * 8)[n_bits:].any()):
+        raise BundleError(f"bundle {path} sets mask bits past the {n_bits} this architecture uses; the file is corrupt")
     masks: dict[str, dict[str, torch.Tensor]] = {}
     pos = 0
     for name, dim, size in slots:
@@ -296,6 +430,27 @@ def _scatter(model: nn.Module, tensors: dict[str, torch.Tensor], path: str, vers
                           "it belongs to another architecture or method")
 
 
+def _check_masks_coupled(model: nn.Module, groups, where: str) -> None:
+    """Every mask must be the one its dependency group's root implies (what :func:`merge` removes).
+
+    A bundle whose masks disagree inside a group (edited or damaged) would merge into a model
+    that is not the masked model; it is refused.
+    """
+    from spa.prune import layer_masks
+
+    mods = dict(model.named_modules())
+    keep = {g.root: mods[g.root].out_mask.detach().cpu() > 0 for g in groups}
+    expect = layer_masks(model, groups, keep)
+    for name, dims in layer_masks_of(model).items():
+        for dim, mask in dims.items():
+            want = expect.get(name, {}).get(dim)
+            want = torch.ones_like(mask) if want is None else want.cpu().bool()
+            if not torch.equal(mask, want):
+                raise BundleError(f"bundle {where}: the {dim} mask of {name} disagrees with its dependency group "
+                                  f"({int(mask.sum())} vs {int(want.sum())} channels kept); the bundle is corrupt "
+                                  "or was edited")
+
+
 def merge(bundle: str | os.PathLike, source: nn.Module) -> nn.Module:
     """A plain dense pruned model (registered architecture at pruned widths, no adapter modules left)."""
     from spa.adapt import find_head
@@ -306,6 +461,7 @@ def merge(bundle: str | os.PathLike, source: nn.Module) -> nn.Module:
     example = torch.zeros(1, *cfg["input_shape"], device=next(model.parameters()).device)
     dg = build_graph(model, example)
     groups = channel_groups(model, dg, model.get_submodule(model.spa_head))
+    _check_masks_coupled(model, groups, str(bundle))
     physically_prune(model, dg, groups)
     for attr in ("spa_config", "spa_norm_masks"):
         if hasattr(model, attr):

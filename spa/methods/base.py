@@ -21,6 +21,7 @@ from torch import nn
 
 from metaprune.errors import ConfigError
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 @dataclass
 class MethodConfig:
@@ -52,10 +53,18 @@ class AdaptedLayer(nn.Module):
             self.kernel_size = tuple(base.kernel_size)
             if base.groups != 1:
                 raise ConfigError("grouped convolutions are not adapted (groups != 1)")
+            if base.padding_mode not in PADDING_MODES:
+                raise ConfigError(f"cannot adapt a convolution with padding_mode {base.padding_mode!r}; "
+                                  f"supported: {', '.join(PADDING_MODES)}")
+            # the base layer's own padding: non-zero modes pad explicitly, exactly as nn.Conv2d does
+            self.padding_mode = base.padding_mode
+            self._explicit_pad = tuple(base._reversed_padding_repeated_twice)
         elif isinstance(base, nn.Linear):
             self.kind = "linear"
             self.conv_args = {}
             self.kernel_size = ()
+            self.padding_mode = "zeros"
+            self._explicit_pad = ()
         else:
             raise ConfigError(f"cannot adapt a {type(base).__name__}; only Conv2d and Linear")
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
@@ -68,7 +77,8 @@ class AdaptedLayer(nn.Module):
         """Whether this method can adapt ``base``."""
         if isinstance(base, nn.Linear):
             return True
-        return isinstance(base, nn.Conv2d) and base.groups == 1 and all(k % 2 for k in base.kernel_size)
+        return (isinstance(base, nn.Conv2d) and base.groups == 1 and all(k % 2 for k in base.kernel_size)
+                and base.padding_mode in PADDING_MODES)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -113,17 +123,35 @@ class AdaptedLayer(nn.Module):
             b = b * self.out_mask
         return w, b
 
+    def conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """The base convolution with weight ``w``: ``nn.Conv2d._conv_forward`` of the source layer, padding mode included."""
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._explicit_pad, mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.conv_args["stride"], 0, self.conv_args["dilation"], self.conv_args["groups"])
+        return F.conv2d(x, w, b, **self.conv_args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.fused()
         if self.kind == "conv":
-            return F.conv2d(x, w, b, **self.conv_args)
+            return self.conv(x, w, b)
         return F.linear(x, w, b)
 
     def to_module(self) -> nn.Module:
-        """A plain ``nn.Conv2d``/``nn.Linear`` with the fused, masked weights (no adapter left)."""
-        w, b = self.fused()
+        """A plain ``nn.Conv2d``/``nn.Linear`` with the fused, masked weights (no adapter left).
+
+        Raises :class:`ConfigError` when a fused value is not finite (a diverged or damaged adapter).
+        """
+        with torch.no_grad():
+            w, b = self.fused()
+        for t, what in ((w, "weight"), (b, "bias")):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                n = int((~torch.isfinite(t)).sum())
+                raise ConfigError(f"fusing a {self.method} adapter gives {n} non-finite {what} value(s) "
+                                  f"({self.kind} {self.in_channels}->{self.out_channels}); the adapter diverged "
+                                  "or its values are damaged — retrain with a lower learning rate")
         if self.kind == "conv":
-            m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=b is not None, **self.conv_args)
+            m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=b is not None,
+                          padding_mode=self.padding_mode, **self.conv_args)
         else:
             m = nn.Linear(self.in_channels, self.out_channels, bias=b is not None)
         m = m.to(device=w.device, dtype=w.dtype)
@@ -154,7 +182,8 @@ class AdaptedLayer(nn.Module):
             setattr(self, fname, p)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, in={self.in_channels}, out={self.out_channels}, method={self.method}"
+        pm = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode}"
+        return f"{self.kind}, in={self.in_channels}, out={self.out_channels}, method={self.method}{pm}"
 
 
 class FullLayer(AdaptedLayer):

@@ -1,5 +1,7 @@
 """Each method's fuse rule is exact, starts at the source function, and masks commute with slicing."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -18,13 +20,23 @@ def _randomise(layer):
             p.add_(0.1 * torch.randn_like(p))
 
 
-def _reference(layer, x):
-    """The method's function written out branch by branch (not through ``fused()``)."""
+def _reference(layer, x, base_conv=None):
+    """The method's function written out branch by branch (not through ``fused()``).
+
+    The frozen branch runs through a real ``nn.Conv2d`` configured like the source layer
+    (``base_conv``: padding mode included) with the layer's current weights.
+    """
     w, b = layer.weight, layer.bias
     conv = layer.kind == "conv"
-    op = (lambda x, w, b=None: nn.functional.conv2d(x, w, b, **layer.conv_args)) if conv else nn.functional.linear
+    if conv:
+        ref = copy.deepcopy(base_conv)
+
+        def op(x, w, b=None):
+            return ref._conv_forward(x, w, b)
+    else:
+        op = nn.functional.linear
     y = op(x, w, b)
-    stride = layer.conv_args.get("stride", 1)
+    stride = base_conv.stride if conv else 1
     point = (lambda x, m, s=stride: nn.functional.conv2d(x, m[:, :, None, None], stride=s)) if conv \
         else (lambda x, m, s=1: x @ m.T)
     if layer.method in ("splora", "lora", "hydra"):
@@ -41,15 +53,51 @@ def _reference(layer, x):
 
 @pytest.mark.parametrize("method", CONV_METHODS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv_fuse_rule_exact(method, stride):
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular", "replicate"])
+def test_conv_fuse_rule_exact(method, stride, padding_mode):
     cfg_cls, cls = get_method(method)
-    base = nn.Conv2d(6, 10, 3, stride, 1, bias=True)
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 10, 3, stride, 1, bias=True, padding_mode=padding_mode)
+    with torch.no_grad():
+        base.bias.normal_()
     layer = cls(base, cfg_cls(rank=3))
-    x = torch.randn(2, 6, 9, 9)
-    assert torch.allclose(layer(x), base(x), atol=1e-6) or method == "full"
+    x = torch.randn(2, 6, 9, 9) + 1.0  # non-zero border: zero and reflect padding differ
+    # every method starts exactly at the source function (zero up-projections; full copies the weights)
+    assert (layer(x) - base(x)).abs().max() < 1e-6
+    assert (layer.to_module()(x) - base(x)).abs().max() < 1e-6
     _randomise(layer)
-    assert (layer(x) - _reference(layer, x)).abs().max() < 1e-5
-    assert (layer.to_module()(x) - layer(x)).abs().max() < 1e-5
+    y = layer(x)
+    assert (y - base(x)).abs().max() > 1e-2  # the randomised adapter really changes the function
+    assert (y - _reference(layer, x, base)).abs().max() < 1e-5
+    fused = layer.to_module()
+    assert fused.padding_mode == padding_mode
+    assert (fused(x) - y).abs().max() < 1e-5
+
+
+def test_unsupported_padding_is_refused_and_nonfinite_fusion_raises():
+    from metaprune.errors import ConfigError
+
+    _, cls = get_method("splora")
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    conv.padding_mode = "mirror"  # not a mode adapted layers reproduce
+    assert not cls.supports(conv)
+    with pytest.raises(ConfigError, match="padding_mode"):
+        cls(conv, get_method("splora")[0](rank=2))
+    layer = cls(nn.Conv2d(3, 4, 3, padding=1), get_method("splora")[0](rank=2))
+    with torch.no_grad():
+        layer.lora_B[1, 0] = float("nan")
+    with pytest.raises(ConfigError, match="non-finite"):
+        layer.to_module()
+
+
+def _ref_attention(attn, x):
+    """Multi-head attention written out with the layers' reference functions (no fusion, no SDPA)."""
+    b, n, c = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv_ref(x).reshape(b, n, 3, h, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return attn.proj_ref((a @ v).transpose(1, 2).reshape(b, n, -1))
 
 
 @pytest.mark.parametrize("method", ["splora", "hydra", "lora"])
@@ -60,17 +108,25 @@ def test_linear_and_attention_fuse_exact(method):
     x = torch.randn(3, 8)
     assert torch.equal(layer(x), base(x))  # zero-initialised up-projection: exactly the source
     _randomise(layer)
+    assert (layer(x) - base(x)).abs().max() > 1e-2
     assert (layer(x) - _reference(layer, x)).abs().max() < 1e-5
-    attn = SelfAttention(8, 2)
-    ref = attn(torch.randn(1, 5, 8))[0]
-    attn.qkv, attn.proj = cls(attn.qkv, cfg_cls(rank=2)), cls(attn.proj, cfg_cls(rank=2))
+    # attention: adapted qkv/proj start at the source, then match a hand-written attention
     torch.manual_seed(0)
-    x = torch.randn(1, 5, 8)
-    assert attn(x)[0].shape == ref.shape
+    attn = SelfAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    source_out = attn(x)[0]
+    attn.qkv, attn.proj = cls(attn.qkv, cfg_cls(rank=2)), cls(attn.proj, cfg_cls(rank=2))
+    assert (attn(x)[0] - source_out).abs().max() < 1e-6
     _randomise(attn.qkv)
-    fused_out = attn(x)[0]
+    _randomise(attn.proj)
+    adapted_out = attn(x)[0]
+    assert (adapted_out - source_out).abs().max() > 1e-2
+    attn.qkv_ref = lambda t, q=attn.qkv: _reference(q, t)
+    attn.proj_ref = lambda t, p=attn.proj: _reference(p, t)
+    assert (adapted_out - _ref_attention(attn, x)).abs().max() < 1e-5
     attn.qkv, attn.proj = attn.qkv.to_module(), attn.proj.to_module()
-    assert (attn(x)[0] - fused_out).abs().max() < 1e-5
+    assert isinstance(attn.qkv, nn.Linear) and isinstance(attn.proj, nn.Linear)
+    assert (attn(x)[0] - adapted_out).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("method", ["splora", "sppara", "hydra", "full"])
