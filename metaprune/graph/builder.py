@@ -48,7 +48,8 @@ class _Block:
     outer: str = "dst"   # dense: which side varies slowest
     groups: int = 1
     src_start: int = 0   # first source channel used (inside src)
-    value: torch.Tensor | None = None   # [count, D] view to copy in (None: constant 1)
+    value: torch.Tensor | None = None   # [count, D] view to copy in (None: the constant ``fill``)
+    fill: float = 1.0
 
 
 @contextlib.contextmanager
@@ -77,6 +78,11 @@ class GraphBuilder:
         self.layout: list[dict] = []
         self.layers: list[dict] = [{"id": 0, "name": "input", "type": "input"}]
         self.output_flow = None
+        self.dtype = torch.float32   # of the features: the widest floating dtype declared (exact round trip)
+
+    def _widen(self, t: torch.Tensor | None) -> None:
+        if t is not None and t.is_floating_point():
+            self.dtype = torch.promote_types(self.dtype, t.dtype)
 
     # ------------------------------------------------------------------ nodes
     def new_layer(self, name: str, type_: str) -> int:
@@ -104,6 +110,7 @@ class GraphBuilder:
         if taken:
             raise GraphError(f"{key}: node slots {sorted(taken)} are already used (internal rule conflict)")
         ns.used_slots.update(slots)
+        self._widen(tensor)
         self.node_values.append((ns, list(slots), tensor.detach().cpu().reshape(len(slots), ns.size)))
         self.layout.append({"key": key, "kind": "node", "start": ns.start, "count": ns.size, "slots": list(slots),
                             "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")})
@@ -130,6 +137,7 @@ class GraphBuilder:
         count = src.size * dst.size
         d = dim if value is None else int(value.shape[1])
         off = self._reserve(group, d, count)
+        self._widen(value)
         self.blocks.setdefault(group, []).append(
             _Block("dense", src, dst, off, count, EDGE_ROLE[role], layer, outer=outer, value=value))
         if key is not None:
@@ -140,15 +148,17 @@ class GraphBuilder:
         """Edges of a grouped conv: output ``o`` sees only the inputs of its group; row-major (o, i)."""
         count = dst.size * (src.size // groups)
         off = self._reserve(group, int(value.shape[1]), count)
+        self._widen(value)
         self.blocks.setdefault(group, []).append(
             _Block("grouped", src, dst, off, count, EDGE_ROLE[role], layer, groups=groups, value=value))
         self._edge_layout(key, group, off, count, "oi", shape, dtype)
 
-    def identity_edges(self, src: NodeSet, dst: NodeSet, layer: int, src_start: int = 0) -> None:
-        """One edge per channel, ``src[src_start + c] -> dst[c]``, feature 1, in group ``id``."""
+    def identity_edges(self, src: NodeSet, dst: NodeSet, layer: int, src_start: int = 0, value: float = 1.0) -> None:
+        """One edge per channel, ``src[src_start + c] -> dst[c]``, feature ``value`` (1, or -1 for a
+        subtracted operand), in group ``id``."""
         off = self._reserve("id", 1, dst.size)
         self.blocks.setdefault("id", []).append(
-            _Block("diag", src, dst, off, dst.size, EDGE_ROLE["identity"], layer, src_start=src_start))
+            _Block("diag", src, dst, off, dst.size, EDGE_ROLE["identity"], layer, src_start=src_start, fill=value))
 
     def _edge_layout(self, key, group, off, count, view, shape, dtype) -> None:
         self.layout.append({"key": key, "kind": "edge", "group": group, "offset": off, "count": count,
@@ -162,7 +172,7 @@ class GraphBuilder:
 
     def _build(self, spec: dict) -> Graph:
         n = self.num_nodes
-        x = torch.tensor(NODE_NEUTRAL, dtype=torch.float32).repeat(n, 1)
+        x = torch.tensor(NODE_NEUTRAL, dtype=self.dtype).repeat(n, 1)
         mask = torch.zeros(n, NUM_NODE_FEATURES, dtype=torch.bool)
         role = torch.empty(n, dtype=torch.long)
         layer = torch.empty(n, dtype=torch.long)
@@ -172,7 +182,7 @@ class GraphBuilder:
             role[sl], layer[sl], depth[sl] = r, ns.layer, ns.depth
         for ns, slots, vals in self.node_values:
             sl = slice(ns.start, ns.start + ns.size)
-            x[sl, slots] = vals.t().to(torch.float32)
+            x[sl, slots] = vals.t().to(self.dtype)
             mask[sl, slots] = True
         edges = {g: self._build_group(g, blocks) for g, blocks in self.blocks.items()}
         return Graph(x, mask, role, layer, depth, edges, spec)
@@ -180,7 +190,7 @@ class GraphBuilder:
     def _build_group(self, group: str, blocks: list[_Block]) -> EdgeGroup:
         e, d = self.group_size[group], self.group_dim[group]
         index = torch.empty(2, e, dtype=torch.long)
-        attr = torch.empty(e, d, dtype=torch.float32)
+        attr = torch.empty(e, d, dtype=self.dtype)
         role = torch.empty(e, dtype=torch.long)
         layer = torch.empty(e, dtype=torch.long)
         for b in blocks:
@@ -188,7 +198,7 @@ class GraphBuilder:
             role[sl] = b.role
             layer[sl] = b.layer
             if b.value is None:
-                attr[sl] = 1.0
+                attr[sl] = b.fill
             else:
                 attr[sl] = b.value
             src_i, dst_i = index[0, sl], index[1, sl]

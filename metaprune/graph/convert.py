@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metaprune.errors import GraphError
+from metaprune.errors import GraphError, MetapruneError
 from metaprune.graph.builder import single_thread
-from metaprune.graph.graph import GRAPH_FORMAT_VERSION, NODE_NEUTRAL, EdgeGroup, Graph
+from metaprune.graph.graph import GRAPH_FORMAT_VERSION, NODE_NEUTRAL, EdgeGroup, Graph, dtype_from_name
 from metaprune.graph.trace import trace
 from metaprune.models import apply_widths, create_model, get_entry, get_widths
 from metaprune.models.registry import ARCH_ATTR
@@ -39,6 +39,8 @@ class _Structure:
     x_mask: torch.Tensor
     edges: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]   # index, role, layer, dim
     spec: dict
+    dtype: torch.dtype                 # of the features
+    id_attr: torch.Tensor | None       # the constant features of the identity edges (+1 / -1)
 
 
 _CACHE: OrderedDict[tuple, _Structure] = OrderedDict()
@@ -62,14 +64,14 @@ def _fill(st: _Structure, model: nn.Module) -> Graph:
     sd = model.state_dict()
     with single_thread():
         n = st.node_role.shape[0]
-        x = torch.tensor(NODE_NEUTRAL, dtype=torch.float32).repeat(n, 1)
-        attr = {g: torch.empty(e[0].shape[1], e[3]) for g, e in st.edges.items()}
+        x = torch.tensor(NODE_NEUTRAL, dtype=st.dtype).repeat(n, 1)
+        attr = {g: torch.empty(e[0].shape[1], e[3], dtype=st.dtype) for g, e in st.edges.items() if g != "id"}
         layout = []
         for e in st.spec["layout"]:
             t = sd[e["key"]].detach().cpu()
             if e["kind"] == "node":
                 s, c, slots = e["start"], e["count"], e["slots"]
-                x[s:s + c, slots] = t.reshape(len(slots), c).t().to(torch.float32)
+                x[s:s + c, slots] = t.reshape(len(slots), c).t().to(st.dtype)
             elif e["kind"] == "edge":
                 a = attr[e["group"]][e["offset"]:e["offset"] + e["count"]]
                 if e["view"] == "qkv":
@@ -80,9 +82,8 @@ def _fill(st: _Structure, model: nn.Module) -> Graph:
             else:
                 e = {**e, "value": t.item()}
             layout.append(e)
-        for g in st.edges:
-            if g == "id":
-                attr[g].fill_(1.0)
+        if st.id_attr is not None:
+            attr["id"] = st.id_attr.clone()
     edges = {g: EdgeGroup(index, attr[g], role, layer) for g, (index, role, layer, _) in st.edges.items()}
     spec = {**st.spec, "layout": layout, "training": bool(model.training)}
     return Graph(x, st.x_mask, st.node_role, st.node_layer, st.node_depth, edges, spec)
@@ -120,7 +121,8 @@ def to_graph(model: nn.Module, cache: bool = True) -> Graph:
     missing = [k for k in sd if k not in covered]
     if missing:
         raise GraphError(f"the graph does not cover the tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
-                         "they are never used in forward, or used by an operation without a graph rule")
+                         "they are never used in forward, their result does not reach the output, or they are used by an "
+                         "operation without a graph rule")
     buffers = {k for k, _ in model.named_buffers()}
     for e in builder.layout:
         e["buffer"] = e["key"] in buffers
@@ -130,14 +132,11 @@ def to_graph(model: nn.Module, cache: bool = True) -> Graph:
     g = builder.build(spec)
     if key is not None:
         _CACHE[key] = _Structure(g.node_role, g.node_layer, g.node_depth, g.x_mask,
-                                 {k: (e.index, e.role, e.layer, e.feature_dim) for k, e in g.edges.items()}, spec)
+                                 {k: (e.index, e.role, e.layer, e.feature_dim) for k, e in g.edges.items()}, spec,
+                                 g.x.dtype, g.edges["id"].attr.clone() if "id" in g.edges else None)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return g
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
 
 
 def graph_params(graph: Graph, x: torch.Tensor | None = None,
@@ -163,7 +162,7 @@ def graph_params(graph: Graph, x: torch.Tensor | None = None,
                              f"the graph needs {tuple(g.attr.shape)}")
     out: dict[str, torch.Tensor] = {}
     for e in graph.spec["layout"]:
-        kind, shape, dt = e["kind"], e["shape"], _dtype(e["dtype"])
+        kind, shape, dt = e["kind"], e["shape"], dtype_from_name(e["dtype"])
         if kind == "node":
             s, n, slots = e["start"], e["count"], e["slots"]
             v = x[s:s + n, slots[0]] if len(slots) == 1 else x[s:s + n, slots].t()
@@ -187,9 +186,18 @@ def build_module(spec: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Build the architecture of a graph spec at its widths and load ``state_dict`` into it (the
     tensors are taken over, not copied). Construction happens on the ``meta`` device, so no time
     is spent on random initialisation."""
-    with torch.device("meta"):
-        model = create_model(spec["arch"], **spec["arch_args"])
-        apply_widths(model, spec.get("widths", {}), state_dict)
+    try:
+        with torch.device("meta"):
+            model = create_model(spec["arch"], **spec["arch_args"])
+            apply_widths(model, spec.get("widths", {}), state_dict)
+    except GraphError:
+        raise
+    except MetapruneError as e:  # unknown architecture or arguments, widths that do not fit it
+        raise GraphError(f"the graph cannot be rebuilt: {e}") from None
+    except (TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as e:
+        raise GraphError(f"cannot build architecture {spec['arch']!r} with the graph's arguments "
+                         f"{spec['arch_args']} and widths: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:

@@ -3,11 +3,17 @@
 Layers that have a rule (:mod:`metaprune.graph.rules`) are fx leaves; everything else is traced
 through. The traced graph is run once on ``meta`` tensors (no data, no compute) so that every
 value has a shape, and each value is given a :class:`~metaprune.graph.rules.Flow`: which graph
-nodes its channels are and in which dimension they sit. Parameter-free operations keep the
-flow (activations, pooling, dropout) or move its dimension (flatten, reshape, permute,
-transpose, indexing); residual adds and channel concats create new nodes joined one-to-one to
-their inputs (group ``id``); a class token concatenated to the tokens and a position embedding
-added to them are parameters of the residual stream (slot ``token`` / group ``pos``).
+nodes its channels are and in which dimension they sit. Only values that reach the model's
+output are followed (an unused value creates no node). Parameter-free operations must be in the
+allow-list of :mod:`metaprune.graph.ops`: they keep the flow (activations, pooling, dropout,
+scalar arithmetic) or move its dimension (flatten, reshape, permute, transpose, indexing); any
+other operation on a channel tensor is refused, because it may reorder or mix channels
+(``flip(1)``, ``roll``, ``nn.ChannelShuffle``). ``a + b``, ``a - b`` and ``a * b`` of two channel
+tensors create new nodes (role ``residual`` / ``difference`` / ``product``) joined one-to-one to
+their inputs (group ``id``, feature ``+1``, ``-1`` for the subtracted operand); a quotient of
+channel tensors is refused. Channel concats create ``concat`` nodes; a class token concatenated to
+the tokens and a position embedding added to them are parameters of the residual stream (slot
+``token`` / group ``pos``).
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from torch import nn
 from metaprune.errors import GraphError
 from metaprune.graph.builder import GraphBuilder, NodeSet
 from metaprune.graph.graph import SLOT
+from metaprune.graph.ops import INPLACE, MERGE_KIND, METHOD_KINDS, function_kind, module_kind
 from metaprune.graph.rules import Flow, find_rule, supported_types
 
-_MERGE_OPS = {"add", "iadd", "sub", "isub", "mul", "imul", "add_", "sub_", "mul_", "div", "truediv"}
-_RESHAPE_OPS = {"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous"}
-_REDUCE_OPS = {"mean", "sum", "amax", "amin"}
+_MERGE_ROLE = {"add": "residual", "sub": "difference", "mul": "product"}
+_OPS_HINT = ("the graph follows only the parameter-free operations listed in metaprune/graph/ops.py (activations, "
+             "dropout, pooling, reshapes, permutes, indexing, +, -, *, cat); remove it, or register it with "
+             "metaprune.graph.register_channel_op if it neither reorders nor mixes channels")
 
 
 @dataclass
@@ -39,7 +47,8 @@ class ParamRef:
 
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return find_rule(m) is not None or super().is_leaf_module(m, qualname)
+        return (find_rule(m) is not None or module_kind(m) is not None
+                or super().is_leaf_module(m, qualname))
 
 
 def _op_name(n: fx.Node) -> str:
@@ -54,9 +63,44 @@ def _flat_nodes(a: Any) -> list[fx.Node]:
     return out
 
 
+def _has_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_has_tensor(x) for x in v)
+    if isinstance(v, dict):
+        return any(_has_tensor(x) for x in v.values())
+    return False
+
+
+def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the output depends on."""
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    return live
+
+
+def _dims(v: Any, ndim: int) -> list[int]:
+    v = v if isinstance(v, (tuple, list)) else [v]
+    return [int(d) % ndim for d in v]
+
+
+def _arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    """Argument ``pos`` (counting the input tensor as 0) or keyword ``name`` of a call."""
+    if len(n.args) > pos:
+        return n.args[pos]
+    return n.kwargs.get(name, default)
+
+
 def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[GraphBuilder, fx.GraphModule]:
     """Trace ``model`` and declare its graph on a fresh builder. Raises :class:`GraphError` when a
-    layer has no rule or the channels of a layer's input cannot be followed."""
+    layer has no rule, an operation is not known to keep channels in place, or the channels of a
+    layer's input cannot be followed."""
     try:
         tracer = _LeafTracer()
         fxg = tracer.trace(model)
@@ -67,7 +111,19 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[GraphBuilder,
         raise GraphError(f"torch.fx cannot trace {type(model).__name__}: {str(e).splitlines()[0]}; the model's "
                          "forward must not branch on tensor values") from None
     builder = GraphBuilder()
-    _Interp(gm, builder).run(torch.empty(input_shape, device="meta"))
+    # a batch of 2 (not 1): a size-1 channel dimension (a layer pruned to width 1) must not be
+    # mistaken for the batch dimension when a reshape is followed
+    shape = (max(2, int(input_shape[0])), *input_shape[1:])
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    interp = _Interp(gm, builder)
+    try:
+        interp.run(torch.empty(shape, device="meta", dtype=dtype))
+    except GraphError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the forward itself fails at these shapes
+        where = interp.current.format_node() if interp.current is not None else "?"
+        raise GraphError(f"running {type(model).__name__} on meta tensors of shape {list(input_shape)} failed at "
+                         f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return builder, gm
 
 
@@ -76,10 +132,14 @@ class _Interp(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, builder: GraphBuilder):
         super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False  # our errors are one line; fx would append the node and a traceback
         self.b = builder
         self.flows: dict[fx.Node, Any] = {}
         self.mods = dict(gm.named_modules())
         self.seen_inputs = 0
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.live = _live_nodes(gm.graph)
+        self.current: fx.Node | None = None
 
     # ---------------------------------------------------------------- execution on meta
     def call_module(self, target, args, kwargs):
@@ -94,9 +154,24 @@ class _Interp(fx.Interpreter):
         return v.to("meta") if isinstance(v, torch.Tensor) else v
 
     def run_node(self, n: fx.Node):
+        self.current = n
+        if n not in self.live:  # does not reach the output: no nodes, not even run
+            self._check_dead(n)
+            self.flows[n] = None
+            return None
         out = super().run_node(n)
         self.flows[n] = self._flow(n, out)
         return out
+
+    def _check_dead(self, n: fx.Node) -> None:
+        """An unused in-place change of a channel tensor that is read later would be lost."""
+        if n.op not in ("call_function", "call_method"):
+            return
+        name = _op_name(n)
+        if name in INPLACE and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in self.live \
+                and isinstance(self.flows.get(n.args[0]), Flow):
+            raise GraphError(f"the in-place operation {name!r} ({n.name}) changes a channel tensor that is read "
+                             "later; the graph cannot follow in-place changes: write `x = x + y` instead")
 
     # ---------------------------------------------------------------- channel flows
     def _flow(self, n: fx.Node, out: Any):
@@ -128,66 +203,151 @@ class _Interp(fx.Interpreter):
             if any(True for _ in mod.parameters()) or any(b is not None for b in mod.buffers()):
                 raise GraphError(f"{n.target} ({type(mod).__name__}) has parameters but no graph rule; "
                                  f"supported layer types: {supported_types()}. Add a rule in metaprune/graph/rules.py")
-        return self._generic(n, out)
-
-    def _generic(self, n: fx.Node, out: Any):
+            return self._op(n, module_kind(mod), f"the module {n.target} ({type(mod).__name__})", out, mod)
         name = _op_name(n)
-        arg_nodes = _flat_nodes((n.args, n.kwargs))
-        flows = [(a, self.flows.get(a)) for a in arg_nodes]
-        if name == "getitem" and isinstance(self.flows.get(n.args[0]), tuple):
-            return self.flows[n.args[0]][n.args[1]]
-        if not isinstance(out, torch.Tensor):
-            return None
-        chan = [(a, f) for a, f in flows if isinstance(f, Flow)]
-        params = [(a, f) for a, f in flows if isinstance(f, ParamRef)]
-        if not chan:
-            return params[0][1] if params and len(params) == 1 and name in ("expand", "contiguous", "to") else None
-        if name == "cat":
-            return self._cat(n, out, chan, params)
-        if params:
-            if name in ("add", "iadd") and len(chan) == 1 and len(params) == 1:
-                return self._add_embedding(n, out, chan[0][1], params[0][1])
-            raise GraphError(f"the parameter {params[0][1].key!r} is used by the operation {name!r} "
-                             f"({n.name}), which the graph has no rule for; supported layer types: {supported_types()}")
-        if len(chan) > 1:
-            if name not in _MERGE_OPS:
-                raise GraphError(f"the operation {name!r} ({n.name}) combines several tensors' channels; "
-                                 f"the graph knows only elementwise {sorted(_MERGE_OPS)} and cat")
-            return self._merge(n, out, [f for _, f in chan])
-        a, f = chan[0]
-        cdim = self._map_dim(n, name, self.env[a], out, f)
-        return None if cdim is None else Flow(f.ns, cdim)
+        kind = function_kind(n.target) if n.op == "call_function" else METHOD_KINDS.get(str(n.target))
+        return self._op(n, kind, f"the operation {name!r} ({n.name})", out)
 
-    def _map_dim(self, n: fx.Node, name: str, inp: torch.Tensor, out: torch.Tensor, f: Flow) -> int | None:
-        c, cd = f.ns.size, f.cdim
-        args = n.args[1:]
-        if name == "permute":
-            dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-            dims = [d % inp.ndim for d in dims]
-            return dims.index(cd)
-        if name in ("transpose", "swapaxes"):
-            a, b = (d % inp.ndim for d in args[:2])
-            return b if cd == a else a if cd == b else cd
-        if name in _RESHAPE_OPS:
-            inner = math.prod(inp.shape[cd + 1:])
-            for d in range(out.ndim):
-                if out.shape[d] == c and math.prod(out.shape[d + 1:]) == inner:
-                    return d
+    def _op(self, n: fx.Node, kind: str | None, where: str, out: Any, mod: nn.Module | None = None):
+        """The flow of a parameter-free operation of ``kind`` (None: not in the allow-list)."""
+        arg_nodes = _flat_nodes((n.args, n.kwargs))
+        if kind == "getitem" and isinstance(self.flows.get(n.args[0]), tuple):
+            return self.flows[n.args[0]][n.args[1]]
+        chan = [a for a in arg_nodes if isinstance(self.flows.get(a), Flow)]
+        params = [a for a in arg_nodes if isinstance(self.flows.get(a), ParamRef)]
+        if not chan:  # shapes, parameters on their own, values without channels
+            name = _op_name(n)
+            if len(params) == 1 and isinstance(out, torch.Tensor) and name in ("expand", "contiguous", "to"):
+                return self.flows[params[0]]
             return None
-        if name == "getitem":
-            return self._index_dim(args[0], inp, cd)
-        if name in _REDUCE_OPS:
-            dims = args[0] if args else n.kwargs.get("dim")
-            keep = n.kwargs.get("keepdim", args[1] if len(args) > 1 else False)
+        if kind is None:
+            if not _has_tensor(out):  # x.shape, x.dim(), x.size(1)
+                return None
+            if params:
+                raise GraphError(f"the parameter {self.flows[params[0]].key!r} is used by {where}, which the graph "
+                                 f"has no rule for; supported layer types: {supported_types()}")
+            raise GraphError(f"{where} is not known to keep channel c at channel c; {_OPS_HINT}")
+        if kind == "cat":
+            return self._cat(n, where, out)
+        if kind == "arith":
+            return self._arith(n, where, out, arg_nodes)
+        first = n.args[0] if n.args else None
+        tensors = [a for a in arg_nodes if isinstance(self.env.get(a), torch.Tensor)]
+        if not isinstance(first, fx.Node) or any(a is not first for a in tensors):
+            extra = next(a for a in tensors if a is not first)
+            what = (f"the parameter {self.flows[extra].key!r}" if isinstance(self.flows.get(extra), ParamRef)
+                    else f"the tensor {extra.name!r}")
+            raise GraphError(f"{where} reads {what} besides its input; the graph cannot tell how it acts on the "
+                             "channels")
+        f = self.flows.get(first)
+        if not isinstance(f, Flow):
+            return None
+        if not isinstance(out, torch.Tensor):
+            raise GraphError(f"{where} returns {type(out).__name__}, not one tensor; {_OPS_HINT}")
+        cd = self._map_dim(n, kind, where, self.env[first], out, f, mod)
+        return None if cd is None else Flow(f.ns, cd)
+
+    def _map_dim(self, n: fx.Node, kind: str, where: str, inp: torch.Tensor, out: torch.Tensor, f: Flow,
+                 mod: nn.Module | None) -> int | None:
+        """Where the channel dim ``f.cdim`` of ``inp`` is in ``out`` (None: the channels are no longer
+        one dimension of it); raises for an operation that would reorder or mix the channels."""
+        c, cd, nd = f.ns.size, f.cdim, inp.ndim
+        if kind == "elementwise":
+            if tuple(out.shape) != tuple(inp.shape):
+                raise GraphError(f"{where} changes the shape {tuple(inp.shape)} to {tuple(out.shape)}")
+            return cd
+        if kind in ("pool1d", "pool2d"):
+            k = 1 if kind == "pool1d" else 2
+            if cd >= nd - k or out.ndim != nd:
+                raise GraphError(f"{where} pools over the channel dimension {cd} of a {nd}-d tensor; "
+                                 "the graph cannot map pooled channels")
+            return cd
+        if kind == "softmax":
+            dim = mod.dim if mod is not None else _arg(n, 1, "dim")
+            if dim is None or int(dim) % nd == cd:
+                raise GraphError(f"{where} normalises over the channel dimension (dim={dim}); it mixes channels")
+            return cd
+        if kind in ("flip", "roll"):
+            if kind == "flip":
+                dims = n.args[1:] if len(n.args) > 2 else _arg(n, 1, "dims")
+            else:
+                dims = _arg(n, 2, "dims")
+            if dims is None or cd in _dims(dims, nd):
+                raise GraphError(f"{where} reorders the channels (dim {cd}), which the graph cannot follow; {_OPS_HINT}")
+            return cd
+        if kind == "expand":
+            cd_out = cd + out.ndim - nd
+            if out.shape[cd_out] != c:
+                raise GraphError(f"{where} broadcasts {c} channel(s) to {out.shape[cd_out]}")
+            return cd_out
+        if kind == "permute":
+            dims = n.args[1:] if len(n.args) > 2 else _arg(n, 1, "dims")
+            return _dims(dims, nd).index(cd)
+        if kind == "transpose":
+            a, b = _dims([_arg(n, 1, "dim0"), _arg(n, 2, "dim1")], nd)
+            return b if cd == a else a if cd == b else cd
+        if kind == "getitem":
+            return self._index_dim(n.args[1], inp, cd)
+        if kind == "reduce":
+            dims = _arg(n, 1, "dim")
+            keep = _arg(n, 2, "keepdim", False)
             if dims is None:
                 return None
-            dims = [d % inp.ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+            dims = _dims(dims, nd)
             if cd in dims:
                 return None
             return cd if keep else cd - sum(d < cd for d in dims)
-        if out.ndim == inp.ndim and out.shape[cd] == c:
-            return cd
-        return None
+        if kind == "flatten":
+            if mod is not None:
+                start, end = mod.start_dim, mod.end_dim
+            else:
+                start, end = _arg(n, 1, "start_dim", 0), _arg(n, 2, "end_dim", -1)
+            start, end = _dims([start, end], nd) if nd else (0, 0)
+            if cd < start:
+                return cd
+            if cd > end:
+                return cd - (end - start)
+            # the channels merge with the other dims in [start, end]: fine only if those are all 1
+            return start if all(inp.shape[d] == 1 for d in range(start, end + 1) if d != cd) else None
+        if kind == "unflatten":
+            dim = mod.dim if mod is not None else _arg(n, 1, "dim")
+            dim = int(dim) % nd
+            k = out.ndim - nd + 1
+            if cd < dim:
+                return cd
+            if cd > dim:
+                return cd + k - 1
+            sizes = list(out.shape[dim:dim + k])
+            at = [i for i, s in enumerate(sizes) if s == c]
+            ok = len(at) >= 1 and all(s == 1 for i, s in enumerate(sizes) if i != at[0])
+            return dim + at[0] if ok else None
+        if kind == "squeeze":
+            dims = _arg(n, 1, "dim")
+            dims = [d for d in range(nd) if inp.shape[d] == 1] if dims is None else \
+                [d for d in _dims(dims, nd) if inp.shape[d] == 1]
+            return None if cd in dims else cd - sum(d < cd for d in dims)
+        if kind == "unsqueeze":
+            d = int(_arg(n, 1, "dim")) % (nd + 1)
+            return cd + (d <= cd)
+        if kind == "reshape":
+            return self._reshape_dim(inp, out, cd, c)
+        raise GraphError(f"{where}: internal error, no channel mapping for kind {kind!r}")  # pragma: no cover
+
+    @staticmethod
+    def _reshape_dim(inp: torch.Tensor, out: torch.Tensor, cd: int, c: int) -> int | None:
+        """A reshape keeps the channels as one dim ``d`` if the elements before and after it are the
+        same: ``prod(out[:d]) == prod(inp[:cd])``, ``out[d] == c``, ``prod(out[d+1:]) == prod(inp[cd+1:])``.
+        Several ``d`` qualify only for ``c == 1`` next to other size-1 dims; then the one at the same
+        position from the end (else from the start) is taken: any of them holds the same channel."""
+        outer, inner = math.prod(inp.shape[:cd]), math.prod(inp.shape[cd + 1:])
+        cands = [d for d in range(out.ndim) if out.shape[d] == c and math.prod(out.shape[:d]) == outer
+                 and math.prod(out.shape[d + 1:]) == inner]
+        if len(cands) <= 1:
+            return cands[0] if cands else None
+        for d in (out.ndim - (inp.ndim - cd), cd):
+            if d in cands:
+                return d
+        return cands[0]
 
     @staticmethod
     def _index_dim(idx: Any, inp: torch.Tensor, cd: int) -> int | None:
@@ -211,21 +371,75 @@ class _Interp(fx.Interpreter):
             d_in += 1
         return d_out + (cd - d_in)
 
-    def _merge(self, n: fx.Node, out: torch.Tensor, fl: list[Flow]) -> Flow:
-        size = fl[0].ns.size
-        if any(f.ns.size != size for f in fl):
-            raise GraphError(f"{n.name}: adds tensors with different channel counts {[f.ns.size for f in fl]}")
-        cdim = fl[0].cdim + (out.ndim - self.env[n.args[0]].ndim if isinstance(n.args[0], fx.Node) else 0)
-        layer = self.b.new_layer(n.name, "residual")
-        ns = self.b.new_nodes(size, "residual", max(f.ns.depth for f in fl) + 1, layer)
-        for f in fl:
-            self.b.identity_edges(f.ns, ns, layer)
-        return Flow(ns, cdim)
+    def _arith(self, n: fx.Node, where: str, out: Any, arg_nodes: list[fx.Node]):
+        """``+ - * /`` with scalars (channels stay), of two channel tensors (a merge node), or ``x + P``."""
+        name = _op_name(n)
+        tensors = [a for a in arg_nodes if isinstance(self.env.get(a), torch.Tensor)]
+        chan = [a for a in tensors if isinstance(self.flows.get(a), Flow)]
+        params = [a for a in tensors if isinstance(self.flows.get(a), ParamRef)]
+        other = [a for a in tensors if a not in chan and a not in params]
+        if other:
+            raise GraphError(f"{where} combines channels with the tensor {other[0].name!r}, which holds no channels "
+                             "the graph can follow (a constant, or channels reduced, sliced or reordered before)")
+        extra = {k: v for k, v in n.kwargs.items() if not (k == "alpha" and v == 1)}
+        if extra:
+            raise GraphError(f"{where} with the arguments {sorted(extra)} cannot be represented")
+        if not isinstance(out, torch.Tensor):
+            raise GraphError(f"{where} returns {type(out).__name__}, not one tensor")
+        if name in INPLACE:
+            target = n.args[0]
+            later = [u.name for u in target.users if u is not n and self.order[u] > self.order[n]]
+            if later:
+                raise GraphError(f"the in-place operation {name!r} ({n.name}) changes {target.name!r}, which "
+                                 f"{later[0]!r} reads afterwards; the graph cannot follow in-place changes: "
+                                 "write `x = x + y` instead")
+        kind = MERGE_KIND.get(name)
+        if params:
+            if kind == "add" and len(chan) == 1 and len(params) == 1:
+                return self._add_embedding(n, out, self.env[chan[0]], self.flows[chan[0]], self.flows[params[0]])
+            raise GraphError(f"the parameter {self.flows[params[0]].key!r} is used by {where}, which the graph "
+                             f"has no rule for; supported layer types: {supported_types()}")
+        if len(chan) == 1:  # with python scalars: elementwise
+            a = chan[0]
+            if tuple(out.shape) != tuple(self.env[a].shape):
+                raise GraphError(f"{where} changes the shape {tuple(self.env[a].shape)} to {tuple(out.shape)}")
+            return Flow(self.flows[a].ns, self.flows[a].cdim)
+        if kind is None:
+            raise GraphError(f"{where} divides channel tensors; the graph encodes only the sum, difference and "
+                             "product of channel tensors")
+        return self._merge(n, kind, where, out, chan)
 
-    def _cat(self, n: fx.Node, out: torch.Tensor, chan: list, params: list) -> Flow:
-        tensors = n.args[0]
-        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    def _merge(self, n: fx.Node, kind: str, where: str, out: torch.Tensor, args: list[fx.Node]) -> Flow:
+        """Channel-wise ``a + b`` / ``a - b`` / ``a * b``: new nodes (role ``residual`` / ``difference`` /
+        ``product``) with one identity edge per channel from each operand, feature -1 for a subtracted one."""
+        fl = [self.flows[a] for a in args]
+        sizes = [f.ns.size for f in fl]
+        if len(set(sizes)) != 1:
+            raise GraphError(f"{where} broadcasts tensors with {sizes} channels against each other; the graph "
+                             "encodes only channel-wise merges of equal widths")
+        from_end = {self.env[a].ndim - f.cdim for a, f in zip(args, fl)}
+        cd = out.ndim - from_end.pop()
+        if from_end or out.shape[cd] != sizes[0]:
+            raise GraphError(f"{where}: the channels of its operands do not line up in one dimension; the graph "
+                             "encodes only channel-wise merges")
+        role = _MERGE_ROLE[kind]
+        layer = self.b.new_layer(n.name, role)
+        ns = self.b.new_nodes(sizes[0], role, max(f.ns.depth for f in fl) + 1, layer)
+        for i, f in enumerate(fl):
+            self.b.identity_edges(f.ns, ns, layer, value=-1.0 if kind == "sub" and i > 0 else 1.0)
+        return Flow(ns, cd)
+
+    def _cat(self, n: fx.Node, where: str, out: torch.Tensor) -> Flow:
+        tensors = list(_arg(n, 0, "tensors"))
+        dim = _arg(n, 1, "dim", 0)
+        if not isinstance(out, torch.Tensor):
+            raise GraphError(f"{where} returns {type(out).__name__}, not one tensor")
         dim %= out.ndim
+        chan = [(a, self.flows[a]) for a in tensors if isinstance(a, fx.Node) and isinstance(self.flows.get(a), Flow)]
+        params = [(a, self.flows[a]) for a in tensors if isinstance(a, fx.Node)
+                  and isinstance(self.flows.get(a), ParamRef)]
+        if len(chan) + len(params) != len(tensors):
+            raise GraphError(f"{where} concatenates a tensor that holds no channels the graph can follow")
         cdims = {f.cdim for _, f in chan}
         if len(cdims) != 1:
             raise GraphError(f"{n.name}: concatenates tensors whose channels sit in different dims")
@@ -262,14 +476,19 @@ class _Interp(fx.Interpreter):
                              f"channel of {ns.size}; only single class tokens are supported")
         self.b.node_param(key, p, ns, [SLOT["token"]])
 
-    def _add_embedding(self, n: fx.Node, out: torch.Tensor, f: Flow, pr: ParamRef) -> Flow:
+    def _add_embedding(self, n: fx.Node, out: torch.Tensor, inp: torch.Tensor, f: Flow, pr: ParamRef) -> Flow:
         """``x + P`` with P one vector per channel (slot ``bias`` of new nodes) or per (position, channel)
         (group ``pos`` from one node per position)."""
         p = self._param(pr.key)
+        k = out.ndim - f.cdim  # the channels' position from the end, where a per-channel vector must sit
+        per_channel = p.numel() == f.ns.size and p.ndim >= k and p.shape[p.ndim - k] == f.ns.size
+        if tuple(out.shape) != tuple(inp.shape):
+            raise GraphError(f"{n.name}: adding the parameter {pr.key!r} of shape {tuple(p.shape)} changes the "
+                             "shape of the channel tensor")
         layer = self.b.new_layer(n.name, "add_parameter")
         ns = self.b.new_nodes(f.ns.size, "residual", f.ns.depth + 1, layer)
         self.b.identity_edges(f.ns, ns, layer)
-        if p.numel() == f.ns.size:
+        if per_channel:
             self.b.node_param(pr.key, p, ns, [SLOT["bias"]])
         elif p.ndim == out.ndim and f.cdim == out.ndim - 1 and p.shape[-1] == f.ns.size:
             t = p.numel() // f.ns.size

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
 from graph_helpers import assert_same_model, input_for, small_model
@@ -127,11 +131,42 @@ def test_graph_params_is_differentiable(name):
         graph_params(g, x[:-1])
 
 
+def _assert_safetensors_file(path) -> dict:
+    """The file is a safetensors file and nothing else: an 8-byte little-endian header length, a JSON
+    header whose entries (besides ``__metadata__``) are tensors with dtype, shape and data offsets that
+    tile the rest of the file exactly. A pickle (protocol 2+ starts with 0x80) or a ``torch.save`` zip
+    fails here. Returns the header."""
+    raw = Path(path).read_bytes()
+    assert raw[:1] != b"\x80" and raw[:2] != b"PK", "a pickle or a torch.save zip archive"
+    n = int.from_bytes(raw[:8], "little")
+    assert 2 <= n <= len(raw) - 8, f"header length {n} does not fit a {len(raw)}-byte file"
+    header = json.loads(raw[8:8 + n])
+    assert isinstance(header, dict)
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    for k, v in header.items():
+        if k != "__metadata__":
+            assert set(v) == {"dtype", "shape", "data_offsets"}, k
+    assert spans and spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert 8 + n + spans[-1][1] == len(raw), "bytes after the last tensor"
+    return header
+
+
+def test_safetensors_check_fails_on_pickles(tmp_path):
+    model = small_model("cifar_resnet20")
+    torch.save(model.state_dict(), tmp_path / "zip.pt")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"x": 1}, protocol=4))
+    torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("zip.pt", "plain.pkl", "legacy.pt"):
+        with pytest.raises(AssertionError):
+            _assert_safetensors_file(tmp_path / name)
+
+
 def test_save_load_is_exact_and_pickle_free(tmp_path):
     model = small_model("vit_tiny_p4")
     g = to_graph(model)
     p = g.save(tmp_path / "g.safetensors")
-    assert p.read_bytes()[:8] != b"\x80\x04\x95"[:8]
+    header = _assert_safetensors_file(p)
+    assert "metaprune_graph" in header["__metadata__"] and "x" in header
     g2 = Graph.load(p)
     assert g2.spec == g.spec and torch.equal(g2.x, g.x) and torch.equal(g2.x_mask, g.x_mask)
     for k in g.edges:
