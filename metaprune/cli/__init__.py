@@ -12,12 +12,12 @@ import sys
 import warnings
 
 from metaprune import __version__
-from metaprune.cli import demo_cmd, graph_cmds, metanet_cmds, prune_cmds, spa_cmds, train_cmds
+from metaprune.cli import demo_cmd, export_cmd, graph_cmds, metanet_cmds, prune_cmds, spa_cmds, train_cmds
 from metaprune.cli.common import apply_config, setup_runtime
 from metaprune.errors import MetapruneError
 
 RESUMABLE = ("zoo", "meta-train")  # long runs whose finished parts stay on failure
-COMMAND_MODULES = (train_cmds, graph_cmds, prune_cmds, metanet_cmds, spa_cmds, demo_cmd)
+COMMAND_MODULES = (train_cmds, graph_cmds, prune_cmds, metanet_cmds, spa_cmds, export_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
