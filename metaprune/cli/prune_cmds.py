@@ -21,8 +21,15 @@ from metaprune.errors import ConfigError
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="l2", choices=["l2", "l1", "bn", "taylor", "random"],
-                   help="channel importance: group L2/L1 magnitude, BatchNorm scale, Taylor (needs --data), random")
+    p.add_argument("--criterion", default="l2", choices=["l2", "l1", "bn", "taylor", "random", "functional", "gate"],
+                   help="channel importance: group L2/L1 magnitude, BatchNorm scale, Taylor (needs --data), random, "
+                   "functional (||(gamma,beta)|| x ||next layer's input columns||, free), gate (one score per "
+                   "channel optimised on training batches with hard top-k gates; needs --data)")
+    p.add_argument("--gate-steps", type=int, default=250, help="training steps (batches of 128) of --criterion gate")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after pruning, refit the layers reading pruned channels by least squares so their outputs "
+                   "match the unpruned model's on calibration batches, then recalibrate BatchNorm (needs --data)")
+    p.add_argument("--reconstruct-batches", type=int, default=8, help="calibration batches (of 128) of --reconstruct")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank all layers together (non-uniform widths) instead of the same share per layer")
     p.add_argument("--ignore", action="append", default=[], metavar="NAME",
@@ -101,15 +108,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig(ratio=args.ratio, speedup=args.speedup, params_ratio=args.params_ratio,
                       criterion=args.criterion, global_pruning=args.global_pruning, round_to=args.round_to,
                       ignore=tuple(args.ignore), max_layer_ratio=args.max_layer_ratio,
-                      prune_heads=not args.keep_heads, seed=args.seed)
+                      prune_heads=not args.keep_heads, seed=args.seed, gate_steps=args.gate_steps,
+                      reconstruct=args.reconstruct, reconstruct_batches=args.reconstruct_batches)
     data = None
     if args.data:
         from metaprune.io import load_model
 
         probe, _ = load_model(src, trust_pickle=args.trust_pickle)
         data = load_data_for(args, probe)
-    elif args.finetune_epochs or args.criterion == "taylor":
-        raise ConfigError("--finetune-epochs and --criterion taylor need --data")
+    elif args.finetune_epochs or args.criterion in ("taylor", "gate") or args.reconstruct:
+        raise ConfigError("--finetune-epochs, --criterion taylor / gate and --reconstruct need --data")
     ft = train_config(args, epochs=args.finetune_epochs) if args.finetune_epochs else None
     status(args, f"prune: {src} ({cfg.target[0]} {cfg.target[1]:g}, criterion {cfg.criterion})")
     report = prune_file(src, Path(args.output), cfg, data=data, finetune=ft, device=args.device,
@@ -136,7 +144,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
     curve = prunability_curve(model, data, max_speedup=args.max_speedup, steps=args.steps, criterion=args.criterion,
                               val_batches=args.val_batches or None, calib_batches=args.calib_batches,
                               batch_size=args.batch_size, device=device, seed=args.seed,
-                              global_pruning=args.global_pruning, ignore=tuple(args.ignore))
+                              global_pruning=args.global_pruning, ignore=tuple(args.ignore),
+                              gate_steps=args.gate_steps, reconstruct=args.reconstruct,
+                              reconstruct_batches=args.reconstruct_batches)
     curve.update(source=src, arch=info.arch, data=data.name)
     write_json(out / "curve.json", curve)
     plot_curve(curve, out / "curve.png", title=f"{info.arch} on {data.name}: AUC {curve['auc']:.2f}% to "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from metaprune.errors import ConfigError
 
-CRITERIA = ("l2", "l1", "bn", "taylor", "random")
+CRITERIA = ("l2", "l1", "bn", "taylor", "random", "functional", "gate")
 
 
 @dataclass
@@ -21,7 +21,9 @@ class PruneConfig:
             searched until the achieved value is within ``tolerance`` of it.
         params_ratio: target parameter reduction ``base params / pruned params`` (> 1), searched likewise.
         criterion: channel importance: ``l2`` / ``l1`` group magnitude, ``bn`` (BatchNorm scale),
-            ``taylor`` (|w * dL/dw|, needs calibration batches) or ``random``.
+            ``taylor`` (|w * dL/dw|, needs calibration batches), ``random``, ``functional``
+            (||(gamma, beta)|| x ||next layer's input columns||, free) or ``gate`` (one score per channel
+            optimised on training batches with hard top-k gates; see :mod:`metaprune.pruning.gate`).
         global_pruning: rank all groups against one threshold (non-uniform widths) instead of
             removing the same share from each group.
         round_to: keep a multiple of this many channels in every layer.
@@ -34,7 +36,13 @@ class PruneConfig:
         search_iters: bisection steps of the target search (it stops early once within tolerance).
         global_steps: pruning steps of global pruning (small steps enforce ``max_layer_ratio``).
         taylor_batches: batches used to accumulate gradients for the ``taylor`` criterion.
-        seed: seed of the ``random`` criterion.
+        seed: seed of the ``random`` criterion and of ``gate`` training.
+        gate_steps: Adam steps of the ``gate`` criterion (one training batch each).
+        gate_lr: Adam learning rate of the ``gate`` scores.
+        reconstruct: after pruning, refit each pruned group's consumer layer by ridge least squares so its
+            outputs match the unpruned network's on calibration batches, then recalibrate BatchNorm
+            (:mod:`metaprune.pruning.reconstruct`; needs calibration batches).
+        reconstruct_batches: calibration batches used by ``reconstruct``.
     """
 
     ratio: float | None = None
@@ -51,6 +59,10 @@ class PruneConfig:
     global_steps: int = 5
     taylor_batches: int = 4
     seed: int = 0
+    gate_steps: int = 250
+    gate_lr: float = 0.05
+    reconstruct: bool = False
+    reconstruct_batches: int = 8
 
     def __post_init__(self) -> None:
         self.ignore = tuple(self.ignore)
@@ -75,6 +87,10 @@ class PruneConfig:
             raise ConfigError(f"tolerance {self.tolerance} must be in (0, 0.5)")
         if self.search_iters < 1 or self.global_steps < 1 or self.taylor_batches < 1:
             raise ConfigError("search_iters, global_steps and taylor_batches must be >= 1")
+        if self.gate_steps < 1 or not self.gate_lr > 0:
+            raise ConfigError(f"--gate-steps {self.gate_steps} must be >= 1 and the gate learning rate > 0")
+        if self.reconstruct_batches < 1:
+            raise ConfigError(f"--reconstruct-batches {self.reconstruct_batches} must be >= 1")
 
     @property
     def target(self) -> tuple[str, float]:

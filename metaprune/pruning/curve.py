@@ -66,7 +66,8 @@ def _auc(speedups: list[float], accs: list[float], max_speedup: float, floor: fl
 def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3.0, steps: int = 6,
                       criterion: str = "l2", val_batches: int | None = 4, calib_batches: int = 8,
                       batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
-                      global_pruning: bool = False, ignore: tuple[str, ...] = ()) -> dict:
+                      global_pruning: bool = False, ignore: tuple[str, ...] = (), gate_steps: int = 250,
+                      reconstruct: bool = False, reconstruct_batches: int = 8) -> dict:
     """Accuracy-vs-speed-up curve of ``model`` pruned without finetuning, and its normalised AUC.
 
     Args:
@@ -76,7 +77,10 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
         max_speedup: right end of the curve and of the AUC.
         steps: number of pruned points; channel ratios are spaced so the last one is expected to
             reach ``max_speedup`` (more points are added if it does not, up to a 90% ratio).
-        criterion: channel importance (see :class:`PruneConfig`).
+        criterion: channel importance (see :class:`PruneConfig`); ``gate`` is learned once (``gate_steps``
+            batches of 128 of ``data.train``, removal ratios drawn over the curve's range) and ranks every point.
+        reconstruct: refit each point's pruned consumers on ``reconstruct_batches`` training batches of 128
+            (:mod:`metaprune.pruning.reconstruct`) before the BatchNorm recalibration.
 
     Returns:
         ``{"speedups", "accs", "ratios", "macs", "auc", "auc_rel", "base_acc", "max_speedup", ...}``;
@@ -97,14 +101,25 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
     if criterion == "taylor":
         calib = BatchLoader(data.train, batch_size, shuffle=False, augment=False, device=device)
         grads = accumulate_gradients(base, calib, calib_batches) > 0
-    cfg = PruneConfig(ratio=0.5, criterion=criterion, global_pruning=global_pruning, ignore=tuple(ignore), seed=seed)
+    cfg = PruneConfig(ratio=0.5, criterion=criterion, global_pruning=global_pruning, ignore=tuple(ignore), seed=seed,
+                      gate_steps=gate_steps)
     p_end = min(0.9, 1 - max_speedup ** -0.5)
     ratios = [p_end * (k + 1) / steps for k in range(steps)]
+    extra: dict = {"reconstruct": bool(reconstruct)}
+    fit_batches = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=seed, device=device)
+    if criterion == "gate":  # one ranking for the whole curve
+        from metaprune.pruning.gate import learn_gate_scores
+
+        extra["gate"] = learn_gate_scores(base, cfg, x, fit_batches, ratio_range=(0.5 * p_end / steps, p_end))
     out = {"speedups": [1.0], "accs": [base_acc], "ratios": [0.0], "macs": [macs0]}
     i = 0
     while i < len(ratios):
         r = ratios[i]
         m = prune_once(copy.deepcopy(base), cfg, r, x, grads_ready=grads)
+        if reconstruct:
+            from metaprune.pruning.reconstruct import reconstruct as refit
+
+            refit(base, m, fit_batches, reconstruct_batches, x, recalibrate=False)
         macs = count_macs(m, shape)
         recalibrate_bn(m, data.train, calib_batches, batch_size, device)
         acc = evaluate(m, data.val, **ev)["acc"]
@@ -119,7 +134,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
     auc = _auc(out["speedups"], out["accs"], max_speedup, floor)
     out.update(auc=auc, auc_rel=auc / base_acc if base_acc > 0 else math.nan, base_acc=base_acc,
                max_speedup=max_speedup, criterion=criterion, val_batches=val_batches,
-               calib_batches=calib_batches, chance_acc=floor, split="val")
+               calib_batches=calib_batches, chance_acc=floor, split="val", **extra)
     base.zero_grad(set_to_none=True)
     return out
 

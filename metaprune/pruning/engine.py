@@ -18,7 +18,13 @@ from metaprune.engine.measure import count_macs, count_params
 from metaprune.errors import PruningError
 from metaprune.models import get_widths
 from metaprune.pruning.config import PruneConfig
-from metaprune.pruning.criteria import accumulate_gradients, check_criterion, make_importance
+from metaprune.pruning.criteria import (
+    ScoreImportance,
+    accumulate_gradients,
+    check_criterion,
+    make_importance,
+    record_history,
+)
 from metaprune.pruning.structure import (
     attention_layers,
     find_classifier,
@@ -56,6 +62,7 @@ class PruneResult:
     target_met: bool = True
     trials: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # e.g. {"gate": {...seconds...}, "reconstruct": {...}}
     uniform_ratio: float | None = None
     refine_ratio: float | None = None
     layer_ratios: dict[str, float] = field(default_factory=dict)
@@ -77,7 +84,7 @@ class PruneResult:
                 "speedup": self.speedup, "params_reduction": self.params_reduction,
                 "heads_before": self.heads_before, "heads_after": self.heads_after,
                 "target": {"kind": self.target[0], "value": self.target[1]}, "target_met": self.target_met,
-                "search": self.trials, "notes": self.notes}
+                "search": self.trials, "notes": self.notes, **self.info}
 
 
 def _example(model: nn.Module, example_input: torch.Tensor | None, input_shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -113,15 +120,18 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     if config.criterion == "random":
         torch.manual_seed(config.seed)
     steps = config.global_steps if config.global_pruning else 1
+    importance = make_importance(config.criterion, model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
-            model, example_input, make_importance(config.criterion), pruning_ratio=ratio,
+            model, example_input, importance, pruning_ratio=ratio,
             global_pruning=config.global_pruning, iterative_steps=steps,
             max_pruning_ratio=config.max_layer_ratio if config.global_pruning else 1.0,
             ignored_layers=ignored, round_to=config.round_to, num_heads=heads, prune_num_heads=bool(heads),
             prune_head_dims=not heads, head_pruning_ratio=head_ratio,
             unwrapped_parameters=unwrapped_parameters(model))
+        if isinstance(importance, ScoreImportance):  # learned scores follow the removed channels
+            importance.bind(pruner)
         try:
             for _ in range(steps):
                 pruner.step()
@@ -129,6 +139,9 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
             raise PruningError(f"torch-pruning could not prune {type(model).__name__}: {e}. The model's forward may "
                                "use an operation it cannot trace (chunk/indexing on channels); try --ignore on the "
                                "failing block") from None
+    if isinstance(importance, ScoreImportance):
+        importance.sync()
+    record_history(model, pruner)
     sync_attributes(model, pruner.num_heads)
     if not keep_grads:
         model.zero_grad(set_to_none=True)
@@ -194,11 +207,21 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     heads0 = _heads(model)
     base = model
     grads = False
+    info: dict = {}
+    if config.reconstruct and calibration is None:
+        raise PruningError("--reconstruct refits layers on calibration batches: call prune() with calibration "
+                           "(the CLI: --data)")
+    original = copy.deepcopy(model) if (config.reconstruct and inplace) else model
     if config.criterion == "taylor":
         base = model if inplace else copy.deepcopy(model)
         if accumulate_gradients(base, calibration, config.taylor_batches) == 0:
             raise PruningError("criterion 'taylor' got no calibration batches")
         grads = True
+    if config.criterion == "gate":  # learn the ranking once; every trial prunes a copy carrying it
+        from metaprune.pruning.gate import learn_gate_scores
+
+        base = model if inplace else copy.deepcopy(model)
+        info["gate"] = learn_gate_scores(base, config, x, calibration)
     kind, value = config.target
 
     def trial(ratio: float, final: bool = False, keep_grads: bool = False) -> tuple[nn.Module, int, int]:
@@ -218,6 +241,15 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     else:
         result = _search(trial, config, kind, value, macs0, params0, heads0)
     _measure_achieved(result, config, widths0, groups0)
+    if config.reconstruct:
+        from metaprune.pruning.reconstruct import reconstruct
+
+        info["reconstruct"] = reconstruct(original, result.model, calibration, config.reconstruct_batches, x)
+    from metaprune.pruning.gate import clear_scores
+
+    for m in (result.model, base, model):
+        clear_scores(m)
+    result.info.update(info)
     _check_runs(result.model, x, classes)
     if result.model is not model and config.criterion == "taylor" and not inplace:
         model.zero_grad(set_to_none=True)

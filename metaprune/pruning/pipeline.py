@@ -57,6 +57,8 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     calib = None
     if config.criterion == "taylor" and data is not None:
         calib = BatchLoader(data.train, 64, shuffle=False, augment=False, device=dev)
+    elif (config.criterion == "gate" or config.reconstruct) and data is not None:  # seeded, shuffled, batch 128
+        calib = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=config.seed, device=dev)
     model = model.to(dev)
     example = torch.randn(1, *shape, device=dev)
     result = prune(model, config, example_input=example, calibration=calib)

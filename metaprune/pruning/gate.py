@@ -1,0 +1,272 @@
+"""The ``gate`` criterion: a per-network channel ranking optimised on data.
+
+The weights stay frozen. Every torch-pruning group (the channels DepGraph removes together; an attention
+layer's heads when heads are pruned) gets one learnable score per channel (per head). Each step draws a
+removal ratio ``u`` uniformly from the range the pruning target implies, keeps the top
+``int((1 - u) * C)`` channels of every group by score (hard 0/1 gates in the forward pass, applied to the
+inputs of the group's consumers, which equals removing the channels), and takes an Adam step on the
+cross-entropy of a training batch, with the straight-through gradient of ``sigmoid(score)``. BatchNorm
+uses batch statistics (running statistics untouched), which mirrors the recalibration after pruning.
+The learned scores then rank channels inside torch-pruning (:class:`metaprune.pruning.criteria.ScoreImportance`).
+
+With ``--global`` the top-k of each step is one global top-k over the scores of all groups (attention
+heads: one global top-k over all heads), so channels of different layers compete for the same budget
+and the per-layer split is learned with the ranking. Every group keeps its best ``ceil((1 - cap) * C)``
+channels (``max_layer_ratio``) and every attention layer one head, in training and at pruning time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from metaprune.errors import PruningError
+from metaprune.pruning.config import PruneConfig
+from metaprune.pruning.criteria import _IN_FNS, SCORES_ATTR, FunctionalImportance, _root_idx
+from metaprune.pruning.structure import attention_layers, resolve_ignored, unwrapped_parameters
+
+
+@dataclass
+class _Group:
+    key: str
+    n_root: int  # channels of the group's root
+    units: int  # scores: channels, or heads
+    unit_of_root: torch.Tensor  # root position -> score index
+    consumers: list[tuple[str, torch.Tensor, torch.Tensor]]  # (layer name, its input positions, root positions)
+    is_heads: bool
+    fixed: torch.Tensor | None = None  # groups no consumer can gate: functional scores, not learned
+
+
+def make_pruner(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, ratio: float = 0.5,
+                importance: tp.importance.Importance | None = None) -> tp.pruner.BasePruner:
+    """A torch-pruning pruner built the way :func:`metaprune.pruning.engine.prune_once` builds it
+    (same ignored layers, heads and bare parameters, hence the same groups and group roots)."""
+    ignored = resolve_ignored(model, config.ignore)
+    heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
+    if not config.prune_heads:
+        ignored += [a.qkv for a in attention_layers(model)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.pruner.BasePruner(
+            model, example_input, importance or tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio,
+            global_pruning=config.global_pruning, ignored_layers=ignored, round_to=config.round_to,
+            num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=not heads,
+            unwrapped_parameters=unwrapped_parameters(model))
+
+
+def gate_groups(model: nn.Module, config: PruneConfig, example_input: torch.Tensor) -> list[_Group]:
+    """The pruning groups of ``model`` and, for each, the consumer inputs a gate multiplies."""
+    pruner = make_pruner(model, config, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        is_att, qkv = pruner._is_atten_group(group)
+        if is_att:
+            group = pruner._downstream_node_as_root_if_attention(group)
+            if group is None:
+                continue
+        dep0 = group[0].dep
+        key = f"{names.get(dep0.target.module, '?')}:{'out' if pruner.DG.is_out_channel_pruning_fn(dep0.handler) else 'in'}"
+        n_root = len(group[0].idxs)
+        heads = max(pruner.num_heads[q] for q in qkv) if (is_att and pruner.num_heads) else 0
+        if heads:
+            unit_of_root = torch.arange(n_root) // (n_root // heads)
+        else:
+            unit_of_root = torch.arange(n_root)
+        consumers = []
+        for item in group:
+            layer, fn = item.dep.target.module, item.dep.handler
+            root = _root_idx(item)
+            if fn not in _IN_FNS or root is None or layer not in names:
+                continue
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1:
+                continue
+            consumers.append((names[layer], torch.as_tensor(list(item.idxs), dtype=torch.long), root))
+        g = _Group(key, n_root, heads or n_root, unit_of_root, consumers, bool(heads))
+        if not consumers:
+            imp = FunctionalImportance()(group)
+            g.fixed = imp if imp is not None else torch.ones(n_root)
+        out.append(g)
+    return out
+
+
+def gate_ratio_range(config: PruneConfig) -> tuple[float, float]:
+    """Removal ratios drawn during gate training: around the channel ratio the target implies
+    (``1 - S ** -0.5`` for a MAC / params reduction S, the engine's first guess): ``[0.5 r, 1.2 r]``
+    capped at ``max_layer_ratio``; for an explicit ratio ``[0.5 r, r]``."""
+    kind, value = config.target
+    if kind == "ratio":
+        return 0.5 * value, value
+    r = 1.0 - value ** -0.5
+    return 0.5 * r, min(config.max_layer_ratio, 1.2 * r)
+
+
+def _cycle(batches: Iterable) -> Iterator:
+    epoch = 0
+    while True:
+        n = 0
+        for b in batches:
+            n += 1
+            yield b
+        if n == 0:
+            raise PruningError("criterion 'gate' got no training batches")
+        epoch += 1
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
+
+
+def _hard_keep(groups: list[_Group], scores: list[torch.Tensor], u: float, global_: bool, cap: float,
+               head_u: float) -> list[torch.Tensor]:
+    """0/1 keep masks per group at removal ratio ``u`` (heads: ``head_u``), local or global top-k."""
+    masks = [torch.zeros(g.units, device=s.device) for g, s in zip(groups, scores)]
+    if not global_:
+        for g, s, m in zip(groups, scores, masks):
+            keep = g.units - math.ceil(head_u * g.units) if g.is_heads else int(g.units * (1 - u))
+            m[torch.topk(s, max(1, keep)).indices] = 1.0
+        return masks
+    for heads in (False, True):
+        idx = [i for i, g in enumerate(groups) if g.is_heads == heads]
+        if not idx:
+            continue
+        ratio = head_u if heads else u
+        total = sum(groups[i].units for i in idx)
+        keep = max(len(idx), int(total * (1 - ratio)))
+        adj = []
+        for i in idx:
+            s = scores[i].detach().clone()
+            protect = 1 if heads else max(1, math.ceil((1 - cap) * groups[i].units - 1e-9))
+            s[torch.topk(s, min(protect, groups[i].units)).indices] += 1e6
+            adj.append(s)
+        flat = torch.zeros(total, device=scores[0].device)
+        flat[torch.topk(torch.cat(adj), min(keep, total)).indices] = 1.0
+        for i, part in zip(idx, flat.split([groups[i].units for i in idx])):
+            masks[i] = part
+    return masks
+
+
+def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torch.Tensor,
+                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      ratio_range: tuple[float, float] | None = None, lr: float | None = None,
+                      desc: str = "gate") -> dict:
+    """Learn the ``gate`` scores of ``model`` (frozen) and attach them to it for :class:`ScoreImportance`.
+
+    Args:
+        config: groups and target as for pruning; ``gate_steps`` steps, ``seed``, ``global_pruning``,
+            ``max_layer_ratio`` are used.
+        batches: ``(x, y)`` training batches (cycled; a :class:`BatchLoader` gets ``set_epoch`` per pass).
+        ratio_range: removal ratios drawn per step (default :func:`gate_ratio_range`).
+
+    Returns ``{"steps", "seconds", "loss_first", "loss_last", "ratio_range", "global", "groups"}``.
+    """
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    lo, hi = ratio_range or gate_ratio_range(config)
+    lo, hi = max(0.0, min(lo, hi)), min(0.95, max(lo, hi))
+    lr = float(lr if lr is not None else config.gate_lr)
+    groups = gate_groups(model, config, example_input.to(device))
+    if not groups:
+        raise PruningError(f"{type(model).__name__} has no prunable groups for the gate criterion")
+    fewest_heads = min((g.units for g in groups if g.is_heads), default=0)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    scores = [(1e-3 * torch.randn(g.units, generator=gen)).to(device).requires_grad_(g.fixed is None)
+              for g in groups]
+    learn = [s for s, g in zip(scores, groups) if g.fixed is None]
+    opt = torch.optim.Adam(learn, lr=lr) if learn else None
+    modules = dict(model.named_modules())
+    by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for gi, g in enumerate(groups):
+        for name, pos, root in g.consumers:
+            by_layer.setdefault(name, []).append((gi, pos.to(device), g.unit_of_root[root].to(device)))
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(mod, args):
+            m = current.get(name)
+            if m is None:
+                return None
+            x = args[0]
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                m = m.view(1, -1, *([1] * (x.dim() - 2)))
+            return (x * m,) + tuple(args[1:])
+        return pre
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in by_layer]
+    saved_grad = [(p, p.requires_grad) for p in model.parameters()]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bn_state = [(m, copy.deepcopy(m.state_dict()), m.momentum) for m in bns]
+    was = model.training
+    model.eval()
+    for m in bns:  # batch statistics, running statistics untouched (momentum 0)
+        m.train()
+        m.momentum = 0.0
+    for p, _ in saved_grad:
+        p.requires_grad_(False)
+    from metaprune.engine.runtime import progress
+
+    losses = []
+    stream = _cycle(batches)
+    try:
+        for _ in progress(range(int(config.gate_steps)), desc=desc, total=int(config.gate_steps)):
+            x, y = next(stream)
+            x, y = x.to(device), y.to(device)
+            u = lo + (hi - lo) * float(torch.rand((), generator=gen))
+            head_u = min(u, (fewest_heads - 1) / fewest_heads) if fewest_heads > 1 else 0.0
+            hard = _hard_keep(groups, [s.detach() for s in scores], u, config.global_pruning,
+                              config.max_layer_ratio, head_u)
+            gates = []
+            for s, h in zip(scores, hard):
+                sig = torch.sigmoid(s)
+                gates.append(h + sig - sig.detach())  # forward: hard 0/1; backward: d sigmoid
+            current.clear()
+            for name, parts in by_layer.items():
+                mod = modules[name]
+                size = mod.in_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.in_features
+                m = torch.ones(size, device=device)
+                for gi, pos, units in parts:
+                    m = m.scatter(0, pos, gates[gi][units])
+                current[name] = m
+            loss = F.cross_entropy(model(x), y)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved_grad:
+            p.requires_grad_(flag)
+        for m, sd, mom in bn_state:
+            m.load_state_dict(sd)
+            m.momentum = mom
+        model.train(was)
+    state = {"scores": {}, "initial": {}}
+    for g, s in zip(groups, scores):
+        val = (g.fixed if g.fixed is not None else s.detach()).float().cpu()
+        state["scores"][g.key] = val[g.unit_of_root] if g.fixed is None else val
+        state["initial"][g.key] = g.n_root
+    setattr(model, SCORES_ATTR, state)
+    k = max(1, len(losses) // 10)
+    return {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
+            "loss_first": sum(losses[:k]) / k if losses else None,
+            "loss_last": sum(losses[-k:]) / k if losses else None, "ratio_range": [lo, hi],
+            "global": bool(config.global_pruning), "lr": lr, "groups": len(groups)}
+
+
+def clear_scores(model: nn.Module) -> None:
+    """Remove gate scores (and the pruning history) a model carries."""
+    from metaprune.pruning.criteria import HISTORY_ATTR
+
+    for attr in (SCORES_ATTR, HISTORY_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
