@@ -162,6 +162,13 @@ class Graph:
         return Graph(self.x.to(device), self.x_mask.to(device), self.node_role.to(device),
                      self.node_layer.to(device), self.node_depth.to(device), eg, self.spec)
 
+    def astype(self, dtype: torch.dtype) -> Graph:
+        """The graph with node and edge features in ``dtype`` (the same graph if they already are)."""
+        if self.x.dtype == dtype and all(g.attr.dtype == dtype for g in self.edges.values()):
+            return self
+        eg = {k: EdgeGroup(g.index, g.attr.to(dtype), g.role, g.layer) for k, g in self.edges.items()}
+        return Graph(self.x.to(dtype), self.x_mask, self.node_role, self.node_layer, self.node_depth, eg, self.spec)
+
     def to_pyg(self, hetero: bool = False):
         """As PyG data: a homogeneous ``Data`` (edge groups kept as ``edge_index_<g>`` / ``edge_attr_<g>``
         / ``edge_role_<g>`` / ``edge_layer_<g>`` attributes) or, with ``hetero=True``, a ``HeteroData`` with

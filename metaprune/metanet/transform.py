@@ -16,8 +16,8 @@ def edited_graph(net: Metanet, graph: Graph) -> Graph:
     """``graph`` with the metanetwork's edited node and edge features (no gradient)."""
     from metaprune.graph import EdgeGroup
 
-    with torch.no_grad():
-        x, ea = net(graph)
+    with torch.no_grad():  # a float64 model's graph is float64; the metanetwork reads its own dtype
+        x, ea = net(graph.astype(next(net.parameters()).dtype))
     edges = {k: EdgeGroup(g.index, ea[k].detach(), g.role, g.layer) for k, g in graph.edges.items()}
     return Graph(x.detach(), graph.x_mask, graph.node_role, graph.node_layer, graph.node_depth, edges, graph.spec)
 

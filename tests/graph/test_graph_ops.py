@@ -267,3 +267,43 @@ def test_width_one_model_round_trips(name):
     assert widths == {1}, widths
     randomise(model, seed=4)
     assert_round_trips(model, input_for(model, batch=2))
+
+
+class _HardSwishByHand(nn.Module):
+    def forward(self, x):
+        return x * torch.clamp(x + 3, 0, 6) / 6
+
+
+def test_registered_channel_op_becomes_a_leaf():
+    from metaprune.graph import register_channel_op
+    from metaprune.graph.ops import MODULE_KINDS
+
+    def model():
+        return _with_block(lambda a, b: a + b, {"act": _HardSwishByHand()})
+
+    def graph():
+        m = model()
+        m.layer1[0].fn = lambda a, b, s=m.layer1[0]: s.act(a) + b
+        return to_graph(m, cache=False)
+
+    traced = graph()  # traced through: x * f(x) is a channel-wise product of the same channels
+    assert int((traced.node_role == NODE_ROLES.index("product")).sum()) == 16
+    register_channel_op(_HardSwishByHand, "elementwise")
+    try:
+        assert _same_graph(graph(), to_graph(_plain(), cache=False))
+    finally:
+        del MODULE_KINDS[_HardSwishByHand]
+    with pytest.raises(ValueError, match="unknown kind"):
+        register_channel_op(_HardSwishByHand, "shuffle")
+
+
+def test_metanetwork_edits_a_float64_model():
+    from metaprune.metanet import transform_model
+    from metaprune.metanet.config import MetanetConfig
+    from metaprune.metanet.model import Metanet
+
+    model = small_model("cifar_resnet20").double().eval()
+    net = Metanet.for_graph(to_graph(small_model("cifar_resnet20")), MetanetConfig(hidden=8, layers=1))
+    out = transform_model(net, model)
+    assert all(p.dtype == torch.float64 for p in out.parameters())
+    assert torch.isfinite(out(input_for(model, batch=1).double())).all()
