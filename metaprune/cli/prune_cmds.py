@@ -53,7 +53,8 @@ def register(sub) -> None:
     p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the pruned model this many epochs (--data)")
     add_data(p)
     add_train(p, epochs=0, lr=0.01)
-    p.add_argument("--eval-batches", type=int, help="evaluate accuracy on at most this many test batches")
+    p.add_argument("--eval-batches", type=int, help="evaluate accuracy on at most this many test batches (>= 1; "
+                   "default: all)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--task", action="append", default=[], help="adapt the source to this task with spa: one pruned "
                    "adapter bundle per task; repeatable")
@@ -87,6 +88,9 @@ def register(sub) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise ConfigError(f"--eval-batches {args.eval_batches} must be >= 1 (leave it out to evaluate the whole test "
+                          "split, or leave out --data for no accuracy)")
     src = model_path(args)
     guard(args, [src], folders=[args.output] if args.task else (),
           files=() if args.task else output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
@@ -133,7 +137,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from metaprune.engine.runtime import resolve_device
     from metaprune.io import check_output, load_model, write_json
     from metaprune.pruning import plot_curve, prunability_curve
+    from metaprune.pruning.curve import check_curve_options
 
+    check_curve_options(args.max_speedup, args.steps, args.val_batches, args.calib_batches, args.batch_size)
     src = model_path(args)
     out = Path(args.output)
     guard(args, [src], files=output_folder_files(out, "curve.json", "curve.png"))

@@ -28,12 +28,43 @@ def input_shape(model: nn.Module, data: DataSplits | None = None) -> tuple[int, 
     return (args.get("in_chans", 3), size, size)
 
 
-def environment() -> dict:
-    """Versions and hardware, for reports."""
-    return {"metaprune": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def environment(device: str | torch.device | None = None) -> dict:
+    """Versions and hardware, for reports: ``device`` is the device the command ran on and
+    ``device_name`` that device's name (the GPU actually used, not GPU 0); ``cuda`` is the CUDA
+    device's name when ``device`` is a CUDA device, else None. Without ``device`` the visible GPUs
+    are listed (``cuda_visible``) and none is claimed."""
+    out = {"metaprune": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "cpu_threads": torch.get_num_threads(), "device": None, "device_name": None, "cuda": None}
+    dev = None
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index < torch.cuda.device_count():
+            out.update(device=f"cuda:{index}", device_name=torch.cuda.get_device_name(index))
+            out["cuda"] = out["device_name"]
+    elif dev is not None and dev.type == "cpu":
+        out.update(device="cpu", device_name=platform.processor() or platform.machine() or "cpu")
+    if dev is None and torch.cuda.is_available():
+        out["cuda_visible"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    out["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return out
+
+
+def _device_of(report: dict) -> str | None:
+    """The device a report's measurements name (``latency`` entries, or a top-level ``device``)."""
+    stack = [report]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            dev = d.get("device")
+            if isinstance(dev, str) and dev.split(":")[0] in ("cpu", "cuda"):
+                return dev
+            stack.extend(v for v in d.values() if isinstance(v, dict))
+    return None
 
 
 def model_summary(model: nn.Module, data: DataSplits | None, device: torch.device | str = "cpu",
@@ -50,7 +81,9 @@ def model_summary(model: nn.Module, data: DataSplits | None, device: torch.devic
     return out
 
 
-def write_report(out_dir: str | Path, report: dict, name: str = "report.json") -> Path:
-    """Write ``report.json`` (with the environment) into ``out_dir``, atomically."""
-    report = {**report, "environment": environment()}
+def write_report(out_dir: str | Path, report: dict, name: str = "report.json",
+                 device: str | torch.device | None = None) -> Path:
+    """Write ``report.json`` (with the environment of ``device``, else of the device the report's
+    measurements name) into ``out_dir``, atomically."""
+    report = {**report, "environment": environment(device if device is not None else _device_of(report))}
     return write_json(Path(out_dir) / name, report)

@@ -20,6 +20,7 @@ from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine.evaluate import evaluate
 from metaprune.engine.measure import count_macs
+from metaprune.errors import ConfigError
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import accumulate_gradients
 from metaprune.pruning.engine import prune_once
@@ -63,6 +64,22 @@ def _auc(speedups: list[float], accs: list[float], max_speedup: float, floor: fl
     return float(np.trapezoid(vals, grid) / (max_speedup - 1.0))
 
 
+def check_curve_options(max_speedup: float, steps: int, val_batches: int | None = None, calib_batches: int = 0,
+                        batch_size: int = 1) -> None:
+    """Refuse curve options that cannot give a curve (``max_speedup`` must be a finite number > 1)."""
+    if not (math.isfinite(max_speedup) and max_speedup > 1):
+        raise ConfigError(f"--max-speedup {max_speedup} must be a finite number > 1 (the right end of the curve, "
+                          "e.g. 3)")
+    if steps < 1:
+        raise ConfigError(f"--steps {steps} must be >= 1")
+    if val_batches is not None and val_batches < 0:
+        raise ConfigError(f"--val-batches {val_batches} must be >= 1 (or 0 for the whole validation split)")
+    if calib_batches < 0:
+        raise ConfigError(f"--calib-batches {calib_batches} must be >= 0 (0: no BatchNorm recalibration)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1")
+
+
 def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3.0, steps: int = 6,
                       criterion: str = "l2", val_batches: int | None = 4, calib_batches: int = 8,
                       batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
@@ -87,8 +104,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
         ``auc`` is the mean accuracy (%) over speed-ups 1..``max_speedup``, ``auc_rel`` the same
         divided by the unpruned accuracy. Deterministic for a given seed.
     """
-    if max_speedup <= 1 or steps < 1:
-        raise ValueError("max_speedup must be > 1 and steps >= 1")
+    check_curve_options(max_speedup, steps, val_batches, calib_batches, batch_size)
     device = torch.device(device)
     torch.manual_seed(seed)
     base = copy.deepcopy(model).to(device).eval()

@@ -16,7 +16,7 @@ from metaprune.engine.runtime import resolve_device
 from metaprune.errors import ConfigError
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.engine import layer_widths, prune
-from metaprune.pruning.report import compare
+from metaprune.pruning.report import add_latency, compare
 
 
 def _check_fits(model, data: DataSplits) -> None:
@@ -62,7 +62,7 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     model = model.to(dev)
     example = torch.randn(1, *shape, device=dev)
     result = prune(model, config, example_input=example, calibration=calib)
-    before = model_summary(model, data, dev, latency=latency, eval_batches=eval_batches)
+    before = model_summary(model, data, dev, latency=False, eval_batches=eval_batches)
     before["file_bytes"] = Path(info.path).stat().st_size
     pruned = result.model
     ft_info = None
@@ -80,7 +80,9 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
         ft_info = {"epochs": cfg.epochs, "data": data.name, "best_epoch": res.best_epoch,
                    "best_val_acc": res.best_val_acc, "config": asdict(cfg), "history": res.history}
     pruned.eval()
-    after = model_summary(pruned, data, dev, latency=latency, eval_batches=eval_batches)
+    after = model_summary(pruned, data, dev, latency=False, eval_batches=eval_batches)
+    if latency:  # before and after measured together (interleaved rounds, fixed threads)
+        add_latency(before, after, model, pruned, shape, dev)
     extra = {"command": "prune", "source": str(source), "ratio": result.ratio, "speedup": result.speedup}
     path = save_model(pruned, out_dir, extra=extra, inputs=(source,))
     after["file_bytes"] = path.stat().st_size
@@ -88,5 +90,5 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
               "config": asdict(config), "result": result.summary(), "before": before, "after": after,
               "ratios": compare(before, after), "finetune": ft_info,
               "widths": {"before": layer_widths(model), "after": layer_widths(pruned)}}
-    write_report(out_dir, report)
+    write_report(out_dir, report, device=dev)
     return report

@@ -23,11 +23,28 @@ def compare(before: dict, after: dict) -> dict:
            "file_bytes": _ratio(before.get("file_bytes"), after.get("file_bytes"))}
     for b, lat in before.get("latency", {}).items():
         if b in after.get("latency", {}):
-            out[f"latency_b{b}"] = _ratio(lat["ms"], after["latency"][b]["ms"])
+            la = after["latency"][b]
+            # measured together (interleaved rounds): the median of the per-round ratios
+            out[f"latency_b{b}"] = la["speedup"] if "speedup" in la else _ratio(lat["ms"], la["ms"])
     for key in ("test_acc", "val_acc"):
         if key in before and key in after:
             out[f"{key}_delta"] = after[key] - before[key]
     return out
+
+
+def add_latency(before: dict, after: dict, model_before, model_after, input_shape: tuple[int, ...],
+                device="cpu", batches: tuple[int, ...] = (1, 64), rounds: int = 5, repeats: int = 2,
+                threads: int | None = None) -> None:
+    """Measure the latency of the model before and after pruning together (interleaved rounds, fixed
+    threads, :func:`metaprune.engine.measure.compare_latency`) and store it in the two summaries:
+    ``before["latency"][b]``, ``after["latency"][b]`` (with ``speedup``, before / after)."""
+    from metaprune.engine.measure import compare_latency
+
+    for b in batches:
+        r = compare_latency({"before": model_before, "after": model_after}, input_shape, b, device,
+                            rounds=rounds, repeats=repeats, threads=threads)
+        before.setdefault("latency", {})[str(b)] = r["models"]["before"]
+        after.setdefault("latency", {})[str(b)] = {**r["models"]["after"], "speedup": r["ratios"]["after"]}
 
 
 def width_changes(before: dict[str, int], after: dict[str, int]) -> list[tuple[str, int, int]]:
@@ -57,8 +74,8 @@ def format_table(report: dict, max_layers: int | None = 40) -> str:
     tgt = res.get("target", {})
     head = f"pruned {report.get('source', '?')} -> {report.get('output', '?')}"
     if tgt:
-        head += (f"  [target {tgt['kind']} {tgt['value']:g}, channel ratio {res.get('ratio', 0):.3f}, "
-                 f"criterion {report.get('config', {}).get('criterion', '?')}"
+        head += (f"  [target {tgt['kind']} {tgt['value']:g}, channels removed {res.get('ratio', 0):.3f}, "
+                 f"criterion {res.get('criterion') or report.get('config', {}).get('criterion', '?')}"
                  f"{'' if res.get('target_met', True) else ', TARGET NOT MET'}]")
     lines.append(head)
     lines.append(f"{'':24s}{'before':>16s}{'after':>16s}{'ratio':>10s}")
@@ -74,8 +91,10 @@ def format_table(report: dict, max_layers: int | None = 40) -> str:
                      f"{(f'{ratio:.2f}x' if ratio else '-'):>10s}")
     if b.get("latency"):
         lat = next(iter(b["latency"].values()))
+        how = (f"before and after interleaved in {lat['rounds']} rounds, ratio = median of per-round ratios"
+               if lat.get("interleaved") else "each model measured alone")
         lines.append(f"  (latency: {lat['device']}, {lat['dtype']}, {lat.get('threads', '?')} threads, warm-up "
-                     f"{lat['warmup']}, median of {lat['repeats']} runs)")
+                     f"{lat['warmup']}, median of {lat['repeats']} runs; {how})")
     for key in ("val_acc", "test_acc"):
         if key in b or key in a:
             d = r.get(f"{key}_delta")
