@@ -154,6 +154,16 @@ def _save_resume(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+def _drop_stale_temporaries(ckpt: Path) -> None:
+    """Delete what a process killed while writing into the output folder left behind (the
+    ``.NAME.*.tmp`` files of :func:`metaprune.io.atomic_path` for the checkpoint and the outputs
+    written beside it)."""
+    if ckpt.parent.is_dir():
+        for name in (ckpt.name, "model.safetensors", "report.json", "metrics.json"):
+            for f in ckpt.parent.glob(f".{name}.*.tmp"):
+                f.unlink(missing_ok=True)
+
+
 def run_fingerprint(model: nn.Module, data: DataSplits, cfg: TrainConfig, identity: dict | None = None) -> dict:
     """What a resume checkpoint of :func:`train` must match: the config (less :data:`VOLATILE`),
     the architecture and widths, the dataset, and the starting point (``identity``, e.g. the source
@@ -207,6 +217,8 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
     fp = run_fingerprint(model, data, cfg, identity) if ckpt is not None else None
     if not all_finite(model.state_dict().values()):
         raise TrainingError(f"{desc}: the model to train holds NaN or infinite weights; start from a finite model")
+    if ckpt is not None and is_main():
+        _drop_stale_temporaries(ckpt)
     if ckpt is not None and cfg.resume and ckpt.exists():
         try:
             st = torch.load(ckpt, map_location=device, weights_only=True)

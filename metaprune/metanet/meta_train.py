@@ -240,6 +240,10 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     baseline = None
     last = out / LAST
     fp = run_fingerprint(members, (train_p, val_p, held_p), data, cfg, net)
+    if is_main():
+        for name in (LAST, LOG, "metanet.safetensors", "config.json", "summary.json"):  # left by a killed run
+            for f in out.glob(f".{name}.*.tmp"):
+                f.unlink(missing_ok=True)
     if resume and last.exists():
         try:
             st = torch.load(last, map_location=device, weights_only=True)

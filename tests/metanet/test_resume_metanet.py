@@ -105,6 +105,41 @@ def test_zoo_reuse_needs_the_same_settings(zoo, data):
     assert len(build_zoo(_zoo_cfg(count=2), data, zoo)) == 2  # fewer (or more) members: the same zoo
 
 
+def test_interrupted_zoo_resumes_to_the_uninterrupted_zoo(data, tmp_path, monkeypatch):
+    zoo_mod = importlib.import_module("metaprune.metanet.zoo")
+    cfg = _zoo_cfg(count=2, train=TrainConfig(epochs=2, batch_size=32, device="cpu", max_steps_per_epoch=1,
+                                              augment=False))
+    build_zoo(cfg, data, tmp_path / "full")
+    real = zoo_mod.train
+
+    class Kill:  # kills member 1 after its first epoch's checkpoint
+        def on_epoch_start(self, model, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt("simulated kill")
+
+        def after_backward(self, model):
+            pass
+
+    def crashing(model, data, cfg, out_dir=None, **kw):
+        return real(model, data, cfg, out_dir=out_dir,
+                    regularizer=Kill() if str(out_dir).endswith("member_001") else None, **kw)
+
+    monkeypatch.setattr(zoo_mod, "train", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        build_zoo(cfg, data, tmp_path / "cut")
+    monkeypatch.setattr(zoo_mod, "train", real)
+    m1 = tmp_path / "cut" / "member_001"
+    assert sorted(p.name for p in m1.iterdir()) == ["last.pt"]  # nothing partial
+    mtime = (tmp_path / "cut" / "member_000" / "model.safetensors").stat().st_mtime_ns
+    build_zoo(cfg, data, tmp_path / "cut")
+    assert (tmp_path / "cut" / "member_000" / "model.safetensors").stat().st_mtime_ns == mtime  # skipped
+    for i in (0, 1):
+        a = load_member(tmp_path / "full" / f"member_00{i}")[0].state_dict()
+        b = load_member(tmp_path / "cut" / f"member_00{i}")[0].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (m1 / "last.pt").exists()
+
+
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("epochs", -1), ("batch_size", 0), ("lr", math.nan),
                                           ("lr", math.inf), ("weight_decay", math.nan), ("lam", math.inf),
                                           ("alpha", math.nan), ("prune_aware", math.nan),
