@@ -26,9 +26,12 @@ from torch import nn
 #: embedding); ``pool1d`` / ``pool2d``: pools over the last 1 / 2 dims; ``reduce``: mean/sum/amax/amin
 #: over explicit dims; ``softmax``: over one dim; ``flip`` / ``roll``: over explicit dims; ``flatten``,
 #: ``unflatten``, ``squeeze``, ``unsqueeze``, ``reshape``, ``permute``, ``transpose``, ``expand``,
-#: ``getitem``, ``cat``: move the channel dim (or join channel tensors for ``cat``).
+#: ``getitem``, ``cat``: move the channel dim (or join channel tensors for ``cat``); ``spatial``: acts on
+#: dims 2.. of an (N, C, ...) tensor (interpolation); ``pad``: ``F.pad`` of the last dims; ``constant``: a new
+#: tensor shaped like its input (``zeros_like``, ``new_zeros``): no channels (refused if later merged).
 KINDS = ("elementwise", "arith", "pool1d", "pool2d", "reduce", "softmax", "flip", "roll", "flatten", "unflatten",
-         "squeeze", "unsqueeze", "reshape", "permute", "transpose", "expand", "getitem", "cat")
+         "squeeze", "unsqueeze", "reshape", "permute", "transpose", "expand", "getitem", "cat", "spatial", "pad",
+         "constant")
 
 _ELEMENTWISE_MODULES: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
@@ -40,6 +43,8 @@ MODULE_KINDS.update({
     nn.MaxPool1d: "pool1d", nn.AvgPool1d: "pool1d", nn.AdaptiveAvgPool1d: "pool1d", nn.AdaptiveMaxPool1d: "pool1d",
     nn.MaxPool2d: "pool2d", nn.AvgPool2d: "pool2d", nn.AdaptiveAvgPool2d: "pool2d", nn.AdaptiveMaxPool2d: "pool2d",
     nn.Flatten: "flatten", nn.Unflatten: "unflatten", nn.Softmax: "softmax", nn.LogSoftmax: "softmax",
+    nn.ZeroPad2d: "pool2d", nn.ConstantPad2d: "pool2d", nn.ReflectionPad2d: "pool2d", nn.ReplicationPad2d: "pool2d",
+    nn.Upsample: "spatial", nn.UpsamplingNearest2d: "spatial", nn.UpsamplingBilinear2d: "spatial",
 })
 try:  # torchvision's per-sample stochastic depth scales whole samples: channels stay in place
     from torchvision.ops import StochasticDepth
@@ -66,7 +71,11 @@ FUNCTION_KINDS.update({
     torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", torch.reshape: "reshape", torch.permute: "permute",
     torch.transpose: "transpose", torch.swapaxes: "transpose", torch.swapdims: "transpose",
     operator.getitem: "getitem", torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+    F.interpolate: "spatial", F.pad: "pad",
 })
+FUNCTION_KINDS.update({f: "constant" for f in (
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
+    torch.randint_like)})
 
 METHOD_KINDS: dict[str, str] = {m: "elementwise" for m in (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_", "abs", "neg",
@@ -78,6 +87,7 @@ METHOD_KINDS.update({
     "squeeze": "squeeze", "unsqueeze": "unsqueeze", "reshape": "reshape", "view": "reshape", "permute": "permute",
     "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose", "expand": "expand",
 })
+METHOD_KINDS.update({m: "constant" for m in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")})
 
 #: arithmetic operations by merge kind (the names the tracer reports)
 MERGE_KIND = {"add": "add", "iadd": "add", "add_": "add", "sub": "sub", "isub": "sub", "sub_": "sub",

@@ -227,6 +227,8 @@ class _Interp(fx.Interpreter):
                 raise GraphError(f"the parameter {self.flows[params[0]].key!r} is used by {where}, which the graph "
                                  f"has no rule for; supported layer types: {supported_types()}")
             raise GraphError(f"{where} is not known to keep channel c at channel c; {_OPS_HINT}")
+        if kind == "constant":
+            return None
         if kind == "cat":
             return self._cat(n, where, out)
         if kind == "arith":
@@ -261,6 +263,15 @@ class _Interp(fx.Interpreter):
             if cd >= nd - k or out.ndim != nd:
                 raise GraphError(f"{where} pools over the channel dimension {cd} of a {nd}-d tensor; "
                                  "the graph cannot map pooled channels")
+            return cd
+        if kind == "spatial":
+            if cd >= 2 or out.ndim != nd or out.shape[cd] != c:
+                raise GraphError(f"{where} resizes dims 2.. but the channels are in dim {cd}")
+            return cd
+        if kind == "pad":
+            pad = _arg(n, 1, "pad")
+            if not isinstance(pad, (tuple, list)) or cd >= nd - len(pad) // 2 or out.shape[cd] != c:
+                raise GraphError(f"{where} pads the channel dimension {cd}")
             return cd
         if kind == "softmax":
             dim = mod.dim if mod is not None else _arg(n, 1, "dim")
@@ -386,7 +397,7 @@ class _Interp(fx.Interpreter):
             raise GraphError(f"{where} with the arguments {sorted(extra)} cannot be represented")
         if not isinstance(out, torch.Tensor):
             raise GraphError(f"{where} returns {type(out).__name__}, not one tensor")
-        if name in INPLACE:
+        if name in INPLACE and isinstance(n.args[0], fx.Node):
             target = n.args[0]
             later = [u.name for u in target.users if u is not n and self.order[u] > self.order[n]]
             if later:

@@ -59,6 +59,7 @@ def _plain() -> nn.Module:
      + b, "max_pool1d"),
     (lambda a, b: a.cumsum(1) + b, "cumsum"),
     (lambda a, b: a.sort(1)[0] + b, "sort"),
+    (lambda a, b: torch.nn.functional.pad(a, (0, 0, 0, 0, 1, 0))[:, 1:] + b, "pad"),
 ])
 def test_channel_reordering_functions_are_refused(fn, op):
     with pytest.raises(GraphError, match=op) as e:
@@ -82,6 +83,9 @@ def test_channel_shuffle_module_is_refused_with_its_path():
     lambda a, b: torch.sigmoid(a) * 2 - 1 + b,
     lambda a, b: a.permute(0, 2, 3, 1).reshape(a.shape[0], -1, a.shape[1]).transpose(1, 2).reshape(a.shape) + b,
     lambda a, b: nn.functional.dropout(a, 0.1, training=False) + b,
+    lambda a, b: nn.functional.interpolate(nn.functional.avg_pool2d(a, 2), scale_factor=2.0) + b,
+    lambda a, b: nn.functional.pad(a, (1, 1, 1, 1))[..., 1:-1, 1:-1] + b,
+    lambda a, b: a.unsqueeze(0).squeeze(0).flatten(2).unflatten(2, a.shape[2:]) + b,
 ])
 def test_channel_preserving_ops_keep_the_graph(fn):
     assert _same_graph(to_graph(_with_block(fn), cache=False), to_graph(_plain(), cache=False))
@@ -143,6 +147,7 @@ def test_squeeze_excitation_gate_is_a_product_not_a_residual():
     (lambda a, b: a * a.mean(1, keepdim=True) + b, "holds no channels"),          # channel-mixing gate
     (lambda a, b: a * a[:, :1] + b, "holds no channels"),                          # sliced channels
     (lambda a, b: a + torch.ones_like(a) + b, "ones_like"),                        # a constant
+    (lambda a, b: a * a.new_ones(a.shape) + b, "new_ones"),
     (lambda a, b: torch.add(a, b, alpha=2), "alpha"),
 ])
 def test_merges_that_cannot_be_represented_are_refused(fn, match):
