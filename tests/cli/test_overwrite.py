@@ -65,6 +65,9 @@ CASES = {
     "zoo-into-its-config-folder": ("zoo --config {t}/d/report.json --data synthetic -o {t}/d", ["d"]),
     "meta-train-into-the-zoo": ("meta-train --zoo {t}/z -o {t}/z", ["z"]),
     "demo-into-the-source-folder": ("demo {t}/d/model.safetensors --metanet {t}/mn -o {t}/d", ["d", "mn"]),
+    "export-onto-the-model": ("export {t}/m.safetensors -o {t}/m.safetensors", ["m.safetensors"]),
+    "export-onto-the-bundle": ("export {t}/b --source {t}/m.safetensors -o {t}/b/adapter_model.safetensors",
+                               ["b", "m.safetensors"]),
     "demo-over-edited-source": ("demo {t}/d/model.safetensors -o {t}/d", ["d"]),
 }
 
