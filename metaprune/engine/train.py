@@ -150,7 +150,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def _save_resume(path: Path, state: dict) -> None:
     from metaprune.io import atomic_path
 
-    with atomic_path(path) as tmp:  # a crash (or kill -9) leaves the previous checkpoint intact
+    with atomic_path(path, track=False) as tmp:  # a crash (or kill -9) leaves the previous checkpoint intact; kept when the command fails later (resume)
         torch.save(state, tmp)
 
 
