@@ -254,3 +254,17 @@ def test_cli_gate_reports_its_seconds(model_file, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["criterion"] == "gate" and rep["config"]["gate_steps"] == 2
     assert rep["result"]["gate"]["steps"] == 2 and rep["result"]["gate"]["seconds"] > 0
+
+
+def test_taylor_removes_the_channel_without_gradient():
+    """Channel 2 has big weights but conv2 never reads it: |w * dL/dw| is 0 there, L2 keeps it."""
+    m = _designed_cnn()
+    with torch.no_grad():
+        m.bn1.weight.fill_(1.0)
+        m.conv2.weight[:, 2] = 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    ty = prune(m, PruneConfig(ratio=0.25, criterion="taylor"), input_shape=(1, 8, 8), calibration=batches)
+    l2 = prune(m, PruneConfig(ratio=0.25, criterion="l2"), input_shape=(1, 8, 8))
+    assert _removed_conv1_channel(m, ty.model) == 2
+    assert _removed_conv1_channel(m, l2.model) == 1

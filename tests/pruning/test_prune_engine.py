@@ -163,18 +163,22 @@ def test_global_pruning_gives_non_uniform_widths():
     assert res.speedup > 1.5
 
 
-@pytest.mark.parametrize("criterion", ["l1", "bn", "random", "taylor"])
+@pytest.mark.parametrize("criterion", ["l1", "bn", "random", "taylor", "functional", "gate"])
 def test_criteria(criterion, synthetic_data):
+    """Every criterion runs on a ResNet-20 and keeps other channels than L2 (tests/pruning/test_criteria.py checks
+    on constructed models that each removes the channel it ranks lowest)."""
     from metaprune.data import BatchLoader
 
     shape = (1, 28, 28)
     model = _model("cifar_resnet20", shape, {})
     model.fc = nn.Linear(64, 10)
     model.metaprune_arch["args"]["num_classes"] = 10
-    calib = BatchLoader(synthetic_data.train, 32) if criterion == "taylor" else None
-    res = prune(model, PruneConfig(ratio=0.4, criterion=criterion), input_shape=shape, calibration=calib)
+    calib = BatchLoader(synthetic_data.train, 32) if criterion in ("taylor", "gate") else None
+    res = prune(model, PruneConfig(ratio=0.4, criterion=criterion, gate_steps=3), input_shape=shape, calibration=calib)
     assert res.model(torch.randn(2, *shape)).shape == (2, 10)
     assert all(p.grad is None for p in model.parameters())
+    l2 = prune(model, PruneConfig(ratio=0.4), input_shape=shape).model
+    assert any(not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), l2.state_dict().values()))
     if criterion == "random":  # seeded: the same channels twice
         again = prune(model, PruneConfig(ratio=0.4, criterion=criterion), input_shape=shape)
         assert all(torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), again.model.state_dict().values()))
