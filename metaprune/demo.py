@@ -66,13 +66,16 @@ def _row(name: str, kind: str, path: Path, report: Path, acc: float | None, para
 
 
 def _measure(model: nn.Module, data, device, cfg: DemoConfig, split: str = "test") -> dict:
-    from metaprune.engine.measure import measure_latency
+    """Params, MACs, bytes and accuracy; latency is measured later for all models together."""
     from metaprune.engine.report import model_summary
 
-    out = model_summary(model.to(device), data, device, split=split, eval_batches=cfg.eval_batches, latency=False)
-    shape = (data.in_chans, data.image_size, data.image_size)
-    out["latency"] = {"1": measure_latency(model, shape, 1, device, warmup=5, repeats=cfg.latency_repeats)}
-    return out
+    return model_summary(model.to(device), data, device, split=split, eval_batches=cfg.eval_batches, latency=False)
+
+
+def _latency_rounds(cfg: DemoConfig) -> tuple[int, int]:
+    """(rounds, runs per round) giving about ``latency_repeats`` timed runs per model."""
+    rounds = max(1, min(10, cfg.latency_repeats))
+    return rounds, max(1, round(cfg.latency_repeats / rounds))
 
 
 def _load_data(cfg: DemoConfig, model: nn.Module, say):
@@ -93,6 +96,7 @@ def _load_data(cfg: DemoConfig, model: nn.Module, say):
 def run_demo(cfg: DemoConfig, say=print) -> dict:
     """Run the pipeline; write every output and ``report.json`` under ``cfg.output``; return the report."""
     from metaprune.engine import TrainConfig, train
+    from metaprune.engine.measure import compare_latency
     from metaprune.engine.report import write_report
     from metaprune.engine.runtime import resolve_device
     from metaprune.graph import to_graph
@@ -120,8 +124,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     # 1. source
     t0 = time.time()
     s = _measure(source, data, device, cfg)
+    timed = {"source": source}  # every model of the table, timed together at the end
     rows.append(_row("source", "model", Path(cfg.source), Path(cfg.source), s["test_acc"], s["params"], s["macs"],
-                     s["latency"]["1"]["ms"], Path(cfg.source).stat().st_size, tag))
+                     None, Path(cfg.source).stat().st_size, tag))
     stage("source", t0, f"{info.arch}: {s['test_acc']:.2f}% test, {s['params']:,} params")
 
     # 2. convert
@@ -136,9 +141,10 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     edited = transform_model(net, source.cpu(), data.train, calib_batches=8, device=device)
     epath = save_model(edited, out / "edited.safetensors", extra={"metanet": cfg.metanet, "source": cfg.source})
     e = _measure(edited, data, device, cfg)
-    write_report(out, {"command": "transform", "model": e}, name="edited_report.json")
+    timed["edited"] = edited
+    sub_reports = {"edited": ("edited_report.json", {"command": "transform", "model": e})}
     rows.append(_row("edited", "model", epath, out / "edited_report.json", e["test_acc"], e["params"], e["macs"],
-                     e["latency"]["1"]["ms"], epath.stat().st_size, tag))
+                     None, epath.stat().st_size, tag))
     stage("transform", t0, f"metanetwork edit: {e['test_acc']:.2f}% test before pruning")
 
     # 4. prunability curves (validation split, no finetuning, BN recalibrated)
@@ -163,10 +169,11 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         name = f"pruned_{sp:g}x"
         ppath = save_model(pruned, out / f"{name}.safetensors", extra={"speedup_target": sp, "source": cfg.source})
         p = _measure(pruned, data, device, cfg)
-        write_report(out, {"command": "prune", "speedup_target": sp, "mac_speedup": s["macs"] / p["macs"],
-                           "model": p, "before": s}, name=f"{name}_report.json")
+        timed[name] = pruned
+        sub_reports[name] = (f"{name}_report.json", {"command": "prune", "speedup_target": sp,
+                                                     "mac_speedup": s["macs"] / p["macs"], "model": p, "before": s})
         rows.append(_row(name, "model", ppath, out / f"{name}_report.json", p["test_acc"], p["params"], p["macs"],
-                         p["latency"]["1"]["ms"], ppath.stat().st_size, tag))
+                         None, ppath.stat().st_size, tag))
         stage(f"prune {sp:g}x", t0, f"{s['macs'] / p['macs']:.2f}x fewer MACs, {p['test_acc']:.2f}% test after finetune")
 
     # 6. adapt to tasks (SPLoRA bundles) and merge to dense models
@@ -180,19 +187,35 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
                            max_steps_per_epoch=cfg.adapt_steps_per_epoch)
         r = adapt_task(cfg.source, task, bdir, acfg).report
         merged_path = _merge_bundle(bdir, source, out / f"merged_{bdir.name}.safetensors")
-        lat = _merged_latency(merged_path, r, device, cfg)
+        timed[f"bundle {bdir.name}"] = load_model(merged_path)[0]
         nbytes = sum(f.stat().st_size for f in bdir.iterdir() if f.name.startswith("adapter_"))
         rows.append(_row(f"bundle {bdir.name}", "bundle", bdir, bdir / "report.json", r["test_acc"],
-                         r["params"]["pruned"], r["macs"]["pruned"], lat, nbytes, r["data"]))
+                         r["params"]["pruned"], r["macs"]["pruned"], None, nbytes, r["data"]))
         stage(f"adapt {bdir.name}", t0, f"{r['test_acc']:.2f}% test, bundle {nbytes / 1024:.1f} KiB vs dense "
               f"{r['dense_pruned_bytes'] / 1024:.1f} KiB, merged -> {merged_path.name}")
 
+    # 7. latency of every model of the table, measured together: interleaved rounds, fixed threads, one input
+    t0 = time.time()
+    rounds, per_round = _latency_rounds(cfg)
+    lat = compare_latency({k: m.to(device) for k, m in timed.items()}, (data.in_chans, 28, 28), 1, device, warmup=5,
+                          rounds=rounds, repeats=per_round)
+    for row in rows:
+        row["latency_ms_b1"] = lat["models"][row["name"]]["ms"]
+        row["latency_speedup_b1"] = lat["ratios"][row["name"]]
+    s["latency"] = {"1": lat["models"]["source"]}
+    for name, (fname, sub) in sub_reports.items():
+        sub["model"]["latency"] = {"1": {**lat["models"][name], "speedup_vs_source": lat["ratios"][name]}}
+        write_report(out, sub, name=fname, device=device)
+    stage("latency", t0, "batch 1: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in lat["models"].items())
+          + f" ({rounds} interleaved rounds, {lat['threads']} threads)")
+    latency = {k: v for k, v in lat.items() if k != "models"}
+
     report = {"command": "demo", "fast": cfg.fast, "data": tag, "source": cfg.source, "metanet": cfg.metanet,
-              "rows": rows, "curves": {k: {kk: v[kk] for kk in ("speedups", "accs", "auc", "auc_rel", "base_acc")}
+              "rows": rows, "latency": latency, "curves": {k: {kk: v[kk] for kk in ("speedups", "accs", "auc", "auc_rel", "base_acc")}
                                        for k, v in curves.items()},
               "stages_seconds": stages, "seconds": round(time.time() - t_all, 1),
               "eval": "test split" + (f", first {cfg.eval_batches} batches of 512" if cfg.eval_batches else "")}
-    write_report(out, report)
+    write_report(out, report, device=device)
     return report
 
 
@@ -203,23 +226,22 @@ def _merge_bundle(bundle: Path, source: nn.Module, path: Path) -> Path:
     return save_model(merge(bundle, source.cpu()), path, extra={"bundle": str(bundle)})
 
 
-def _merged_latency(path: Path, report: dict, device, cfg: DemoConfig) -> float:
-    from metaprune.engine import measure_latency
-    from metaprune.io import load_model
-
-    m, _ = load_model(path)
-    shape = tuple(report.get("input_shape") or (m.metaprune_arch["args"]["in_chans"], 28, 28))
-    return measure_latency(m.to(device), shape, 1, device, warmup=5, repeats=cfg.latency_repeats)["ms"]
-
-
 def format_summary(report: dict) -> str:
     """The demo's summary table (one line per produced model or bundle)."""
-    head = f"{'output':22s} {'accuracy':>9s} {'params':>10s} {'MACs (M)':>9s} {'lat b1 ms':>9s} {'bytes':>10s}"
+    head = (f"{'output':22s} {'accuracy':>9s} {'params':>10s} {'MACs (M)':>9s} {'lat b1 ms':>9s} {'vs src':>7s} "
+            f"{'bytes':>10s}")
     lines = [f"data: {report['data']} ({report['eval']})", head, "-" * len(head)]
     for r in report["rows"]:
         acc = "-" if r["acc"] is None else f"{r['acc']:.2f}%"
-        lines.append(f"{r['name']:22s} {acc:>9s} {r['params']:>10,d} {r['macs'] / 1e6:>9.2f} "
-                     f"{r['latency_ms_b1']:>9.2f} {r['bytes']:>10,d}")
+        ms = "-" if r.get("latency_ms_b1") is None else f"{r['latency_ms_b1']:.2f}"
+        sp = "-" if r.get("latency_speedup_b1") is None else f"{r['latency_speedup_b1']:.2f}x"
+        lines.append(f"{r['name']:22s} {acc:>9s} {r['params']:>10,d} {r['macs'] / 1e6:>9.2f} {ms:>9s} {sp:>7s} "
+                     f"{r['bytes']:>10,d}")
+    lat = report.get("latency")
+    if lat:
+        lines.append(f"latency: batch 1 on {lat['device']}, {lat['threads']} threads, all models interleaved in "
+                     f"{lat['rounds']} rounds of {lat['repeats'] // max(1, lat['rounds'])} runs after {lat['warmup']} "
+                     "warm-up runs; 'vs src' = median per-round ratio to the source")
     c = report["curves"]
     lines.append(f"prunability AUC (val, 1..{max(c['original']['speedups'][-1], 1):.1f}x): original "
                  f"{c['original']['auc']:.2f}, edited {c['edited']['auc']:.2f}")

@@ -40,6 +40,21 @@ def test_demo_fast_on_synthetic_data(tmp_path, capsys):
             merged = out / f"merged_{Path(r['path']).name}.safetensors"
             model, _ = load_model(merged)
             assert sum(p.numel() for p in model.parameters()) == sub["params"]["pruned"]
+    # latency: every model of the table timed together (interleaved rounds, one thread count), and each
+    # sub-report holds that same measurement
+    lat = report["latency"]
+    assert lat["interleaved"] and lat["rounds"] >= 1 and lat["reference"] == "source"
+    assert set(lat["ratios"]) == {r["name"] for r in report["rows"]}
+    for r in report["rows"]:
+        assert r["latency_speedup_b1"] == lat["ratios"][r["name"]]
+        line = next(ln for ln in table.splitlines() if ln.startswith(r["name"]))
+        assert f"{r['latency_ms_b1']:.2f}" in line and f"{r['latency_speedup_b1']:.2f}x" in line
+        if r["kind"] == "model" and r["report"].endswith(".json"):
+            sub = json.loads(Path(r["report"]).read_text())["model"]["latency"]["1"]
+            assert sub["ms"] == r["latency_ms_b1"] and sub["interleaved"] and sub["threads"] == lat["threads"]
+    assert next(r for r in report["rows"] if r["name"] == "source")["latency_speedup_b1"] == 1.0
+    assert "interleaved" in table
+    assert report["environment"]["device"] == "cpu"
     pruned = {r["name"]: r for r in report["rows"]}
     assert pruned["pruned_3x"]["macs"] < pruned["pruned_2x"]["macs"] < pruned["source"]["macs"]
 
