@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -141,6 +142,10 @@ def _mkdirs(d: Path, track: bool) -> None:
         _CREATED[-1].extend(reversed(missing))
 
 
+# how torch.save reports a failed write (full disk, file size limit): RuntimeError, not OSError
+_WRITE_FAILURE = re.compile(r"writ|iostream|inline_container|file too large|no space", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, track: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, on error delete it.
@@ -167,7 +172,7 @@ def atomic_path(path: str | os.PathLike, track: bool = True) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and "writ" in str(e)):
+        if isinstance(e, (OSError, SafetensorError)) or (isinstance(e, RuntimeError) and _WRITE_FAILURE.search(str(e))):
             why = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise OutputError(f"could not write {p}: {why}; free some space or choose another output path "
                               "(nothing was left behind)") from None
