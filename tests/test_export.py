@@ -54,6 +54,7 @@ def test_onnx_of_a_pruned_resnet_matches_onnxruntime_at_any_batch(tmp_path, prun
     rep = json.loads(capsys.readouterr().out)
     saved = json.loads((tmp_path / "sub" / "model.export.json").read_text())
     assert saved["max_abs_diff"] == rep["max_abs_diff"] <= 1e-5
+    assert rep["output_max_abs"] > 1 and rep["allowed_abs_diff"] == pytest.approx(1e-4 * rep["output_max_abs"])
     assert (rep["format"], rep["opset"], rep["input_shape"]) == ("onnx", 17, [1, 16, 16])
     assert set(rep["max_abs_diff_per_batch"]) == {"1", "3"}
     # an independent check, at batch sizes the export never saw: the batch dimension is dynamic
@@ -105,14 +106,14 @@ def test_a_mismatch_above_the_tolerance_fails_and_leaves_no_file(tmp_path, prune
 
     src, _ = pruned_resnet_file
     real = export.OrtModule.forward
-    monkeypatch.setattr(export.OrtModule, "forward", lambda self, x: real(self, x) + 1e-3)
+    monkeypatch.setattr(export.OrtModule, "forward", lambda self, x: real(self, x) * 1.01)  # 1 % off
     out = tmp_path / "model.onnx"
     assert main(["export", str(src), "-o", str(out), "--input-shape", "1,16,16", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "max abs diff" in err[0] and "> tolerance 0.0001" in err[0]
     assert list(tmp_path.iterdir()) == []  # no model.onnx, no report, no temporary file
     # a looser tolerance accepts the same difference
-    assert main(["export", str(src), "-o", str(out), "--input-shape", "1,16,16", "-q", "--tolerance", "0.01"]) == 0
+    assert main(["export", str(src), "-o", str(out), "--input-shape", "1,16,16", "-q", "--tolerance", "0.02"]) == 0
     assert out.exists()
 
 

@@ -28,7 +28,8 @@ def register(sub) -> None:
                    help="ONNX exporter: the TorchScript-based one (default; needs only onnx) or the torch.export-"
                    "based one (needs onnxscript)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="largest allowed absolute difference of the outputs (default 1e-4)")
+                   help="largest allowed absolute difference of the outputs (default 1e-4; scaled by the largest absolute "
+                   "output when that exceeds 1)")
     p.add_argument("--input-shape", help="C,H,W of one input (default: from the model file)")
     p.add_argument("--source", help="with an SPA bundle folder as MODEL: the source model it adapts (merged first)")
     p.add_argument("--latency", action="store_true",
