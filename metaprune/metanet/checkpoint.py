@@ -6,6 +6,7 @@ No pickle: the config is JSON and the weights are safetensors, so loading runs n
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -53,6 +54,10 @@ def load_metanet(path: str | os.PathLike, weights_name: str = WEIGHTS) -> tuple[
         raise ModelFileError(f"{d / CONFIG}: format_version must be an integer, got {version!r}; the file is damaged")
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{d / CONFIG} has format_version {version}; upgrade metaprune")
+    unknown = sorted(set(meta["metanet"]) - {f.name for f in fields(MetanetConfig)})
+    if unknown:
+        raise ModelFileError(f"{d / CONFIG}: unknown metanetwork options {unknown}; the file is damaged or was written "
+                             "by another program")
     try:
         net = Metanet(MetanetConfig.from_dict(meta["metanet"]))
     except ConfigError as e:
