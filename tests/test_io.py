@@ -93,13 +93,116 @@ def test_input_is_never_overwritten(tmp_path, tiny_resnet):
     assert file_sha256(p) == h
 
 
+def test_unwritable_output(tmp_path, tiny_resnet, monkeypatch):
+    """A write that fails (here: the final rename is refused, as on a read-only folder; works as
+    root too) is one OutputError, and neither the file nor its temporary is left."""
+    import errno
+
+    def refuse(src, dst):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputError, match="Permission denied"):
+        save_model(tiny_resnet, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output(tmp_path, tiny_resnet):
+def test_read_only_folder(tmp_path, tiny_resnet):
     d = tmp_path / "ro"
     d.mkdir()
     d.chmod(0o500)
     with pytest.raises(OutputError):
         save_model(tiny_resnet, d / "m.safetensors")
+
+
+def test_output_through_a_symlink_onto_an_input_is_refused(tmp_path, tiny_resnet):
+    p = save_model(tiny_resnet, tmp_path / "d" / "model.safetensors")
+    (tmp_path / "link").symlink_to(tmp_path / "d")
+    h = file_sha256(p)
+    with pytest.raises(OutputError, match="overwrite the input"):
+        save_model(create_model("cifar_resnet20", in_chans=1), tmp_path / "link", inputs=(tmp_path / "d",))
+    assert file_sha256(p) == h
+
+
+def test_load_builds_on_the_meta_device(tmp_path, tiny_resnet, monkeypatch):
+    """Loading does not spend time on a random initialisation that the weights then overwrite."""
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors")
+    touched = []
+    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_"):
+        real = getattr(torch.nn.init, name)
+
+        def spy(*a, _real=real, **k):
+            t = a[0] if a else k["tensor"]
+            if not t.is_meta:
+                touched.append(tuple(t.shape))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(torch.nn.init, name, spy)
+    m, _ = load_model(p)
+    assert touched == []
+    assert _same(m, tiny_resnet) and not any(t.is_meta for t in m.state_dict().values())
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(m(x), tiny_resnet(x))
+
+
+def _respec(path, out, edit=None, tensors=None):
+    """Copy a model file with its metadata edited by ``edit(spec)`` and/or tensors replaced."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from metaprune.io import META_KEY
+
+    with safe_open(str(path), "pt") as f:
+        spec = json.loads(f.metadata()[META_KEY])
+    if edit:
+        edit(spec)
+    sd = {**load_file(str(path)), **(tensors or {})}
+    save_file(sd, str(out), metadata={META_KEY: json.dumps(spec), "format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("layer,attr,value", [
+    ("conv1", "padding_mode", "reflect"), ("conv1", "dilation", [2, 2]), ("conv1", "padding", [0, 0]),
+    ("conv1", "stride", [2, 2]), ("bn1", "eps", 1.0), ("bn1", "momentum", 0.5), ("bn1", "training", True),
+    ("fc", "weight", 3), ("layer1.0.bn1", "num_features", -16), ("layer1.0.bn1", "num_features", 16.0),
+    ("layer1.0.bn1", "num_features", True), ("conv1", "groups", 0), ("conv1", "out_channels", "16"),
+])
+def test_metadata_cannot_change_behaviour(tmp_path, tiny_resnet, layer, attr, value):
+    """Only structural widths with positive integer values are taken from a file (these edits used
+    to load silently and change the logits)."""
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors")
+    bad = _respec(p, tmp_path / "bad.safetensors", lambda s: s["widths"][layer].update({attr: value}))
+    with pytest.raises(ModelFileError, match=rf"{attr}|positive integer"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize("what", ["widths-disagree", "layers-do-not-connect", "nan", "inf", "widths-not-object"])
+def test_widths_and_tensors_are_checked_against_the_architecture(tmp_path, tiny_resnet, what):
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors")
+    w = tiny_resnet.conv1.weight.detach().clone()
+    w[0, 0, 0, 0] = float("nan") if what == "nan" else float("inf")
+    edit = {"widths-disagree": (lambda s: s["widths"]["conv1"].update(out_channels=8), None),
+            "widths-not-object": (lambda s: s.update(widths=[16]), None),
+            "layers-do-not-connect": (None, {"layer1.0.conv2.weight": torch.zeros(16, 8, 3, 3)}),
+            "nan": (None, {"conv1.weight": w}), "inf": (None, {"conv1.weight": w})}[what]
+    bad = _respec(p, tmp_path / "bad.safetensors", *edit)
+    with pytest.raises(ModelFileError, match="shape|connect|NaN|object"):
+        load_model(bad)
+
+
+def test_pruned_vit_round_trips(tmp_path):
+    """Validation accepts what the pruning engine produces (heads and MLP channels removed)."""
+    from metaprune.pruning import PruneConfig, prune
+
+    m = create_model("vit_tiny_p4", num_classes=4, in_chans=1, image_size=28).eval()
+    res = prune(m, PruneConfig(ratio=0.34), input_shape=(1, 28, 28))
+    p = save_model(res.model, tmp_path / "v.safetensors")
+    m2, _ = load_model(p)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(m2(x), res.model.eval()(x))
 
 
 def test_output_under_a_file_is_refused(tmp_path, tiny_resnet):

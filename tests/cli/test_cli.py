@@ -43,6 +43,7 @@ def test_truncated_model_file(tmp_path, model_file, capsys):
     assert "truncated or corrupt" in _err(capsys)
 
 
+@pytest.mark.data
 def test_wrong_channels_for_the_data(tmp_path, capsys):
     p = save_model(create_model("cifar_resnet20", num_classes=10, in_chans=3), tmp_path / "rgb.safetensors")
     assert main(["eval", str(p), "--data", "fashion-mnist", "--no-latency"]) == 2
