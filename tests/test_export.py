@@ -158,3 +158,43 @@ def test_latency_against_a_baseline_is_interleaved(tmp_path, pruned_resnet_file)
     assert set(e["speedup"]) == {"pytorch", "onnxruntime"} and all(v > 0 for v in e["speedup"].values())
     assert lat["threads"] == 1 and lat["provider"] == "CPUExecutionProvider"
     assert lat["baseline_max_abs_diff"] <= 1e-4
+
+
+def test_spa_bundle_with_source_exports_the_merged_model(tmp_path, capsys):
+    """An SPA bundle folder + --source is merged, then exported: ONNX == the merged model; and a bundle
+    without --source is refused with one error line."""
+    from metaprune import create_model
+    from metaprune.io import save_model, state_dict_sha256
+    from spa import adapt_model, merge, save_bundle
+    from spa.adapt import _NORMS
+    from spa.masks import step_keep
+    from spa.methods import get_method
+    from spa.prune import apply_masks, build_graph, channel_groups, layer_masks
+
+    torch.manual_seed(0)
+    src = _randomise(create_model("cifar_resnet20", num_classes=10, in_chans=1))
+    src_path = save_model(src, tmp_path / "src.safetensors")
+    cfg_cls, _ = get_method("splora")
+    m = adapt_model(src, "splora", cfg_cls(rank=2), num_classes=4, seed=0).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    groups = channel_groups(m, build_graph(m, torch.zeros(1, 1, 16, 16)), m.get_submodule(m.spa_head))
+    lm = layer_masks(m, groups, step_keep(m, groups, 0.5))
+    apply_masks(m, lm)
+    mods = dict(m.named_modules())
+    m.spa_norm_masks = {n: d["out"] for n, d in lm.items() if isinstance(mods[n], _NORMS)}
+    bundle = save_bundle(m, tmp_path / "bundle", method="splora", method_config=cfg_cls(rank=2), task="t",
+                         classes=list("abcd"), source_sha256=state_dict_sha256(src), input_shape=(1, 16, 16))
+    out = tmp_path / "out" / "b.onnx"
+    assert main(["export", str(bundle), "-o", str(out), "-q"]) == 2
+    assert "--source" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(bundle), "--source", str(src_path), "-o", str(out), "--input-shape", "1,16,16",
+                 "-q"]) == 0
+    merged = merge(bundle, src.eval()).eval()
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        ref = merged(x)
+    assert ref.shape == (5, 4)
+    assert (_ort_run(out, x) - ref).abs().max() <= 1e-5
