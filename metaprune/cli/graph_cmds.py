@@ -52,6 +52,8 @@ def cmd_convert(args) -> int:
         if not args.output:
             raise ConfigError("--to-model needs -o/--output, the model file to write (e.g. -o model.safetensors)")
         if not is_graph_file(src):
+            if Path(src).suffix == ".safetensors" and Path(src).is_file():
+                Graph.load(src)  # raises the precise reason: truncated, corrupt, or a model file
             raise ConfigError(f"{src} is not a metaprune graph file; write one with `metaprune convert MODEL -o G`")
         t = time.perf_counter()
         g = Graph.load(src)

@@ -168,7 +168,9 @@ class _Interp(fx.Interpreter):
         if n.op not in ("call_function", "call_method"):
             return
         name = _op_name(n)
-        if name in INPLACE and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in self.live \
+        mutates = name in INPLACE or (n.op == "call_method" and name.endswith("_")
+                                      and METHOD_KINDS.get(name) != "elementwise")
+        if mutates and n.args and isinstance(n.args[0], fx.Node) and n.args[0] in self.live \
                 and isinstance(self.flows.get(n.args[0]), Flow):
             raise GraphError(f"the in-place operation {name!r} ({n.name}) changes a channel tensor that is read "
                              "later; the graph cannot follow in-place changes: write `x = x + y` instead")
@@ -216,7 +218,7 @@ class _Interp(fx.Interpreter):
         chan = [a for a in arg_nodes if isinstance(self.flows.get(a), Flow)]
         params = [a for a in arg_nodes if isinstance(self.flows.get(a), ParamRef)]
         if not chan:  # shapes, parameters on their own, values without channels
-            name = _op_name(n)
+            name = _op_name(n) if n.op == "call_method" else None  # x.expand(..) of a parameter
             if len(params) == 1 and isinstance(out, torch.Tensor) and name in ("expand", "contiguous", "to"):
                 return self.flows[params[0]]
             return None

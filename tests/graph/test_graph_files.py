@@ -134,7 +134,7 @@ def test_unreadable_graph_file(graph_file, tmp_path, capsys, data):
         Graph.load(bad)
     assert main(["convert", str(bad), "--to-model", "-o", str(tmp_path / "m.safetensors"), "-q"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith(f"error: {bad} is not a") and err.count("\n") == 1
     with pytest.raises(GraphError, match="does not exist"):
         Graph.load(tmp_path / "missing.safetensors")
 

@@ -178,6 +178,16 @@ def test_in_place_change_of_a_value_read_later_is_refused():
     with pytest.raises(GraphError, match="in-place"):
         to_graph(_with_block(unused_result), cache=False)
 
+    def overwrite(a, b):
+        a.copy_(b)        # a now holds the shortcut's channels
+        return a + b
+
+    with pytest.raises(GraphError, match="in-place operation 'copy_'"):
+        to_graph(_with_block(overwrite), cache=False)
+    # in-place activations change values, not which channel is where
+    assert _same_graph(to_graph(_with_block(lambda a, b: (a.relu_(), a + b)[1]), cache=False),
+                       to_graph(_plain(), cache=False))
+
 
 # ---------------------------------------------------------------- 3(c) unused values
 def test_unused_values_create_no_nodes():
