@@ -34,9 +34,11 @@ def group_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
 
 
 def current_keep(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """The group's kept root channels (bool), read from the root layer's ``out_mask``."""
+    """The group's kept units (bool, one per root channel or head), read from the root layer's ``out_mask``."""
     root = dict(model.named_modules())[group.root]
-    return root.out_mask.detach().cpu() > 0
+    rows = torch.tensor(group.root_idxs(), dtype=torch.long)
+    kept = root.out_mask.detach().cpu()[rows] > 0
+    return kept.view(-1, group.size).all(0)
 
 
 def step_keep(model: nn.Module, groups: list[ChannelGroup], ratio: float) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ factors together (out channels: rows of ``W``/``B``/``P``; in channels: columns 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from metaprune.errors import PruningError
+from metaprune.pruning.structure import unwrapped_parameters
 from spa.methods.base import AdaptedLayer
 
 
@@ -51,16 +53,60 @@ def _custom_pruners(model: nn.Module) -> dict:
     return {type(m): PRUNER for m in model.modules() if isinstance(m, AdaptedLayer)}
 
 
+def _unwrapped(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Bare parameters (class token, position embedding) for torch-pruning, adapted layers' own excluded."""
+    own = {id(p) for m in model.modules() if isinstance(m, AdaptedLayer) for p in m.parameters()}
+    return [(p, d) for p, d in unwrapped_parameters(model) if id(p) not in own]
+
+
+class _Graph(tp.DependencyGraph):
+    """DepGraph that knows adapted Linear layers on token sequences.
+
+    torch-pruning switches off its 2-D/4-D flatten index mapping when an ``nn.Linear`` returns a
+    3-D tensor (a transformer); an adapted linear is not an ``nn.Linear``, so without this the patch
+    embedding's ``reshape`` of a ViT is taken for a flatten and tracing fails.
+    """
+
+    seq_linear = False
+
+    def _trace(self, *args, **kwargs):
+        out = super()._trace(*args, **kwargs)
+        if self.seq_linear:
+            self._2d_4d = False
+        return out
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """DepGraph of an adapted model, with :class:`AdaptedLayerPruner` for every adapted layer."""
+    """DepGraph of an adapted model, with :class:`AdaptedLayerPruner` for every adapted layer.
+
+    Every parameter is traced (the frozen source ones too: a ViT's patch embedding, class token and
+    position embedding must be in the graph), bare parameters are declared with the dimension they
+    are pruned on (:func:`metaprune.pruning.structure.unwrapped_parameters`), as the pruning engine does.
+    """
     was = model.training
     model.eval()
+    req = [(p, p.requires_grad) for p in model.parameters()]
+    dg = _Graph()
+
+    def seen(mod, _inp, out):
+        if mod.kind == "linear" and isinstance(out, torch.Tensor) and out.dim() >= 3:
+            dg.seq_linear = True
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules() if isinstance(m, AdaptedLayer)]
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                   customized_pruners=_custom_pruners(model))
+        for p, _ in req:
+            p.requires_grad_(True)
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg.build_dependency(model, example_inputs=example, customized_pruners=_custom_pruners(model),
+                                unwrapped_parameters=_unwrapped(model), verbose=False)
     except Exception as e:  # noqa: BLE001 - torch-pruning raises assorted errors on untraceable models
         raise PruningError(f"torch-pruning could not trace the adapted model ({type(e).__name__}: {e})") from None
     finally:
+        for h in hooks:
+            h.remove()
+        for p, r in req:
+            p.requires_grad_(r)
         model.train(was)
     return dg
 
@@ -78,15 +124,26 @@ class Member:
 class ChannelGroup:
     """A prunable dependency group: the root (an adapted layer's out channels) and every coupled layer dim.
 
-    ``members[i].idxs[j]`` is the channel of that layer dimension that moves with root channel ``j``.
+    The group has ``size`` prunable units ("root channels"): ``members[i].idxs[j]`` is the channel
+    of that layer dimension that moves with unit ``j % size``. For a plain group a unit is one
+    output channel of the root; for an attention group (``attention`` = the attention module's
+    path) a unit is a whole head: the q, k and v rows of ``qkv`` and the ``proj`` columns of that head.
     """
 
     root: str
     size: int
     members: list[Member]
+    attention: str | None = None
+
+    def root_idxs(self) -> list[int]:
+        """The root layer's output channels, unit of each = position modulo ``size``."""
+        for mem in self.members:
+            if mem.name == self.root and mem.dim == "out":
+                return mem.idxs
+        raise PruningError(f"dependency group {self.root} lists no output channels of its root")
 
 
-def _dim_of(handler, dep_target) -> str | None:
+def _dim_of(handler) -> str | None:
     fn = getattr(handler, "__name__", "")
     if "out_channels" in fn:
         return "out"
@@ -95,39 +152,128 @@ def _dim_of(handler, dep_target) -> str | None:
     return None
 
 
+def _attention_modules(model: nn.Module) -> dict[nn.Module, tuple[str, nn.Module]]:
+    """``{qkv layer: (attention path, attention module)}`` for attention with whole-head pruning.
+
+    Same contract as :func:`metaprune.pruning.structure.attention_layers` (a fused ``qkv`` linear,
+    rows laid out ``[3, num_heads, head_dim]``, and an integer ``num_heads``), with the linears
+    possibly adapted.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        qkv, heads = getattr(m, "qkv", None), getattr(m, "num_heads", None)
+        if isinstance(qkv, (nn.Linear, AdaptedLayer)) and isinstance(heads, int) and heads > 0:
+            if not isinstance(qkv, AdaptedLayer) or qkv.kind == "linear":
+                out[qkv] = (name, m)
+    return out
+
+
+def _maskable(m, dim: str) -> bool:
+    """Whether masking (zeroing) channel c of this layer dimension equals removing it.
+
+    Adapted layers mask both dimensions in their forward pass; a BatchNorm is per channel, so a
+    masked producer plus masked consumers make it irrelevant; a plain conv/linear's output channel
+    is irrelevant when every consumer masks it. LayerNorm / GroupNorm (statistics over all
+    channels), bare parameters (class token, position embedding) and a plain layer's inputs are
+    not: a group holding one keeps its full width (e.g. a ViT's residual stream).
+    """
+    if isinstance(m, AdaptedLayer):
+        return True
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    return dim == "out" and isinstance(m, (nn.Conv2d, nn.Linear))
+
+
+def _members(group, names: dict) -> tuple[list[Member], bool]:
+    """The group's module members (torch-pruning's traced ops skipped) and whether masking it is exact."""
+    members: list[Member] = []
+    ok = True
+    for item in group:
+        dep, idxs = item.dep, item.idxs
+        m = dep.target.module
+        dim = _dim_of(dep.handler)
+        if isinstance(m, nn.Parameter):
+            ok = False
+            continue
+        if m not in names or dim is None:
+            continue  # an op traced by torch-pruning (reshape, add, ...), not a layer
+        ok = ok and _maskable(m, dim)
+        members.append(Member(names[m], dim, [int(i) for i in idxs]))
+    return members, ok
+
+
+def _head_group(model: nn.Module, dg: tp.DependencyGraph, names: dict, qkv: AdaptedLayer, attn_name: str,
+                attn: nn.Module) -> ChannelGroup | None:
+    """One group whose units are the heads of ``attn`` (q, k, v rows of ``qkv`` + ``proj`` columns)."""
+    h = attn.num_heads
+    rows = qkv.out_channels
+    if rows % (3 * h):
+        raise PruningError(f"{attn_name}.qkv has {rows} outputs, not 3 x num_heads ({h}) x head_dim")
+    hd = rows // (3 * h)
+    per_head: list[dict[tuple[str, str], list[int]]] = []
+    for k in range(h):
+        idx = [s * h * hd + k * hd + d for s in range(3) for d in range(hd)]
+        members, ok = _members(dg.get_pruning_group(qkv, PRUNER.prune_out_channels, idx), names)
+        if not ok:
+            return None
+        d: dict[tuple[str, str], list[int]] = {}
+        for mem in members:
+            d.setdefault((mem.name, mem.dim), []).extend(mem.idxs)
+        per_head.append(d)
+    keys = list(per_head[0])
+    if any(list(p) != keys or any(len(p[key]) != len(per_head[0][key]) for key in keys) for p in per_head):
+        raise PruningError(f"the heads of {attn_name} are not coupled alike; cannot prune whole heads")
+    members = []
+    for key in keys:  # interleave: position t * h + k holds head k's t-th channel
+        n = len(per_head[0][key])
+        members.append(Member(key[0], key[1], [per_head[k][key][t] for t in range(n) for k in range(h)]))
+    return ChannelGroup(names[qkv], h, members, attention=attn_name)
+
+
 def channel_groups(model: nn.Module, dg: tp.DependencyGraph, head: nn.Module | None) -> list[ChannelGroup]:
-    """The prunable dependency groups rooted at adapted layers (the head's outputs are never pruned)."""
+    """The prunable dependency groups rooted at adapted layers (the head's outputs are never pruned).
+
+    Only groups whose masking is exactly their removal (:func:`_maskable`) are returned. Fused
+    ``qkv`` attention layers give one group per attention layer whose units are whole heads (the
+    head size and the attention scale are kept); a transformer's residual width (LayerNorm, class
+    token, position embedding) is kept.
+    """
     names = {m: n for n, m in model.named_modules()}
+    attention = _attention_modules(model)
     groups: list[ChannelGroup] = []
     ignored = [head] if head is not None else []
     for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[AdaptedLayer]):
         root_mod = group[0].dep.target.module
+        if root_mod in attention:
+            g = _head_group(model, dg, names, root_mod, *attention[root_mod])
+            if g is not None and g.size > 1:
+                groups.append(g)
+            continue
+        members, ok = _members(group, names)
+        if any(names.get(head) == mem.name and mem.dim == "out" for mem in members):
+            ok = False
         n = dg.get_out_channels(root_mod)
-        full = dg.get_pruning_group(root_mod, PRUNER.prune_out_channels, list(range(n)))
-        members: list[Member] = []
-        ok = True
-        for item in full:
-            dep, idxs = item.dep, item.idxs
-            m = dep.target.module
-            if m not in names:
-                continue
-            dim = _dim_of(dep.handler, m)
-            if dim is None:
-                continue
-            if m is head and dim == "out":
-                ok = False
-            members.append(Member(names[m], dim, [int(i) for i in idxs]))
         if ok and n > 1:
             groups.append(ChannelGroup(names[root_mod], n, members))
     return groups
 
 
 def layer_masks(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per-layer masks ``{name: {"out"|"in": bool tensor}}`` from per-group kept-root-channel masks."""
+    """Per-layer masks ``{name: {"out"|"in": bool tensor}}`` from per-group kept-unit masks.
+
+    ``keep[g.root]`` has one bool per unit of the group (``g.size``: channels, or heads of an
+    attention group), or is the root layer's whole output mask (a unit is kept when all its root
+    channels are).
+    """
     mods = dict(model.named_modules())
     out: dict[str, dict] = {}
     for g in groups:
-        k = keep[g.root]
+        k = keep[g.root].detach().cpu().bool()
+        if len(k) != g.size:
+            rows = g.root_idxs()
+            if len(k) != len(rows):
+                raise PruningError(f"group {g.root}: {len(k)} kept flags for {g.size} units")
+            k = k[torch.tensor(rows, dtype=torch.long)].view(-1, g.size).all(0)
         for mem in g.members:
             m = mods[mem.name]
             size = _dim_size(m, mem.dim)
@@ -169,14 +315,22 @@ def apply_masks(model: nn.Module, masks: dict[str, dict]) -> None:
 
 @torch.no_grad()
 def physically_prune(model: nn.Module, dg: tp.DependencyGraph, groups: list[ChannelGroup]) -> None:
-    """Remove every channel whose root mask is 0, with torch-pruning (base + adapters together)."""
+    """Remove every unit whose root mask is 0, with torch-pruning (base + adapters together).
+
+    An attention group removes whole heads and writes the new head count to the attention module.
+    """
+    from spa.masks import current_keep
+
     mods = dict(model.named_modules())
     for g in groups:
         root = mods[g.root]
-        drop = (root.out_mask == 0).nonzero().flatten().tolist()
-        if not drop:
+        keep = current_keep(model, g)
+        if bool(keep.all()):
             continue
-        if len(drop) >= root.out_channels:
-            raise PruningError(f"group {g.root} would lose every channel")
+        if not bool(keep.any()):
+            raise PruningError(f"group {g.root} would lose every {'head' if g.attention else 'channel'}")
+        drop = sorted(i for j, i in enumerate(g.root_idxs()) if not keep[j % g.size])
         group = dg.get_pruning_group(root, PRUNER.prune_out_channels, drop)
         group.prune()
+        if g.attention is not None:
+            mods[g.attention].num_heads = int(keep.sum())

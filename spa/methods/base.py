@@ -89,6 +89,18 @@ class AdaptedLayer(nn.Module):
     def in_channels(self) -> int:
         return self.weight.shape[1]
 
+    @property
+    def out_features(self) -> int:  # nn.Linear's names, for code that reads an adapted Linear as one (ViT attention)
+        if self.kind != "linear":
+            raise AttributeError("an adapted Conv2d has out_channels, not out_features")
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        if self.kind != "linear":
+            raise AttributeError("an adapted Conv2d has in_channels, not in_features")
+        return self.weight.shape[1]
+
     def centre(self, dw: torch.Tensor) -> torch.Tensor:
         """Place an (out × in) pointwise update on the kernel's centre tap (identity for Linear)."""
         if self.kind == "linear":
