@@ -264,7 +264,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", i
                 _write_torchscript(model, example, tmp)
             else:
                 _write_torch_export(model, example, tmp)
-        except MetapruneError:
+        except (MetapruneError, OSError):  # an OSError (full disk) becomes atomic_path's OutputError
             raise
         except Exception as e:  # noqa: BLE001 - the exporters raise many types
             raise ExportCheckError(f"{fmt} export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
