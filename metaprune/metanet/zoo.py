@@ -14,7 +14,7 @@ interrupted mid-training resumes from its ``last.pt``.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from torch import nn
@@ -65,6 +65,9 @@ class ZooConfig:
         if self.train is None:
             self.train = TrainConfig(epochs=3, lr=0.1, device="cpu")
         elif isinstance(self.train, dict):
+            unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+            if unknown:
+                raise ConfigError(f"unknown training options {unknown} in the zoo's train settings")
             self.train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.train.items()})
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"the zoo's train settings must be a mapping of training options, got {self.train!r}")
