@@ -100,7 +100,12 @@ def to_graph(model: nn.Module, cache: bool = True) -> Graph:
 
     Raises:
         GraphError: the model has no architecture spec, a layer type has no rule (the message
-            names the module and lists the supported types), or its channels cannot be followed.
+            names the module and lists the supported types), a parameter-free operation is not in
+            the allow-list of :mod:`metaprune.graph.ops` or would reorder or mix channels (the
+            message names it and its module path), two channel tensors are merged in a way the
+            graph cannot encode (division, broadcasting), or its channels cannot be followed.
+
+    Features are float32, or float64 for a model with float64 tensors (exact either way).
     """
     arch = getattr(model, ARCH_ATTR, None)
     if not arch or "arch" not in arch:
