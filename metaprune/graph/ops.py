@@ -110,10 +110,12 @@ def register_channel_op(target: object, kind: str) -> None:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """The kind of a parameter-free module, by type (nearest registered base class), or None."""
+    """The kind of a parameter-free module, by type (nearest registered base class), or None. A
+    subclass that overrides ``forward`` is not the registered operation: it gets None (and is traced
+    through, or refused if it is a ``torch.nn`` leaf)."""
     for cls in type(module).__mro__:
         if cls in MODULE_KINDS:
-            return MODULE_KINDS[cls]
+            return MODULE_KINDS[cls] if type(module).forward is cls.forward else None
     return None
 
 

@@ -239,6 +239,16 @@ def test_flatten_named_flat_and_identity_named_mean_convert():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
 
 
+class _FlippingReLU(nn.ReLU):
+    def forward(self, x):
+        return super().forward(x).flip(1)
+
+
+def test_subclass_of_an_allowed_module_with_its_own_forward_is_traced():
+    with pytest.raises(GraphError, match="flip"):
+        to_graph(_Named({"act": _FlippingReLU()}), cache=False)
+
+
 def test_channel_shuffle_named_like_an_allowed_op_is_refused():
     with pytest.raises(GraphError, match=r"flatten \(ChannelShuffle\)"):
         to_graph(_Named({"flatten": nn.ChannelShuffle(4)}), cache=False)
