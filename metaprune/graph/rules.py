@@ -45,10 +45,11 @@ def register_rule(*types: type) -> Callable[[Rule], Rule]:
 
 
 def find_rule(module: nn.Module) -> Rule | None:
-    """The rule for ``module``'s type (or its nearest registered base class)."""
+    """The rule for ``module``'s type (or its nearest registered base class). A subclass that
+    overrides ``forward`` computes something else: no rule (it is traced through instead)."""
     for cls in type(module).__mro__:
         if cls in RULES:
-            return RULES[cls]
+            return RULES[cls] if type(module).forward is cls.forward else None
     return None
 
 

@@ -249,6 +249,20 @@ def test_subclass_of_an_allowed_module_with_its_own_forward_is_traced():
         to_graph(_Named({"act": _FlippingReLU()}), cache=False)
 
 
+class _FlippingConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x.flip(1))
+
+
+def test_subclass_of_a_layer_with_its_own_forward_is_not_taken_for_the_layer():
+    model = _with_block(lambda a, b: a + b)
+    old = model.layer1[0].conv2
+    model.layer1[0].conv2 = _FlippingConv(16, 16, 3, 1, 1, bias=False)
+    model.layer1[0].conv2.load_state_dict(old.state_dict())
+    with pytest.raises(GraphError, match="flip"):
+        to_graph(model, cache=False)
+
+
 def test_channel_shuffle_named_like_an_allowed_op_is_refused():
     with pytest.raises(GraphError, match=r"flatten \(ChannelShuffle\)"):
         to_graph(_Named({"flatten": nn.ChannelShuffle(4)}), cache=False)
