@@ -105,6 +105,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
         divided by the unpruned accuracy. Deterministic for a given seed.
     """
     check_curve_options(max_speedup, steps, val_batches, calib_batches, batch_size)
+    val_batches = val_batches or None  # 0: the whole validation split (as on the command line)
     device = torch.device(device)
     torch.manual_seed(seed)
     base = copy.deepcopy(model).to(device).eval()
