@@ -240,7 +240,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str = "onnx", i
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise ConfigError(f"--tolerance must be a finite number >= 0, not {tolerance}")
     if fmt == "onnx" and not 7 <= int(opset) <= 25:
-        raise ConfigError(f"--opset {opset} is out of range; use 13..20 (default {DEFAULT_OPSET})")
+        raise ConfigError(f"--opset {opset} is not an ONNX opset (7..25); the default {DEFAULT_OPSET} suits "
+                          "onnxruntime >= 1.14")
     if fmt == "onnx":
         require_onnx()  # before any work
     model = model.eval().cpu()

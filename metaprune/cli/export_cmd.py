@@ -15,7 +15,7 @@ def register(sub) -> None:
         "folder with --source) with a dynamic batch dimension, load the file back (onnxruntime for ONNX) and "
         "compare its outputs with PyTorch's on the same random batches (batch 1 and 3). If the largest absolute "
         "difference exceeds --tolerance the command fails (exit 2) and no file is left. Writes OUTPUT and "
-        "OUTPUT-stem.export.json (format, opset, input shape, max abs diff, and with --latency the runtime's "
+        "STEM.export.json beside it (model.onnx -> model.export.json: format, opset, input shape, max abs diff, and with --latency the runtime's "
         "latency interleaved with PyTorch's). ONNX needs the extra: pip install metaprune[export].")
     p.add_argument("model", nargs="?", help="model file (.safetensors, .pt state dict) or SPA bundle folder "
                    "(default: the shipped checkpoint)")
