@@ -74,6 +74,28 @@ def _table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge(files: list[str], out: Path) -> None:
+    from metaprune.io import atomic_path, read_json, write_json
+
+    parts = [read_json(f) for f in files]
+    keys = ("gate_steps", "gate_batch", "reconstruct_batches", "bn_batches", "finetune_steps", "finetune_epochs",
+            "finetune_lr", "seed", "pruning")
+    if any(any(q["setup"][k] != parts[0]["setup"][k] for k in keys) for q in parts[1:]):
+        raise SystemExit("the files to merge hold results of different setups")
+    res = {"setup": dict(parts[0]["setup"]), "members": []}
+    res["setup"]["data"] = sorted({q["setup"]["data"] for q in parts})
+    res["setup"]["data"] = res["setup"]["data"][0] if len(res["setup"]["data"]) == 1 else " + ".join(res["setup"]["data"])
+    res["setup"]["arms"] = list(dict.fromkeys(a for q in parts for a in q["setup"]["arms"]))
+    res["setup"]["speedups"] = sorted({s for q in parts for s in q["setup"]["speedups"]})
+    for q in parts:
+        for m in q["members"]:
+            if m["name"] not in {x["name"] for x in res["members"]}:
+                res["members"].append(m)
+    write_json(out, res)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(_table(res))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zoo", help="zoo folder (with --members)")
@@ -96,7 +118,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", default=str(ROOT / "results" / "baselines_r20.json"))
+    p.add_argument("--merge", nargs="+", help="only merge these result JSONs (same setup) into -o and its table")
     a = p.parse_args()
+    if a.merge:
+        _merge(a.merge, Path(a.output))
+        return
     if not (a.zoo and a.members) and not a.models:
         p.error("give --zoo with --members, or --models")
 
@@ -111,6 +137,7 @@ def main() -> None:
     from metaprune.io import load_model, read_json, write_json
     from metaprune.metanet.zoo import load_member, load_zoo_data
     from metaprune.pruning import PruneConfig, prune, recalibrate_bn
+    from metaprune.pruning.reconstruct import reconstruct
 
     sys.path.insert(0, str(ROOT / "tools"))
     from compare_fmnist import _finetune
@@ -162,37 +189,47 @@ def main() -> None:
                    "base_val_acc": evaluate(model, data.val)["acc"], "arms": {}}
             res["members"].append(rec)
         shape = input_shape(model, data)
+
+        def measure(pruned, r, t0, data=data):
+            recalibrate_bn(pruned, data.train, a.bn_batches, 128)
+            r.update(val_acc=evaluate(pruned, data.val)["acc"], test_acc=evaluate(pruned, data.test)["acc"])
+            if a.finetune_steps:
+                ft = _finetune(copy.deepcopy(pruned), data, a.finetune_epochs, a.finetune_steps, a.seed, a.finetune_lr)
+                r["ft_test_acc"] = evaluate(ft, data.test)["acc"]
+            r["seconds"] = round(time.time() - t0, 2)
+            return r
+
         for s in a.speedups:
-            for arm in arms:
-                key = f"{arm}@{s:g}x"
-                if key in rec["arms"]:
+            for crit in dict.fromkeys(list(a.criteria) + (list(rec_crit) if a.reconstruct else [])):
+                want = [arm for arm in (crit, f"{crit}+rec") if arm in arms and f"{arm}@{s:g}x" not in rec["arms"]]
+                if not want:
                     continue
-                crit = arm.removesuffix("+rec")
                 t0 = time.time()
-                cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed,
-                                  reconstruct=arm.endswith("+rec"), reconstruct_batches=a.reconstruct_batches)
-                calib = BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False, seed=a.seed)
+                cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed)
                 torch.manual_seed(a.seed)
-                pr = prune(model, cfg, input_shape=shape, calibration=calib)
-                pruned = pr.model
-                recalibrate_bn(pruned, data.train, a.bn_batches, 128)
-                r = {"criterion": crit, "reconstruct": cfg.reconstruct, "speedup": pr.speedup, "ratio": pr.ratio,
-                     "macs": pr.macs_after, "params": pr.params_after,
-                     "val_acc": evaluate(pruned, data.val)["acc"], "test_acc": evaluate(pruned, data.test)["acc"],
-                     "prune_seconds": round(time.time() - t0, 2)}
-                for k in ("gate", "reconstruct"):
-                    if k in pr.info:
-                        r[k] = {kk: v for kk, v in pr.info[k].items() if kk != "per_layer"}
-                if a.finetune_steps:
-                    ft = _finetune(copy.deepcopy(pruned), data, a.finetune_epochs, a.finetune_steps, a.seed,
-                                   a.finetune_lr)
-                    r["ft_test_acc"] = evaluate(ft, data.test)["acc"]
-                r["seconds"] = round(time.time() - t0, 2)
-                rec["arms"][key] = r
-                print(f"{name} {key}: val {r['val_acc']:.2f} test {r['test_acc']:.2f}"
-                      + (f" ft {r['ft_test_acc']:.2f}" if "ft_test_acc" in r else "")
-                      + f" ({r['speedup']:.2f}x, {r['seconds']:.0f} s)", flush=True)
-                save()
+                pr = prune(model, cfg, input_shape=shape,
+                           calibration=BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False, seed=a.seed))
+                base_r = {"criterion": crit, "speedup": pr.speedup, "ratio": pr.ratio, "macs": pr.macs_after,
+                          "params": pr.params_after, "prune_seconds": round(time.time() - t0, 2)}
+                if "gate" in pr.info:
+                    base_r["gate"] = pr.info["gate"]
+                for arm in want:
+                    t1 = time.time()
+                    m = copy.deepcopy(pr.model)
+                    r = dict(base_r, reconstruct=arm.endswith("+rec"))
+                    if r["reconstruct"]:  # the same pruned network (same ranking), then refitted
+                        info = reconstruct(model, m, BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False,
+                                                                 seed=a.seed),
+                                           a.reconstruct_batches, history=pr.history)
+                        r["reconstruct_info"] = {k: v for k, v in info.items() if k != "per_layer"}
+                    r = measure(m, r, t1)
+                    r["seconds"] = round(r["seconds"] + base_r["prune_seconds"], 2)
+                    key = f"{arm}@{s:g}x"
+                    rec["arms"][key] = r
+                    print(f"{name} {key}: val {r['val_acc']:.2f} test {r['test_acc']:.2f}"
+                          + (f" ft {r['ft_test_acc']:.2f}" if "ft_test_acc" in r else "")
+                          + f" ({r['speedup']:.2f}x, {r['seconds']:.0f} s)", flush=True)
+                    save()
     save()
 
 

@@ -63,6 +63,7 @@ class PruneResult:
     trials: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # e.g. {"gate": {...seconds...}, "reconstruct": {...}}
+    history: list = field(default_factory=list, repr=False)  # torch-pruning's [root, is_out, idxs] (reconstruct)
     uniform_ratio: float | None = None
     refine_ratio: float | None = None
     layer_ratios: dict[str, float] = field(default_factory=dict)
@@ -245,8 +246,10 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
         from metaprune.pruning.reconstruct import reconstruct
 
         info["reconstruct"] = reconstruct(original, result.model, calibration, config.reconstruct_batches, x)
+    from metaprune.pruning.criteria import HISTORY_ATTR
     from metaprune.pruning.gate import clear_scores
 
+    result.history = list(getattr(result.model, HISTORY_ATTR, []) or [])
     for m in (result.model, base, model):
         clear_scores(m)
     result.info.update(info)

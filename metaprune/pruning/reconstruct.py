@@ -173,14 +173,15 @@ def recalibrate_bn_batches(model: nn.Module, xs: list[torch.Tensor]) -> int:
 @torch.no_grad()
 def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 max_batches: int = 8, example_input: torch.Tensor | None = None, ridge: float = 1e-3,
-                recalibrate: bool = True) -> dict:
+                recalibrate: bool = True, history: list | None = None) -> dict:
     """Refit, in place, the consumers of ``pruned``'s pruned groups to match ``original`` (see the module doc).
 
     Args:
         original: the unpruned model (left untouched).
-        pruned: the model :func:`metaprune.pruning.prune` returned *before* it dropped its pruning history
-            (the engine calls this itself with ``PruneConfig(reconstruct=True)``); or any model carrying the
-            ``HISTORY_ATTR`` attribute.
+        pruned: a model pruned from ``original`` by :func:`metaprune.pruning.prune` (which calls this itself
+            with ``PruneConfig(reconstruct=True)``) or :func:`prune_once` (which records its history on it).
+        history: torch-pruning's pruning history of ``pruned`` (``PruneResult.history``); default: the one
+            recorded on ``pruned``.
         batches: calibration ``(x, y)`` batches (labels unused); the first ``max_batches`` are used.
         example_input: one input for tracing (default: the first calibration batch).
         ridge: relative ridge strength.
@@ -190,7 +191,7 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable[tuple[
     the mean relative output errors ``||XW - Y||^2 / ||Y||^2`` of the refitted layers on the batches.
     """
     t0 = time.perf_counter()
-    history = getattr(pruned, HISTORY_ATTR, None)
+    history = getattr(pruned, HISTORY_ATTR, None) if history is None else history
     if history is None:
         raise PruningError("reconstruction needs the pruning history torch-pruning recorded on the pruned model; "
                            "prune with PruneConfig(reconstruct=True)")

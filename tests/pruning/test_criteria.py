@@ -206,6 +206,12 @@ def test_reconstruction_lowers_the_output_error():
         e_rec = float(((res.model(x) - ref) ** 2).mean())
     assert e_rec < 0.5 * e_plain
     assert not hasattr(res.model, "_metaprune_prune_history")
+    # the same refit afterwards from PruneResult.history (what tools/baselines.py does)
+    from metaprune.pruning.reconstruct import reconstruct
+
+    again = prune(net, PruneConfig(**cfg), input_shape=(1, 12, 12))
+    later = reconstruct(net, again.model, batches, 4, history=again.history)
+    assert later["layers"] == 3 and abs(later["rel_err_after"] - info["rel_err_after"]) < 1e-6
 
 
 def test_reconstruction_needs_data():
