@@ -47,3 +47,12 @@ def test_a_folder_of_another_run_is_refused_and_no_resume_starts_afresh(tmp_path
     assert all(torch.equal(v, _weights(out)[k]) for k, v in first.items())  # nothing replaced
     assert main(["train", *QUICK, "--lr", "0.05", "--no-resume", "-o", str(out)]) == 0
     assert torch.load(out / "last.pt", weights_only=True)["config"]["lr"] == 0.05  # the checkpoint was replaced
+
+
+def test_a_run_that_diverges_stops_with_one_error_and_no_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", *QUICK, "--lr", "1e30", "--schedule", "constant", "--max-steps-per-epoch", "4",
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "the loss became" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists() and not (out / "report.json").exists()
