@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -18,19 +20,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metaprune.engine.runtime import barrier, broadcast_object, is_main
 from metaprune.errors import ConfigError
 
 log = logging.getLogger("spa")
 
 
+DEFAULT_LR = {"full": 0.01}
+"""Learning rate per method when none is given; every adapter method (and the new head) gets ``ADAPTER_LR``."""
+ADAPTER_LR = 0.1
+_SOURCE_NORMALISATION = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+"""Per-channel mean and std the registered datasets are normalised with (``metaprune.data.datasets``)."""
+
+
 @dataclass
 class AdaptConfig:
-    """Options of :func:`adapt_task` (and of ``metaprune adapt``).
+    """Options of :func:`adapt_task` (and of ``metaprune adapt``; the CLI has the same defaults).
 
     Schedule: ``warmup_epochs`` of transfer training (adapters, norms, head; nothing pruned), then
     ``steps`` pruning steps that raise the pruned share of every dependency group linearly to
-    ``ratio``, each followed by ``recovery_epochs`` of training. Total epochs
-    ``warmup_epochs + steps * recovery_epochs``.
+    ``ratio``, each followed by ``recovery_epochs`` of training. Every phase runs at least
+    ``min_steps`` optimisation steps: on a small dataset (few batches an epoch) a phase gets as
+    many epochs as that takes, so the schedule scales with the data (``min_steps=0`` runs exactly
+    the epochs given). ``lr=None`` picks the method's default (``ADAPTER_LR`` for adapters and
+    the head, 0.01 for ``full`` fine-pruning, as chosen on the validation split in the README).
     """
 
     method: str = "splora"
@@ -39,7 +56,8 @@ class AdaptConfig:
     steps: int = 3
     warmup_epochs: int = 1
     recovery_epochs: int = 1
-    lr: float = 0.05
+    min_steps: int = 100
+    lr: float | None = None
     batch_size: int = 128
     weight_decay: float = 5e-4
     schedule: str = "cosine"
@@ -54,10 +72,39 @@ class AdaptConfig:
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        ints = {"rank": 1, "steps": 1, "warmup_epochs": 0, "recovery_epochs": 0, "min_steps": 0, "batch_size": 1,
+                "seed": None}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an integer (got {v!r})")
+            if low is not None and v < low:
+                raise ConfigError(f"{name} must be >= {low} (got {v})")
+        for name in ("max_steps_per_epoch", "train_subset"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or None (got {v!r})")
+        for name in ("ratio", "weight_decay", "val_fraction") + (("lr",) if self.lr is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number (got {v!r})")
+        if not isinstance(self.method, str):
+            raise ConfigError(f"method must be a name (got {self.method!r})")
+        from spa.methods import get_method
+
+        get_method(self.method)  # unknown names list the valid ones
         if not 0.0 <= self.ratio < 1.0:
             raise ConfigError(f"ratio is the share of channels pruned and must be in [0, 1) (got {self.ratio})")
-        if self.steps < 1 or self.warmup_epochs < 0 or self.recovery_epochs < 0:
-            raise ConfigError("steps must be >= 1, warmup_epochs and recovery_epochs >= 0")
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.method, ADAPTER_LR)
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"lr must be > 0 and weight_decay >= 0 (got lr {self.lr}, weight_decay {self.weight_decay})")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
+        if self.schedule not in ("onecycle", "cosine", "step", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; use cosine, onecycle, step or constant")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a mapping (got {self.method_options!r})")
         if self.method == "lora" and self.ratio > 0:
             raise ConfigError("lora is the unpruned reference (ratio 0); use --method splora to prune")
 
@@ -92,8 +139,35 @@ def _method_config(cfg: AdaptConfig):
     return cfg_cls(**opts)
 
 
-def load_task_data(task: str, cfg: AdaptConfig, source: nn.Module):
-    """A task's splits (registered task, dataset, ``imagefolder:PATH``, ``synthetic``)."""
+def source_normalisation(info_extra: dict | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Mean and std of the data the source was trained on (from its file's ``extra.data``), if known."""
+    name = str((info_extra or {}).get("data") or "")
+    if name in _SOURCE_NORMALISATION:
+        return _SOURCE_NORMALISATION[name]
+    try:
+        from metaprune.data.tasks import get_task
+
+        return _SOURCE_NORMALISATION.get(get_task(name).base)
+    except Exception:  # noqa: BLE001 - not a registered task: unknown normalisation
+        return None
+
+
+def _renormalise(data, norm: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
+    """Give every split of ``data`` (an image folder) the normalisation ``norm`` (in place)."""
+    mean, std = norm
+    for split in (data.train, data.val, data.test):
+        base = getattr(split, "dataset", split)  # train/val are Subsets of one ImageFolder
+        base.mean, base.std = tuple(mean), tuple(std)
+
+
+def load_task_data(task: str, cfg: AdaptConfig, source: nn.Module, source_extra: dict | None = None):
+    """A task's splits (registered task, dataset, ``imagefolder:PATH``, ``synthetic``).
+
+    ``imagefolder:`` images are normalised as the source's training data was (mean and std of the
+    dataset named in the source file's ``extra.data``), so pixel values mean to the adapted model
+    what they meant to the source; when that dataset is unknown, the image folder's own default
+    normalisation stays (and the log says so).
+    """
     from metaprune.data import load_dataset
 
     kw = {}
@@ -106,6 +180,15 @@ def load_task_data(task: str, cfg: AdaptConfig, source: nn.Module):
                         train_subset=cfg.train_subset, **kw)
     if args.get("in_chans") not in (None, data.in_chans):
         raise ConfigError(f"the source takes {args['in_chans']}-channel images but task {task} has {data.in_chans}")
+    if task.startswith("imagefolder:"):
+        norm = source_normalisation(source_extra)
+        if norm is not None and len(norm[0]) == data.in_chans:
+            _renormalise(data, norm)
+            log.info("adapt: image folder normalised as the source's data %s (mean %s, std %s)",
+                     (source_extra or {}).get("data"), norm[0], norm[1])
+        else:
+            log.info("adapt: the source's training data (%s) has no known normalisation; the image folder keeps "
+                     "its default", (source_extra or {}).get("data"))
     return data
 
 
@@ -117,11 +200,29 @@ def _train_cfg(cfg: AdaptConfig, epochs: int, seed: int):
                        max_steps_per_epoch=cfg.max_steps_per_epoch, amp=True)
 
 
+def steps_per_epoch(cfg: AdaptConfig, n_train: int, world_size: int = 1) -> int:
+    """Optimisation steps of one epoch over ``n_train`` images (as :func:`metaprune.engine.train` iterates)."""
+    per_rank = -(-n_train // world_size)
+    n = per_rank // cfg.batch_size if n_train > cfg.batch_size * world_size else -(-per_rank // cfg.batch_size)
+    n = max(1, n)
+    return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+
+
+def phase_epochs(cfg: AdaptConfig, epochs: int, n_train: int, world_size: int = 1) -> int:
+    """Epochs of one phase: ``epochs``, raised so that the phase runs at least ``cfg.min_steps`` steps.
+
+    A phase switched off (``epochs == 0``) stays off.
+    """
+    if epochs <= 0:
+        return 0
+    return max(epochs, -(-cfg.min_steps // steps_per_epoch(cfg, n_train, world_size)))
+
+
 def run_adaptation(source: nn.Module, data, cfg: AdaptConfig, desc: str = "adapt") -> tuple[nn.Module, dict]:
     """Adapt ``source`` to ``data`` with the iterative prune/recover schedule; returns the masked model and history."""
     from metaprune.engine import train
     from metaprune.engine.report import input_shape
-    from metaprune.engine.runtime import resolve_device
+    from metaprune.engine.runtime import get_world_size, resolve_device
     from spa.adapt import _NORMS, adapt_model
     from spa.masks import step_keep
     from spa.prune import apply_masks, build_graph, channel_groups, layer_masks
@@ -133,9 +234,17 @@ def run_adaptation(source: nn.Module, data, cfg: AdaptConfig, desc: str = "adapt
     shape = input_shape(model, data)
     dg = build_graph(model, torch.zeros(1, *shape, device=device))
     groups = channel_groups(model, dg, model.get_submodule(model.spa_head))
+    n_train = len(data.train)
+    world = max(get_world_size(), int(os.environ.get("WORLD_SIZE", "1")))
+    warm = phase_epochs(cfg, cfg.warmup_epochs, n_train, world)
+    rec = phase_epochs(cfg, cfg.recovery_epochs, n_train, world)
+    per = steps_per_epoch(cfg, n_train, world)
+    if (warm, rec) != (cfg.warmup_epochs, cfg.recovery_epochs):
+        log.info("adapt: %d steps an epoch, so phases run %d warm-up / %d recovery epochs (at least %d steps each; "
+                 "--min-steps)", per, warm, rec, cfg.min_steps)
     history: list[dict] = []
-    if cfg.warmup_epochs:
-        res = train(model, data, _train_cfg(cfg, cfg.warmup_epochs, cfg.seed), desc=f"{desc} warm-up")
+    if warm:
+        res = train(model, data, _train_cfg(cfg, warm, cfg.seed), desc=f"{desc} warm-up")
         history.append({"phase": "warmup", "ratio": 0.0, "best_val_acc": res.best_val_acc, "epochs": res.history})
     if cfg.ratio > 0:
         mods = dict(model.named_modules())
@@ -145,14 +254,15 @@ def run_adaptation(source: nn.Module, data, cfg: AdaptConfig, desc: str = "adapt
             lm = layer_masks(model, groups, keep)
             apply_masks(model, lm)
             model.spa_norm_masks = {n: d["out"] for n, d in lm.items() if isinstance(mods[n], _NORMS)}
-            res = train(model, data, _train_cfg(cfg, cfg.recovery_epochs, cfg.seed + k),
-                        desc=f"{desc} {int(round(100 * r))}% pruned")
+            res = train(model, data, _train_cfg(cfg, rec, cfg.seed + k), desc=f"{desc} {int(round(100 * r))}% pruned")
             history.append({"phase": f"step {k}", "ratio": r, "best_val_acc": res.best_val_acc, "epochs": res.history})
-    elif cfg.recovery_epochs and not cfg.warmup_epochs:
-        res = train(model, data, _train_cfg(cfg, cfg.recovery_epochs, cfg.seed), desc=desc)
+    elif rec and not warm:
+        res = train(model, data, _train_cfg(cfg, rec, cfg.seed), desc=desc)
         history.append({"phase": "train", "ratio": 0.0, "best_val_acc": res.best_val_acc, "epochs": res.history})
     model.eval()
-    return model, {"history": history, "groups": len(groups)}
+    epochs = warm + (cfg.steps * rec if cfg.ratio > 0 else (rec if not warm else 0))
+    return model, {"history": history, "groups": len(groups), "epochs": epochs, "steps_per_epoch": per,
+                   "phase_epochs": {"warmup": warm, "recovery": rec}}
 
 
 def adapt_task(source_path: str, task: str, output_dir: str | Path, config: AdaptConfig | None = None,
@@ -163,24 +273,41 @@ def adapt_task(source_path: str, task: str, output_dir: str | Path, config: Adap
     learned parameters (paper's counting rule), bundle bytes vs the dense pruned model's bytes,
     params and MACs before and after.
     """
-    from metaprune.engine import count_macs, count_params, evaluate
-    from metaprune.engine.report import input_shape, write_report
-    from metaprune.engine.runtime import resolve_device
-    from metaprune.io import check_output, load_model, save_model, state_dict_sha256
-    from spa.adapt import learned_parameters
-    from spa.bundle import WEIGHTS_NAME, merge, save_bundle
+    from metaprune.engine.runtime import init_distributed, resolve_device
+    from metaprune.io import check_output, load_model, state_dict_sha256
+    from spa.bundle import WEIGHTS_NAME
 
     cfg = config or AdaptConfig()
     out = Path(output_dir)
     check_output(out / WEIGHTS_NAME, (source_path,))
+    init_distributed(resolve_device(cfg.device))  # under torchrun: join before deciding who writes
     t0 = time.time()
-    source, _info = load_model(source_path)
+    source, info_src = load_model(source_path)
     source.eval()
     src_hash = state_dict_sha256(source)
-    data = load_task_data(task, cfg, source)
+    data = load_task_data(task, cfg, source, info_src.extra)
     log.info("adapt: %s with %s (rank %d), %d%% of channels pruned", data.describe(), cfg.method, cfg.rank,
              round(100 * cfg.ratio))
     model, info = run_adaptation(source, data, cfg, desc=progress_desc or f"adapt {task}")
+    # under torchrun every rank trained the same replica; rank 0 alone evaluates and writes
+    report = None
+    if is_main():
+        report = _finish(model, source, source_path, src_hash, task, data, cfg, info, out, t0)
+    barrier()
+    report = broadcast_object(report)
+    return AdaptResult(out, report, model)
+
+
+def _finish(model: nn.Module, source: nn.Module, source_path: str, src_hash: str, task: str, data, cfg: AdaptConfig,
+            info: dict, out: Path, t0: float) -> dict:
+    """Evaluate, write the bundle and ``report.json`` (rank 0 only); returns the report."""
+    from metaprune.engine import count_macs, count_params, evaluate
+    from metaprune.engine.report import input_shape, write_report
+    from metaprune.engine.runtime import resolve_device
+    from metaprune.io import save_model
+    from spa.adapt import learned_parameters
+    from spa.bundle import WEIGHTS_NAME, merge, save_bundle
+
     device = resolve_device(cfg.device)
     shape = input_shape(model, data)
     masked_test = evaluate(model, data.test, device=device, desc="test")["acc"]
@@ -188,6 +315,7 @@ def adapt_task(source_path: str, task: str, output_dir: str | Path, config: Adap
     save_bundle(model, out, method=cfg.method, method_config=_method_config(cfg), task=task,
                 classes=list(getattr(data.train, "classes", None) or range(data.num_classes)),
                 source_sha256=src_hash, input_shape=shape, extra={"source_path": str(source_path)})
+    # the bundle's model (float16 values, folded statistics) is what the merged model computes
     merged = merge(out, source.cpu()).to(device)
     merged_test = evaluate(merged, data.test, device=device, desc="test (merged)")["acc"]
     with tempfile.TemporaryDirectory() as td:
@@ -205,29 +333,41 @@ def adapt_task(source_path: str, task: str, output_dir: str | Path, config: Adap
         "params": {"source": count_params(source), "pruned": count_params(merged)},
         "macs": {"source": count_macs(source.cpu(), shape), "pruned": count_macs(merged, shape)},
         "dependency_groups": info["groups"], "seconds": time.time() - t0, "history": info["history"],
-        "epochs": cfg.warmup_epochs + (cfg.steps * cfg.recovery_epochs if cfg.ratio > 0 else 0),
+        "epochs": info["epochs"], "phase_epochs": info["phase_epochs"], "steps_per_epoch": info["steps_per_epoch"],
+        "train_images": len(data.train),
     }
     if cfg.latency:
         from metaprune.engine import measure_latency
 
         report["latency"] = {"source": measure_latency(source, shape), "pruned": measure_latency(merged, shape)}
     write_report(out, report)
-    return AdaptResult(out, report, model)
+    return report
+
+
+_PRUNE_CLI_CARRY = ("seed", "device", "data_dir", "val_fraction", "train_subset", "batch_size", "max_steps_per_epoch",
+                    "no_augment")
 
 
 def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, output_dir: str | Path,
                 args_namespace_or_config: AdaptConfig | argparse.Namespace | dict | None = None) -> list[AdaptResult]:
     """One pruned adapter bundle per task, in ``output_dir/<task>/`` (``metaprune prune --task …``).
 
-    ``args_namespace_or_config`` is an :class:`AdaptConfig`, or parsed CLI options / a dict whose
-    matching names fill one (``epochs`` maps to ``recovery_epochs``); ``method`` and ``ratio``
-    given here win.
+    ``args_namespace_or_config`` is an :class:`AdaptConfig`, a dict whose matching names fill one
+    (``epochs`` maps to ``recovery_epochs``), or the parsed options of ``metaprune prune``: of
+    those only the data and runtime options carry over (seed, device, data folder, validation
+    share, training subset, batch size, steps per epoch, augmentation) — prune's finetuning options
+    (``--epochs 0``, ``--lr 0.01``, one-cycle) are not an adaptation schedule, so the schedule is
+    :class:`AdaptConfig`'s default, exactly as ``metaprune adapt`` runs it. ``method`` and
+    ``ratio`` given here win.
     """
     if not tasks:
         raise ConfigError("give at least one task (--task NAME; see `metaprune list-models --data`)")
     base = args_namespace_or_config
     if isinstance(base, AdaptConfig):
         cfg = AdaptConfig(**{**asdict(base), "method": method, "ratio": ratio})
+    elif isinstance(base, argparse.Namespace):
+        carry = {k: v for k, v in vars(base).items() if k in _PRUNE_CLI_CARRY}
+        cfg = AdaptConfig.from_namespace(carry, method=method, ratio=ratio)
     else:
         cfg = AdaptConfig.from_namespace(base or {}, method=method, ratio=ratio)
     results = []

@@ -15,6 +15,15 @@ from metaprune.cli.common import (
 )
 
 
+def _defaults() -> dict:
+    """The library's defaults (:class:`spa.api.AdaptConfig`), so ``metaprune adapt`` and the API agree."""
+    from dataclasses import MISSING, fields
+
+    from spa.api import AdaptConfig
+
+    return {f.name: f.default for f in fields(AdaptConfig) if f.default is not MISSING}
+
+
 def register(sub) -> None:
     p = sub.add_parser("adapt", help="train a pruned adapter bundle for a task on a frozen source model",
                        description="Adapt a frozen source model to a task with Structured Pruning Adapters: adapters, "
@@ -24,21 +33,27 @@ def register(sub) -> None:
     p.add_argument("source", nargs="?", help="source model file (default: the shipped checkpoint)")
     p.add_argument("--task", required=True, help="registered task (see `metaprune list-models --data`), dataset, "
                    "or imagefolder:PATH")
-    p.add_argument("--method", default="splora", help="splora, sppara, hydra, lora (unpruned reference) or full "
+    p.add_argument("--method", default=_defaults()["method"], help="splora, sppara, hydra, lora (unpruned reference) or full "
                    "(fine-pruning baseline)")
-    p.add_argument("--rank", type=int, default=8, help="adapter rank")
-    p.add_argument("--ratio", type=float, default=0.5, help="share of channels pruned in every dependency group")
-    p.add_argument("--steps", type=int, default=3, help="pruning steps (the ratio rises linearly)")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="transfer epochs before pruning")
-    p.add_argument("--recovery-epochs", type=int, default=1, help="training epochs after each pruning step")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", default="cosine", choices=["onecycle", "cosine", "step", "constant"])
+    d = _defaults()
+    p.add_argument("--rank", type=int, default=d["rank"], help="adapter rank")
+    p.add_argument("--ratio", type=float, default=d["ratio"], help="share of channels pruned in every dependency group")
+    p.add_argument("--steps", type=int, default=d["steps"], help="pruning steps (the ratio rises linearly)")
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"], help="transfer epochs before pruning")
+    p.add_argument("--recovery-epochs", type=int, default=d["recovery_epochs"],
+                   help="training epochs after each pruning step")
+    p.add_argument("--min-steps", type=int, default=d["min_steps"],
+                   help="at least this many optimisation steps in every phase (warm-up, each recovery): on a small "
+                   "dataset a phase gets more epochs; 0 runs exactly the epochs given")
+    p.add_argument("--lr", type=float, default=d["lr"],
+                   help="learning rate (default: 0.1 for adapters and the head, 0.01 for full fine-pruning)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--schedule", default=d["schedule"], choices=["onecycle", "cosine", "step", "constant"])
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--max-steps-per-epoch", type=int, default=d["max_steps_per_epoch"])
     p.add_argument("--data-dir")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"])
     p.add_argument("--train-subset", type=int, help="use only this many training images (short runs)")
     p.add_argument("--latency", action="store_true", help="also measure CPU latency of source and merged model")
     p.add_argument("-o", "--output", required=True, help="bundle folder")

@@ -74,3 +74,31 @@ def test_adapt_tasks_signature_and_config(tmp_path, source_path):
     assert len(res) == 1 and (tmp_path / "synthetic" / "adapter_model.safetensors").exists()
     assert res[0].report["method"] == "hydra" and res[0].report["ratio"] == 0.3
     assert torch.isfinite(torch.tensor(res[0].report["test_acc"]))
+
+
+def test_cli_defaults_equal_library_defaults(monkeypatch):
+    """`metaprune adapt` and `metaprune prune --task` run exactly AdaptConfig()'s schedule when no option is given."""
+    import spa.api as api
+    from metaprune.cli import build_parser
+
+    p = build_parser()
+    ns = p.parse_args(["adapt", "--task", "synthetic", "-o", "x"])
+    assert AdaptConfig.from_namespace(ns) == AdaptConfig()
+    seen = []
+    monkeypatch.setattr(api, "adapt_task", lambda src, task, out, cfg: seen.append(cfg))
+    # prune's finetuning options (--epochs 0, --lr 0.01, one-cycle) are not an adaptation schedule
+    ns = p.parse_args(["prune", "--ratio", "0.5", "--task", "synthetic", "-o", "x"])
+    adapt_tasks("src", ns.task, ns.method, ns.ratio, "x", ns)
+    ns = p.parse_args(["prune", "--ratio", "0.5", "--task", "synthetic", "--seed", "3", "--train-subset", "99",
+                       "-o", "x"])
+    adapt_tasks("src", ns.task, ns.method, ns.ratio, "x", ns)
+    assert seen[0] == AdaptConfig(ratio=0.5)
+    assert seen[1] == AdaptConfig(ratio=0.5, seed=3, train_subset=99)
+
+
+@pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": float("nan")},
+                                 {"rank": "8"}, {"steps": 0}, {"min_steps": -1}, {"batch_size": 2.5},
+                                 {"method": "nope"}, {"val_fraction": 1.0}, {"schedule": "linear"}])
+def test_bad_adapt_options_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        AdaptConfig(**bad)
