@@ -274,3 +274,13 @@ def test_taylor_removes_the_channel_without_gradient():
     l2 = prune(m, PruneConfig(ratio=0.25, criterion="l2"), input_shape=(1, 8, 8))
     assert _removed_conv1_channel(m, ty.model) == 2
     assert _removed_conv1_channel(m, l2.model) == 1
+
+
+@pytest.mark.slow  # ~20 s on an idle core (batches of 128 for the gate and the refit)
+def test_curve_with_gate_and_reconstruction(synthetic_data, tiny_resnet):
+    from metaprune.pruning import prunability_curve
+
+    c = prunability_curve(tiny_resnet, synthetic_data, max_speedup=2.0, steps=1, criterion="gate", val_batches=1,
+                          calib_batches=1, batch_size=64, gate_steps=2, reconstruct=True, reconstruct_batches=1)
+    assert c["gate"]["steps"] == 2 and c["reconstruct"] and len(c["accs"]) >= 2
+    assert c["gate"]["ratio_range"][1] == pytest.approx(1 - 2.0 ** -0.5)
