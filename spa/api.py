@@ -46,7 +46,7 @@ class AdaptConfig:
     ``ratio``, each followed by ``recovery_epochs`` of training. Every phase runs at least
     ``min_steps`` optimisation steps: on a small dataset (few batches an epoch) a phase gets as
     many epochs as that takes, so the schedule scales with the data (``min_steps=0`` runs exactly
-    the epochs given). ``lr=None`` picks the method's default (``ADAPTER_LR`` for adapters and
+    the epochs given; so does a quick run capped by ``max_steps_per_epoch``). ``lr=None`` picks the method's default (``ADAPTER_LR`` for adapters and
     the head, 0.01 for ``full`` fine-pruning, as chosen on the validation split in the README).
     """
 
@@ -211,10 +211,11 @@ def steps_per_epoch(cfg: AdaptConfig, n_train: int, world_size: int = 1) -> int:
 def phase_epochs(cfg: AdaptConfig, epochs: int, n_train: int, world_size: int = 1) -> int:
     """Epochs of one phase: ``epochs``, raised so that the phase runs at least ``cfg.min_steps`` steps.
 
-    A phase switched off (``epochs == 0``) stays off.
+    A phase switched off (``epochs == 0``) stays off, and a quick run (``max_steps_per_epoch``
+    set) runs the epochs given.
     """
-    if epochs <= 0:
-        return 0
+    if epochs <= 0 or cfg.max_steps_per_epoch is not None:
+        return epochs if epochs > 0 else 0
     return max(epochs, -(-cfg.min_steps // steps_per_epoch(cfg, n_train, world_size)))
 
 

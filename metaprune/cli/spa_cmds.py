@@ -44,7 +44,8 @@ def register(sub) -> None:
                    help="training epochs after each pruning step")
     p.add_argument("--min-steps", type=int, default=d["min_steps"],
                    help="at least this many optimisation steps in every phase (warm-up, each recovery): on a small "
-                   "dataset a phase gets more epochs; 0 runs exactly the epochs given")
+                   "dataset a phase gets more epochs; 0 (or --max-steps-per-epoch, a quick run) runs exactly the "
+                   "epochs given")
     p.add_argument("--lr", type=float, default=d["lr"],
                    help="learning rate (default: 0.1 for adapters and the head, 0.01 for full fine-pruning)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])

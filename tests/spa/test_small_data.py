@@ -46,6 +46,7 @@ def test_schedule_scales_with_the_data():
     assert phase_epochs(cfg, 1, 60000) == 1  # large data: the epochs given
     assert phase_epochs(cfg, 0, 1620) == 0  # a phase switched off stays off
     assert phase_epochs(AdaptConfig(min_steps=0), 1, 1620) == 1
+    assert phase_epochs(AdaptConfig(max_steps_per_epoch=4), 1, 1620) == 1  # a quick run stays quick
     # the lr suits the adapters and the head; full fine-pruning keeps its lower one
     assert AdaptConfig().lr > 0.05 and AdaptConfig(method="full").lr == 0.01
     assert source_normalisation({"data": "fashion-mnist"}) == ((0.2860,), (0.3530,))
