@@ -280,6 +280,9 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
             raise TrainingError(f"{desc}: the weights became NaN or infinite in epoch {epoch + 1}; nothing was saved "
                                 "as the result. Lower --lr (or --weight-decay)")
         v = evaluate(model, data.val, cfg.eval_batch_size, device, amp=amp, sharded=distributed, desc="val")
+        if len(data.val) and not math.isfinite(v["loss"]):  # the same value on every rank (sharded evaluate)
+            raise TrainingError(f"{desc}: the validation loss became {v['loss']} after epoch {epoch + 1} (the weights "
+                                "diverged); nothing was saved as the result. Lower --lr (or --weight-decay)")
         rec = {"epoch": epoch, "train_loss": run_loss / max(1, run_n), "train_acc": 100 * correct / max(1, run_n),
                "val_acc": v["acc"], "val_loss": v["loss"], "lr": opt.param_groups[0]["lr"]}
         history.append(rec)
