@@ -44,7 +44,7 @@ class DemoConfig:
     curve_steps: int = 5
     curve_val_batches: int = 4
     adapt_prune_steps: int = 2
-    latency_repeats: int = 30
+    latency_repeats: int = 30  # timed runs per model (10 interleaved rounds of 3); cheap, also with --fast
     stages: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -56,7 +56,6 @@ class DemoConfig:
             self.curve_steps = 2
             self.curve_val_batches = 1
             self.adapt_prune_steps = 1
-            self.latency_repeats = 5
 
 
 def _row(name: str, kind: str, path: Path, report: Path, acc: float | None, params: int, macs: int,
@@ -241,7 +240,8 @@ def format_summary(report: dict) -> str:
     if lat:
         lines.append(f"latency: batch 1 on {lat['device']}, {lat['threads']} threads, all models interleaved in "
                      f"{lat['rounds']} rounds of {lat['repeats'] // max(1, lat['rounds'])} runs after {lat['warmup']} "
-                     "warm-up runs; 'vs src' = median per-round ratio to the source")
+                     "warm-up runs; ms = median of the per-round fastest runs, 'vs src' = median per-round ratio to the "
+                     "source")
     c = report["curves"]
     lines.append(f"prunability AUC (val, 1..{max(c['original']['speedups'][-1], 1):.1f}x): original "
                  f"{c['original']['auc']:.2f}, edited {c['edited']['auc']:.2f}")

@@ -115,10 +115,13 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     measurement (``threads``, default: the current count) and restored afterwards. All models see
     the same input tensor.
 
-    Returns ``{"models": {name: {"ms", "ms_rounds", ...}}, "ratios": {name: speed-up vs the first
-    model}, "reference": first name, ...}``: ``ms`` is the median over all timed runs of a model,
-    ``ratios[name]`` the median over rounds of ``reference ms / name ms`` (> 1: faster than the
-    reference). Each ``models[name]`` has the fields of :func:`measure_latency`.
+    Returns ``{"models": {name: {"ms", "ms_rounds", "ms_median_all", "ms_min", ...}}, "ratios": {name:
+    speed-up vs the first model}, "reference": first name, ...}``: ``ms_rounds`` holds the fastest run of
+    each round (interference from other processes only ever adds time, so the per-round minimum is the
+    robust estimate on a shared machine), ``ms`` is their median, ``ms_median_all`` the median of all
+    timed runs and ``ms_min`` the fastest; ``ratios[name]`` is the median over rounds of ``reference
+    ms_rounds / name ms_rounds`` (> 1: faster than the reference). Each ``models[name]`` also has the
+    fields of :func:`measure_latency`.
     """
     if not models:
         raise ValueError("compare_latency needs at least one model")
@@ -141,7 +144,7 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
                 for n in (names if r % 2 == 0 else names[::-1]):
                     t = [timer(runs[n]) for _ in range(repeats)]
                     every[n] += t
-                    per_round[n].append(statistics.median(t))
+                    per_round[n].append(min(t))
     finally:
         for n, m in models.items():
             m.train(modes[n])
@@ -149,8 +152,8 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
     common = {"batch": batch_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "warmup": warmup, "repeats": rounds * repeats, "rounds": rounds, "threads": n_threads,
               "interleaved": True, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"}
-    out = {n: {"ms": statistics.median(every[n]), "ms_rounds": [round(v, 6) for v in per_round[n]], **common}
-           for n in names}
+    out = {n: {"ms": statistics.median(per_round[n]), "ms_rounds": [round(v, 6) for v in per_round[n]],
+               "ms_median_all": statistics.median(every[n]), "ms_min": min(every[n]), **common} for n in names}
     ratios = {n: statistics.median(a / b for a, b in zip(per_round[ref], per_round[n])) for n in names}
     return {"models": out, "ratios": ratios, "reference": ref, **common}
 

@@ -91,10 +91,11 @@ def format_table(report: dict, max_layers: int | None = 40) -> str:
                      f"{(f'{ratio:.2f}x' if ratio else '-'):>10s}")
     if b.get("latency"):
         lat = next(iter(b["latency"].values()))
-        how = (f"before and after interleaved in {lat['rounds']} rounds, ratio = median of per-round ratios"
+        how = (f"before and after interleaved in {lat['rounds']} rounds; ms = median of the per-round fastest "
+               "runs, ratio = median of the per-round ratios"
                if lat.get("interleaved") else "each model measured alone")
         lines.append(f"  (latency: {lat['device']}, {lat['dtype']}, {lat.get('threads', '?')} threads, warm-up "
-                     f"{lat['warmup']}, median of {lat['repeats']} runs; {how})")
+                     f"{lat['warmup']}, {lat['repeats']} runs; {how})")
     for key in ("val_acc", "test_acc"):
         if key in b or key in a:
             d = r.get(f"{key}_delta")
