@@ -356,8 +356,9 @@ def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, o
     ``args_namespace_or_config`` is an :class:`AdaptConfig`, a dict whose matching names fill one
     (``epochs`` maps to ``recovery_epochs``), or the parsed options of ``metaprune prune``: of
     those only the data and runtime options carry over (seed, device, data folder, validation
-    share, training subset, batch size, steps per epoch, augmentation) — prune's finetuning options
-    (``--epochs 0``, ``--lr 0.01``, one-cycle) are not an adaptation schedule, so the schedule is
+    share, training subset, batch size, steps per epoch, augmentation) and ``--epochs N`` (N > 0)
+    as the recovery epochs — prune's finetuning defaults (``--epochs 0``, ``--lr 0.01``,
+    one-cycle) are not an adaptation schedule, so the rest of the schedule is
     :class:`AdaptConfig`'s default, exactly as ``metaprune adapt`` runs it. ``method`` and
     ``ratio`` given here win.
     """
@@ -368,6 +369,8 @@ def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, o
         cfg = AdaptConfig(**{**asdict(base), "method": method, "ratio": ratio})
     elif isinstance(base, argparse.Namespace):
         carry = {k: v for k, v in vars(base).items() if k in _PRUNE_CLI_CARRY}
+        if (getattr(base, "epochs", None) or 0) > 0:
+            carry["recovery_epochs"] = base.epochs
         cfg = AdaptConfig.from_namespace(carry, method=method, ratio=ratio)
     else:
         cfg = AdaptConfig.from_namespace(base or {}, method=method, ratio=ratio)

@@ -92,8 +92,11 @@ def test_cli_defaults_equal_library_defaults(monkeypatch):
     ns = p.parse_args(["prune", "--ratio", "0.5", "--task", "synthetic", "--seed", "3", "--train-subset", "99",
                        "-o", "x"])
     adapt_tasks("src", ns.task, ns.method, ns.ratio, "x", ns)
+    ns = p.parse_args(["prune", "--ratio", "0.5", "--task", "synthetic", "--epochs", "2", "-o", "x"])
+    adapt_tasks("src", ns.task, ns.method, ns.ratio, "x", ns)
     assert seen[0] == AdaptConfig(ratio=0.5)
     assert seen[1] == AdaptConfig(ratio=0.5, seed=3, train_subset=99)
+    assert seen[2] == AdaptConfig(ratio=0.5, recovery_epochs=2)
 
 
 @pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": float("nan")},
