@@ -217,7 +217,7 @@ _CONFIG_OPTIONAL = {"metaprune_version": str, "rank": (int, type(None)), "source
                     "extra": dict, "value_dtype": str, "norm_stats": str}
 _LAYOUTS = {1: "packed-v1", 2: "packed-v2"}
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = 1024
 
 
 def _field_types(annotation) -> tuple[type, ...]:
@@ -360,9 +360,13 @@ def load_bundle(path: str | os.PathLike, source: nn.Module) -> nn.Module:
     head = find_head(source)
     if head != cfg["head"]:
         raise BundleError(f"bundle {path} has head {cfg['head']!r} but the source's head is {head!r}")
-    in_chans = getattr(source, "metaprune_arch", {}).get("args", {}).get("in_chans")
+    args = getattr(source, "metaprune_arch", {}).get("args", {})
+    in_chans, size = args.get("in_chans"), args.get("image_size")
     if in_chans is not None and cfg["input_shape"][0] != in_chans:
         raise BundleError(f"bundle {path} takes {cfg['input_shape'][0]}-channel inputs but the source takes {in_chans}")
+    if size is not None and list(cfg["input_shape"][1:]) != [size, size]:
+        raise BundleError(f"bundle {path} takes {cfg['input_shape'][1]}x{cfg['input_shape'][2]} images but the source "
+                          f"takes {size}x{size}")
     cfg_cls, _ = get_method(cfg["method"])
     try:
         mcfg = cfg_cls(**cfg["method_config"])
