@@ -160,6 +160,16 @@ class GraphBuilder:
         self.blocks.setdefault("id", []).append(
             _Block("diag", src, dst, off, dst.size, EDGE_ROLE["identity"], layer, src_start=src_start, fill=value))
 
+    def diag_edges(self, group: str, src: NodeSet, dst: NodeSet, value: torch.Tensor, role: str, layer: int, *,
+                   key: str, shape: list[int], dtype: torch.dtype) -> None:
+        """One edge per channel ``src[c] -> dst[c]`` carrying ``value[c]`` ([C, D]): a channel-wise
+        scale (layer scale), i.e. a diagonal 1x1 layer."""
+        off = self._reserve(group, int(value.shape[1]), dst.size)
+        self._widen(value)
+        self.blocks.setdefault(group, []).append(
+            _Block("diag", src, dst, off, dst.size, EDGE_ROLE[role], layer, value=value))
+        self._edge_layout(key, group, off, dst.size, "oi", shape, dtype)
+
     def _edge_layout(self, key, group, off, count, view, shape, dtype) -> None:
         self.layout.append({"key": key, "kind": "edge", "group": group, "offset": off, "count": count,
                             "view": view, "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")})

@@ -8,6 +8,7 @@ keyed like ``model.state_dict()``, for ``torch.func.functional_call``.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -89,9 +90,33 @@ def _fill(st: _Structure, model: nn.Module) -> Graph:
     return Graph(x, st.x_mask, st.node_role, st.node_layer, st.node_depth, edges, spec)
 
 
-def to_graph(model: nn.Module, cache: bool = True) -> Graph:
-    """Convert ``model`` (built by :func:`metaprune.models.create_model` or loaded with
-    :func:`metaprune.io.load_model`, pruned or not) into a :class:`Graph`. The model is not changed.
+#: the ``arch`` prefix of a graph made from a module without an architecture spec
+MODULE_ARCH_PREFIX = "module:"
+
+
+def _module_arch(model: nn.Module) -> str:
+    t = type(model)
+    return f"{MODULE_ARCH_PREFIX}{t.__module__}.{t.__qualname__}"[:200]
+
+
+def _check_input_shape(input_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) < 2 or any(s < 1 for s in shape) or any(isinstance(s, bool) for s in input_shape):
+        raise GraphError(f"input_shape must be the shape of one input batch, e.g. (1, 3, 224, 224), not {input_shape!r}")
+    return shape
+
+
+def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache: bool = True) -> Graph:
+    """Convert ``model`` into a :class:`Graph`. The model is not changed.
+
+    ``model`` is built by :func:`metaprune.models.create_model` or loaded with
+    :func:`metaprune.io.load_model` (pruned or not; its spec gives the input shape), or it is any
+    ``nn.Module`` (a torchvision model, your own) traced at ``input_shape`` (e.g. ``(1, 3, 64, 64)``).
+    A graph of a module without an architecture spec is rebuilt with
+    ``from_graph(graph, template=a_module_of_the_same_widths)``.
 
     The structure of a graph (edge index, roles, layers, layout) depends only on the architecture
     and its widths; with ``cache=True`` the structures of the last few architectures are kept, so
@@ -99,19 +124,33 @@ def to_graph(model: nn.Module, cache: bool = True) -> Graph:
     then share their (read-only) ``edge index / role / layer``, ``node_*`` and ``x_mask`` tensors.
 
     Raises:
-        GraphError: the model has no architecture spec, a layer type has no rule (the message
-            names the module and lists the supported types), a parameter-free operation is not in
-            the allow-list of :mod:`metaprune.graph.ops` or would reorder or mix channels (the
-            message names it and its module path), two channel tensors are merged in a way the
-            graph cannot encode (division, broadcasting), or its channels cannot be followed.
+        GraphError: the model has neither an architecture spec nor an ``input_shape``, a layer type has no
+            rule (the message names the module and lists the supported types), a parameter-free
+            operation is not in the allow-list of :mod:`metaprune.graph.ops` or would reorder or mix
+            channels (the message names it and its module path), two channel tensors are merged in a way
+            the graph cannot encode (division, broadcasting), or its channels cannot be followed.
 
     Features are float32, or float64 for a model with float64 tensors (exact either way).
     """
+    if not isinstance(model, nn.Module):
+        raise GraphError(f"to_graph needs an nn.Module, not {type(model).__name__}")
     arch = getattr(model, ARCH_ATTR, None)
-    if not arch or "arch" not in arch:
-        raise GraphError(f"{type(model).__name__} has no architecture spec (model.{ARCH_ATTR}); build it with "
-                         "metaprune.models.create_model or load it with metaprune.io.load_model")
-    shape = _input_shape(arch)
+    if not isinstance(arch, dict) or not isinstance(arch.get("arch"), str):
+        arch = None
+    if input_shape is not None:
+        shape = _check_input_shape(input_shape)
+    elif arch is None:
+        raise GraphError(f"{type(model).__name__} has no architecture spec (model.{ARCH_ATTR}), so its input shape "
+                         "is unknown: pass input_shape, e.g. to_graph(model, input_shape=(1, 3, 224, 224)) "
+                         "(or build it with metaprune.models.create_model / load it with metaprune.io.load_model)")
+    else:
+        try:
+            shape = _input_shape(arch)
+        except MetapruneError as e:
+            raise GraphError(f"the input shape of architecture {arch['arch']!r} is not known ({e}); pass input_shape, "
+                             "e.g. to_graph(model, input_shape=(1, 3, 224, 224))") from None
+    if arch is None:
+        arch = {"arch": _module_arch(model), "args": {}}
     key = _structure_key(model, arch, shape) if cache else None
     if key is not None and key in _CACHE:
         _CACHE.move_to_end(key)
@@ -214,10 +253,51 @@ def build_module(spec: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     return model.train(bool(spec.get("training", False)))
 
 
-def from_graph(graph: Graph) -> nn.Module:
+def _onto_template(spec: dict, sd: dict[str, torch.Tensor], template: nn.Module) -> nn.Module:
+    """A deep copy of ``template`` holding the graph's tensors (which must match its own in key, shape and dtype)."""
+    if not isinstance(template, nn.Module):
+        raise GraphError(f"template must be an nn.Module, not {type(template).__name__}")
+    own = template.state_dict()
+    missing, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    if missing or extra:
+        raise GraphError(f"the template {type(template).__name__} does not fit the graph: tensors "
+                         f"{(missing or extra)[:3]} are {'missing from the graph' if missing else 'not in the template'}; "
+                         "pass a template of the same architecture and widths")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(sd[k].shape) or v.dtype != sd[k].dtype:
+            raise GraphError(f"the template's tensor {k} is {tuple(v.shape)} {v.dtype}, the graph's "
+                             f"{tuple(sd[k].shape)} {sd[k].dtype}; pass a template of the same widths and dtype")
+    try:
+        model = copy.deepcopy(template)
+    except Exception as e:  # noqa: BLE001 - a module that cannot be copied
+        raise GraphError(f"cannot copy the template {type(template).__name__}: {e}") from None
+    with torch.no_grad():
+        for k, t in model.state_dict(keep_vars=True).items():
+            if t.is_meta:
+                continue
+            t.copy_(sd[k])
+    if any(t.is_meta for t in model.state_dict().values()):
+        model.load_state_dict(sd, strict=True, assign=True)
+    return model.train(bool(spec.get("training", False)))
+
+
+def from_graph(graph: Graph, template: nn.Module | None = None) -> nn.Module:
     """Rebuild the network of ``graph`` (the exact inverse of :func:`to_graph`). The module owns
-    fresh copies of its tensors, so training it does not change the graph."""
+    fresh copies of its tensors, so training it does not change the graph.
+
+    A graph of a registered architecture is rebuilt from its spec. With ``template`` (needed for a
+    graph made from a module without an architecture spec, e.g. a torchvision model traced with
+    ``input_shape``) the result is a deep copy of ``template`` with the graph's tensors written
+    into it; the template must have the graph's tensor names, shapes and dtypes and is not changed.
+    """
     params = graph_params(graph)
     with single_thread():
         sd = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in params.items()}
+    if template is not None:
+        return _onto_template(graph.spec, sd, template)
+    arch = graph.spec.get("arch", "")
+    if arch.startswith(MODULE_ARCH_PREFIX):
+        raise GraphError(f"the graph was made from a {arch[len(MODULE_ARCH_PREFIX):]} without an architecture spec, "
+                         "so it cannot be rebuilt on its own: pass from_graph(graph, template=model), a module of the "
+                         "same architecture and widths (its weights are overwritten in a copy)")
     return build_module(graph.spec, sd)

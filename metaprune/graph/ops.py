@@ -28,8 +28,9 @@ from torch import nn
 #: ``unflatten``, ``squeeze``, ``unsqueeze``, ``reshape``, ``permute``, ``transpose``, ``expand``,
 #: ``getitem``, ``cat``: move the channel dim (or join channel tensors for ``cat``); ``spatial``: acts on
 #: dims 2.. of an (N, C, ...) tensor (interpolation); ``pad``: ``F.pad`` of the last dims; ``constant``: a new
-#: tensor shaped like its input (``zeros_like``, ``new_zeros``): no channels (refused if later merged).
-KINDS = ("elementwise", "arith", "pool1d", "pool2d", "reduce", "softmax", "flip", "roll", "flatten", "unflatten",
+#: tensor shaped like its input (``zeros_like``, ``new_zeros``): no channels (refused if later merged);
+#: ``split``: ``chunk`` / ``split`` into parts (along the channels: new nodes per part).
+KINDS = ("elementwise", "arith", "split", "pool1d", "pool2d", "reduce", "softmax", "flip", "roll", "flatten", "unflatten",
          "squeeze", "unsqueeze", "reshape", "permute", "transpose", "expand", "getitem", "cat", "spatial", "pad",
          "constant")
 
@@ -71,7 +72,7 @@ FUNCTION_KINDS.update({
     torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", torch.reshape: "reshape", torch.permute: "permute",
     torch.transpose: "transpose", torch.swapaxes: "transpose", torch.swapdims: "transpose",
     operator.getitem: "getitem", torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
-    F.interpolate: "spatial", F.pad: "pad",
+    F.interpolate: "spatial", F.pad: "pad", torch.chunk: "split", torch.split: "split",
 })
 FUNCTION_KINDS.update({f: "constant" for f in (
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
@@ -86,6 +87,7 @@ METHOD_KINDS.update({
     "log_softmax": "softmax", "flip": "flip", "roll": "roll", "flatten": "flatten", "unflatten": "unflatten",
     "squeeze": "squeeze", "unsqueeze": "unsqueeze", "reshape": "reshape", "view": "reshape", "permute": "permute",
     "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose", "expand": "expand",
+    "chunk": "split", "split": "split",
 })
 METHOD_KINDS.update({m: "constant" for m in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor")})
 

@@ -27,6 +27,9 @@ class Flow:
 
     ns: NodeSet
     cdim: int
+    #: >1 after flattening (N, C, H, W) to (N, C*H*W): channel c is the ``inner`` entries
+    #: ``[c*inner, (c+1)*inner)`` of dim ``cdim`` (only a Linear may read such a flow)
+    inner: int = 1
 
 
 Rule = Callable[[GraphBuilder, str, nn.Module, Flow, torch.Tensor], object]
@@ -71,6 +74,10 @@ def _expect(cond: bool, name: str, mod: nn.Module, what: str) -> None:
         raise GraphError(f"{name} ({type(mod).__name__}): {what}; the graph cannot map its channels")
 
 
+def _plain(x: Flow, name: str, mod: nn.Module) -> None:
+    _expect(x.inner == 1, name, mod, f"its input holds {x.inner} values per channel (a flattened feature map)")
+
+
 def _norm_nodes(b: GraphBuilder, name: str, mod: nn.Module, flow: Flow, slots: list[int]) -> NodeSet:
     """The nodes a norm layer writes its vectors to: the input's nodes if their slots are free,
     else new nodes joined one-to-one to them (two norms reading the same channels)."""
@@ -86,6 +93,7 @@ def _norm_nodes(b: GraphBuilder, name: str, mod: nn.Module, flow: Flow, slots: l
 def conv2d(b: GraphBuilder, name: str, mod: nn.Conv2d, x: Flow, meta: torch.Tensor) -> Flow:
     """Conv2d (grouped and depthwise included): one node per output channel; one edge per
     (input, output) pair of a group with the kernel slice as feature; bias in slot ``bias``."""
+    _plain(x, name, mod)
     _expect(x.cdim == 1 and x.ns.size == mod.in_channels, name, mod,
             f"expects {mod.in_channels} channels in dim 1, gets {x.ns.size} in dim {x.cdim}")
     kh, kw = mod.kernel_size
@@ -108,13 +116,16 @@ def conv2d(b: GraphBuilder, name: str, mod: nn.Conv2d, x: Flow, meta: torch.Tens
 
 @register_rule(nn.Linear)
 def linear(b: GraphBuilder, name: str, mod: nn.Linear, x: Flow, meta: torch.Tensor) -> Flow:
-    """Linear: one node per output feature, one 1-feature edge per weight, bias in slot ``bias``."""
-    _expect(x.cdim == meta.ndim - 1 and x.ns.size == mod.in_features, name, mod,
-            f"expects {mod.in_features} features in the last dim, gets {x.ns.size} in dim {x.cdim} of {meta.ndim}")
+    """Linear: one node per output feature, one 1-feature edge per weight, bias in slot ``bias``.
+    After a flatten of (N, C, H, W) (``x.inner == H*W``) it is a convolution with an HxW kernel over
+    an HxW map: one edge per (channel, output) with the ``H*W`` weights as feature (group ``k{H*W}``)."""
+    _expect(x.cdim == meta.ndim - 1 and x.ns.size * x.inner == mod.in_features, name, mod,
+            f"expects {mod.in_features} features in the last dim, gets {x.ns.size * x.inner} in dim {x.cdim} of "
+            f"{meta.ndim}")
     layer = b.new_layer(name, "Linear")
     out = b.new_nodes(mod.out_features, "linear", x.ns.depth + 1, layer)
     w = mod.weight.detach()
-    b.dense_edges("k1", x.ns, out, w.reshape(-1, 1), "linear", layer, key=_key(name, "weight"),
+    b.dense_edges(f"k{x.inner}", x.ns, out, w.reshape(-1, x.inner), "linear", layer, key=_key(name, "weight"),
                   shape=list(w.shape), dtype=w.dtype)
     if mod.bias is not None:
         b.node_param(_key(name, "bias"), mod.bias, out, [SLOT["bias"]])
@@ -125,6 +136,7 @@ def linear(b: GraphBuilder, name: str, mod: nn.Linear, x: Flow, meta: torch.Tens
 def batchnorm(b: GraphBuilder, name: str, mod: nn.modules.batchnorm._BatchNorm, x: Flow, meta: torch.Tensor) -> Flow:
     """BatchNorm: weight, bias, running mean and var in slots 0-3 of the channels it normalises;
     ``num_batches_tracked`` is kept as a constant in the spec."""
+    _plain(x, name, mod)
     _expect(x.cdim == 1 and x.ns.size == mod.num_features, name, mod,
             f"expects {mod.num_features} channels in dim 1, gets {x.ns.size} in dim {x.cdim}")
     ns = _norm_nodes(b, name, mod, x, [0, 1, 2, 3])
@@ -138,17 +150,67 @@ def batchnorm(b: GraphBuilder, name: str, mod: nn.modules.batchnorm._BatchNorm, 
     return Flow(ns, x.cdim)
 
 
+def _affine_norm(b: GraphBuilder, name: str, mod: nn.Module, x: Flow) -> Flow:
+    ns = _norm_nodes(b, name, mod, x, [SLOT["ln_weight"], SLOT["ln_bias"]])
+    if getattr(mod, "weight", None) is not None:
+        b.node_param(_key(name, "weight"), mod.weight, ns, [SLOT["ln_weight"]])
+    if getattr(mod, "bias", None) is not None:
+        b.node_param(_key(name, "bias"), mod.bias, ns, [SLOT["ln_bias"]])
+    return Flow(ns, x.cdim)
+
+
 @register_rule(nn.LayerNorm)
 def layernorm(b: GraphBuilder, name: str, mod: nn.LayerNorm, x: Flow, meta: torch.Tensor) -> Flow:
     """LayerNorm over the channel dimension: weight and bias in slots ``ln_weight`` / ``ln_bias``."""
+    _plain(x, name, mod)
     _expect(tuple(mod.normalized_shape) == (x.ns.size,) and x.cdim == meta.ndim - 1, name, mod,
             f"normalises {tuple(mod.normalized_shape)}, but the channels are {x.ns.size} in dim {x.cdim}")
-    ns = _norm_nodes(b, name, mod, x, [SLOT["ln_weight"], SLOT["ln_bias"]])
-    if mod.weight is not None:
-        b.node_param(_key(name, "weight"), mod.weight, ns, [SLOT["ln_weight"]])
-    if mod.bias is not None:
-        b.node_param(_key(name, "bias"), mod.bias, ns, [SLOT["ln_bias"]])
-    return Flow(ns, x.cdim)
+    return _affine_norm(b, name, mod, x)
+
+
+@register_rule(nn.GroupNorm)
+def groupnorm(b: GraphBuilder, name: str, mod: nn.GroupNorm, x: Flow, meta: torch.Tensor) -> Flow:
+    """GroupNorm over the channels in dim 1: weight and bias in slots ``ln_weight`` / ``ln_bias``
+    (the number of groups is a structural attribute, kept with the widths)."""
+    _plain(x, name, mod)
+    _expect(x.cdim == 1 and x.ns.size == mod.num_channels, name, mod,
+            f"expects {mod.num_channels} channels in dim 1, gets {x.ns.size} in dim {x.cdim}")
+    return _affine_norm(b, name, mod, x)
+
+
+try:  # torchvision's channels-first LayerNorm (ConvNeXt): permute, layer_norm over C, permute back
+    from torchvision.models.convnext import LayerNorm2d
+
+    @register_rule(LayerNorm2d)
+    def layernorm2d(b: GraphBuilder, name: str, mod: nn.LayerNorm, x: Flow, meta: torch.Tensor) -> Flow:
+        """ConvNeXt's LayerNorm2d: a LayerNorm over the channels in dim 1 of (N, C, H, W)."""
+        _plain(x, name, mod)
+        _expect(tuple(mod.normalized_shape) == (x.ns.size,) and x.cdim == 1 and meta.ndim == 4, name, mod,
+                f"normalises {tuple(mod.normalized_shape)} over dim 1, but the channels are {x.ns.size} in dim "
+                f"{x.cdim} of {meta.ndim}")
+        return _affine_norm(b, name, mod, x)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
+
+
+def _qkv_attention(b: GraphBuilder, name: str, x: Flow, w: torch.Tensor, bias: torch.Tensor | None,
+                   proj: nn.Linear, qkv_key: str, bias_key: str, proj_key: str, type_: str) -> Flow:
+    hd, c = w.shape[0] // 3, w.shape[1]
+    lq = b.new_layer(qkv_key.removesuffix(".weight"), f"{type_}.qkv")
+    att = b.new_nodes(hd, "attention", x.ns.depth + 1, lq)
+    w = w.detach()
+    b.dense_edges("qkv3", x.ns, att, w.reshape(3, hd, c).permute(1, 2, 0).reshape(hd * c, 3), "qkv", lq,
+                  key=qkv_key, view="qkv", shape=list(w.shape), dtype=w.dtype)
+    if bias is not None:
+        b.node_param(bias_key, bias, att, [SLOT["q_bias"], SLOT["k_bias"], SLOT["v_bias"]])
+    lp = b.new_layer(proj_key, f"{type_}.proj")
+    out = b.new_nodes(proj.out_features, "linear", x.ns.depth + 2, lp)
+    wp = proj.weight.detach()
+    b.dense_edges("k1", att, out, wp.reshape(-1, 1), "attn_out", lp, key=_key(proj_key, "weight"),
+                  shape=list(wp.shape), dtype=wp.dtype)
+    if proj.bias is not None:
+        b.node_param(_key(proj_key, "bias"), proj.bias, out, [SLOT["bias"]])
+    return Flow(out, x.cdim)
 
 
 @register_rule(SelfAttention)
@@ -156,24 +218,31 @@ def self_attention(b: GraphBuilder, name: str, mod: SelfAttention, x: Flow, meta
     """Multi-head self-attention: one node per query/key/value dimension j (heads side by side)
     whose edges to the input carry the 3 features (W_q[j,i], W_k[j,i], W_v[j,i]) (group ``qkv3``)
     and whose slots ``q/k/v_bias`` hold the biases; then ``proj`` as a linear layer (role ``attn_out``)."""
+    _plain(x, name, mod)
     c = mod.qkv.in_features
     _expect(x.cdim == meta.ndim - 1 and x.ns.size == c, name, mod,
             f"expects {c} features in the last dim, gets {x.ns.size} in dim {x.cdim}")
     hd = mod.qkv.out_features // 3
     _expect(hd * 3 == mod.qkv.out_features and hd % mod.num_heads == 0, name, mod,
             f"qkv has {mod.qkv.out_features} outputs, not 3 x num_heads ({mod.num_heads}) x head_dim")
-    lq = b.new_layer(_key(name, "qkv"), "SelfAttention.qkv")
-    att = b.new_nodes(hd, "attention", x.ns.depth + 1, lq)
-    w = mod.qkv.weight.detach()
-    b.dense_edges("qkv3", x.ns, att, w.reshape(3, hd, c).permute(1, 2, 0).reshape(hd * c, 3), "qkv", lq,
-                  key=_key(name, "qkv.weight"), view="qkv", shape=list(w.shape), dtype=w.dtype)
-    if mod.qkv.bias is not None:
-        b.node_param(_key(name, "qkv.bias"), mod.qkv.bias, att, [SLOT["q_bias"], SLOT["k_bias"], SLOT["v_bias"]])
-    lp = b.new_layer(_key(name, "proj"), "SelfAttention.proj")
-    out = b.new_nodes(mod.proj.out_features, "linear", x.ns.depth + 2, lp)
-    wp = mod.proj.weight.detach()
-    b.dense_edges("k1", att, out, wp.reshape(-1, 1), "attn_out", lp, key=_key(name, "proj.weight"),
-                  shape=list(wp.shape), dtype=wp.dtype)
-    if mod.proj.bias is not None:
-        b.node_param(_key(name, "proj.bias"), mod.proj.bias, out, [SLOT["bias"]])
-    return (Flow(out, x.cdim), None)
+    return (_qkv_attention(b, name, x, mod.qkv.weight, mod.qkv.bias, mod.proj, _key(name, "qkv.weight"),
+                           _key(name, "qkv.bias"), _key(name, "proj"), "SelfAttention"), None)
+
+
+@register_rule(nn.MultiheadAttention)
+def multihead_attention(b: GraphBuilder, name: str, mod: nn.MultiheadAttention, x: Flow, meta: torch.Tensor):
+    """``nn.MultiheadAttention`` used as self-attention (query, key and value the same tensor, which
+    the tracer checks): encoded as :func:`self_attention` (``in_proj_weight`` in group ``qkv3``,
+    ``in_proj_bias`` in slots ``q/k/v_bias``, ``out_proj`` with role ``attn_out``). Returns
+    ``(output, None)``: the attention weights carry no channels."""
+    _plain(x, name, mod)
+    e = mod.embed_dim
+    _expect(mod._qkv_same_embed_dim and mod.in_proj_weight is not None, name, mod,
+            "has separate query/key/value projections (kdim/vdim differ from embed_dim); unsupported")
+    _expect(mod.bias_k is None and mod.bias_v is None and not mod.add_zero_attn, name, mod,
+            "uses add_bias_kv or add_zero_attn; unsupported")
+    _expect(x.cdim == meta.ndim - 1 and x.ns.size == e, name, mod,
+            f"expects {e} features in the last dim, gets {x.ns.size} in dim {x.cdim}")
+    return (_qkv_attention(b, name, x, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj,
+                           _key(name, "in_proj_weight"), _key(name, "in_proj_bias"), _key(name, "out_proj"),
+                           "MultiheadAttention"), None)

@@ -85,6 +85,15 @@ def _live_nodes(graph: fx.Graph) -> set[fx.Node]:
     return live
 
 
+def _in_module(n: fx.Node) -> str:
+    """`` in module PATH (Type)`` for a traced operation inside a submodule (empty at the top level)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    return f" in module {path} ({getattr(cls, '__name__', cls)})"
+
+
 def _dims(v: Any, ndim: int) -> list[int]:
     v = v if isinstance(v, (tuple, list)) else [v]
     return [int(d) % ndim for d in v]
@@ -187,7 +196,7 @@ class _Interp(fx.Interpreter):
             return ParamRef(str(n.target)) if isinstance(out, torch.Tensor) else None
         if n.op == "output":
             res = self.flows.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
-            if not isinstance(res, Flow):
+            if not isinstance(res, Flow) or res.inner != 1:
                 raise GraphError("cannot tell which channels the model's output holds; the output must be "
                                  "one tensor whose channels come from a layer")
             if res.ns.layer > 0:
@@ -201,6 +210,12 @@ class _Interp(fx.Interpreter):
                 x = self.flows.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
                 if not isinstance(x, Flow):
                     raise GraphError(f"{n.target} ({type(mod).__name__}): cannot tell which channels feed it")
+                others = [a for a in _flat_nodes((n.args[1:], n.kwargs))
+                          if a is not n.args[0] and _has_tensor(self.env.get(a))]
+                if others:
+                    raise GraphError(f"{n.target} ({type(mod).__name__}) reads the tensor {others[0].name!r} besides its "
+                                     "input (e.g. cross-attention or a mask); the graph encodes only layers of one "
+                                     "input (self-attention: query, key and value the same tensor)")
                 return rule(self.b, str(n.target), mod, x, self.env[n.args[0]])
             if any(True for _ in mod.parameters()) or any(b is not None for b in mod.buffers()):
                 raise GraphError(f"{n.target} ({type(mod).__name__}) has parameters but no graph rule; "
@@ -208,7 +223,7 @@ class _Interp(fx.Interpreter):
             return self._op(n, module_kind(mod), f"the module {n.target} ({type(mod).__name__})", out, mod)
         name = _op_name(n)
         kind = function_kind(n.target) if n.op == "call_function" else METHOD_KINDS.get(str(n.target))
-        return self._op(n, kind, f"the operation {name!r} ({n.name})", out)
+        return self._op(n, kind, f"the operation {name!r} ({n.name}{_in_module(n)})", out)
 
     def _op(self, n: fx.Node, kind: str | None, where: str, out: Any, mod: nn.Module | None = None):
         """The flow of a parameter-free operation of ``kind`` (None: not in the allow-list)."""
@@ -231,6 +246,11 @@ class _Interp(fx.Interpreter):
             raise GraphError(f"{where} is not known to keep channel c at channel c; {_OPS_HINT}")
         if kind == "constant":
             return None
+        if any(self.flows[a].inner != 1 for a in chan) and kind != "elementwise":
+            raise GraphError(f"{where} acts on a flattened feature map (channels x positions in one dim); the graph "
+                             "follows it only into a Linear layer (and through activations / dropout)")
+        if kind == "split":
+            return self._split(n, where, out)
         if kind == "cat":
             return self._cat(n, where, out)
         if kind == "arith":
@@ -248,8 +268,48 @@ class _Interp(fx.Interpreter):
             return None
         if not isinstance(out, torch.Tensor):
             raise GraphError(f"{where} returns {type(out).__name__}, not one tensor; {_OPS_HINT}")
+        if kind == "elementwise" and f.inner != 1:
+            if tuple(out.shape) != tuple(self.env[first].shape):
+                raise GraphError(f"{where} changes the shape {tuple(self.env[first].shape)} to {tuple(out.shape)}")
+            return f
+        if kind in ("flatten", "reshape"):
+            inner = self._merged_inner(self.env[first], out, f)
+            if inner is not None:
+                return inner
         cd = self._map_dim(n, kind, where, self.env[first], out, f, mod)
         return None if cd is None else Flow(f.ns, cd)
+
+    @staticmethod
+    def _merged_inner(inp: torch.Tensor, out: torch.Tensor, f: Flow) -> Flow | None:
+        """``(N, C, H, W) -> (N, C*H*W)``: the channels merged with all the dims after them (channel-major)
+        into the last dim of the output: a flow with ``inner = H*W`` (None if that is not the case)."""
+        cd, c = f.cdim, f.ns.size
+        inner = math.prod(inp.shape[cd + 1:])
+        if inner <= 1 or out.ndim == 0 or out.shape[-1] != c * inner \
+                or math.prod(out.shape[:-1]) != math.prod(inp.shape[:cd]):
+            return None
+        return Flow(f.ns, out.ndim - 1, inner)
+
+    def _split(self, n: fx.Node, where: str, out: Any) -> Any:
+        """``x.chunk(k, dim)`` / ``x.split(size, dim)`` / ``torch.split``: along the channels, each part is new
+        nodes (role ``concat``) joined one-to-one to its range of the input's channels; along another dim
+        every part keeps the input's channels."""
+        f = self.flows[n.args[0]]
+        inp = self.env[n.args[0]]
+        if not isinstance(out, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in out):
+            raise GraphError(f"{where} does not return tensors")
+        dim = _arg(n, 2, "dim", 0) % inp.ndim
+        if dim != f.cdim:
+            return tuple(Flow(f.ns, f.cdim) for _ in out)
+        flows, off = [], 0
+        for t in out:
+            size = int(t.shape[dim])
+            layer = self.b.new_layer(f"{n.name}.{len(flows)}", "split")
+            ns = self.b.new_nodes(size, "concat", f.ns.depth + 1, layer)
+            self.b.identity_edges(f.ns, ns, layer, src_start=off)
+            flows.append(Flow(ns, f.cdim))
+            off += size
+        return tuple(flows)
 
     def _map_dim(self, n: fx.Node, kind: str, where: str, inp: torch.Tensor, out: torch.Tensor, f: Flow,
                  mod: nn.Module | None) -> int | None:
@@ -343,7 +403,15 @@ class _Interp(fx.Interpreter):
             d = int(_arg(n, 1, "dim")) % (nd + 1)
             return cd + (d <= cd)
         if kind == "reshape":
-            return self._reshape_dim(inp, out, cd, c)
+            d = self._reshape_dim(inp, out, cd, c)
+            outer, inner = math.prod(inp.shape[:cd]), math.prod(inp.shape[cd + 1:])
+            if d is None and c > 1 and any(math.prod(out.shape[:i]) == outer and math.prod(out.shape[j:]) == inner
+                                           and math.prod(out.shape[i:j]) == c
+                                           for i in range(out.ndim) for j in range(i + 2, out.ndim + 1)):
+                raise GraphError(f"{where} splits the {c} channels over several dimensions {list(out.shape)} (as a "
+                                 "channel shuffle or a split into heads does); the graph cannot follow channels "
+                                 "through it")
+            return d
         raise GraphError(f"{where}: internal error, no channel mapping for kind {kind!r}")  # pragma: no cover
 
     @staticmethod
@@ -410,6 +478,8 @@ class _Interp(fx.Interpreter):
         if params:
             if kind == "add" and len(chan) == 1 and len(params) == 1:
                 return self._add_embedding(n, out, self.env[chan[0]], self.flows[chan[0]], self.flows[params[0]])
+            if kind == "mul" and len(chan) == 1 and len(params) == 1:
+                return self._scale(n, out, self.env[chan[0]], self.flows[chan[0]], self.flows[params[0]])
             raise GraphError(f"the parameter {self.flows[params[0]].key!r} is used by {where}, which the graph "
                              f"has no rule for; supported layer types: {supported_types()}")
         if len(chan) == 1:  # with python scalars: elementwise
@@ -422,10 +492,28 @@ class _Interp(fx.Interpreter):
                              "product of channel tensors")
         return self._merge(n, kind, where, out, chan)
 
+    def _scale(self, n: fx.Node, out: torch.Tensor, inp: torch.Tensor, f: Flow, pr: ParamRef) -> Flow:
+        """``x * g`` with g one value per channel (layer scale, shape ``(C, 1, 1)`` or ``(C,)``): new nodes
+        (role ``linear``) with one edge per channel carrying ``g[c]`` (group ``k1``, role ``linear``: a
+        diagonal 1x1 layer)."""
+        p = self._param(pr.key)
+        k = out.ndim - f.cdim
+        if tuple(out.shape) != tuple(inp.shape) or not (
+                p.numel() == f.ns.size and p.ndim >= k and p.shape[p.ndim - k] == f.ns.size):
+            raise GraphError(f"{n.name}{_in_module(n)}: multiplies by the parameter {pr.key!r} of shape {tuple(p.shape)}, which is "
+                             f"not one value per channel of {f.ns.size} (a layer scale); the graph cannot encode it")
+        layer = self.b.new_layer(n.name, "layer_scale")
+        ns = self.b.new_nodes(f.ns.size, "linear", f.ns.depth + 1, layer)
+        self.b.diag_edges("k1", f.ns, ns, p.detach().reshape(-1, 1), "linear", layer, key=pr.key,
+                          shape=list(p.shape), dtype=p.dtype)
+        return Flow(ns, f.cdim)
+
     def _merge(self, n: fx.Node, kind: str, where: str, out: torch.Tensor, args: list[fx.Node]) -> Flow:
         """Channel-wise ``a + b`` / ``a - b`` / ``a * b``: new nodes (role ``residual`` / ``difference`` /
         ``product``) with one identity edge per channel from each operand, feature -1 for a subtracted one."""
         fl = [self.flows[a] for a in args]
+        if any(f.inner != 1 for f in fl):
+            raise GraphError(f"{where} merges flattened feature maps; the graph cannot encode it")
         sizes = [f.ns.size for f in fl]
         if len(set(sizes)) != 1:
             raise GraphError(f"{where} broadcasts tensors with {sizes} channels against each other; the graph "
