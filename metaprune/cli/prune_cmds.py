@@ -166,15 +166,26 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from metaprune.errors import ModelFileError
+    from metaprune.io import json_type
     from metaprune.pruning import format_table, load_report
 
     report = load_report(args.path)
+    if not isinstance(report, dict):
+        raise ModelFileError(f"{args.path}: a report is a JSON object, not {json_type(report)}; give the report.json "
+                             "a metaprune command wrote")
     if args.json:
         print_json(report)
-    elif report.get("command") == "demo":
-        from metaprune.demo import format_summary
+        return 0
+    try:
+        if report.get("command") == "demo":
+            from metaprune.demo import format_summary
 
-        print(format_summary(report))
-    else:
-        print(format_table(report))
+            text = format_summary(report)
+        else:
+            text = format_table(report)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ModelFileError(f"{args.path} is not a complete metaprune report (cannot read {type(e).__name__}: "
+                             f"{str(e)[:80]}); give the report.json a metaprune command wrote, or use --json") from None
+    print(text)
     return 0
