@@ -208,6 +208,10 @@ class _Interp(fx.Interpreter):
             rule = find_rule(mod)
             if rule is not None:
                 x = self.flows.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+                if isinstance(x, ParamRef):
+                    raise GraphError(f"{n.target} ({type(mod).__name__}) is applied to the parameter or buffer "
+                                     f"{x.key!r}, not to channels of the model's input (e.g. a relative position "
+                                     "MLP); the graph cannot encode it")
                 if not isinstance(x, Flow):
                     raise GraphError(f"{n.target} ({type(mod).__name__}): cannot tell which channels feed it")
                 others = [a for a in _flat_nodes((n.args[1:], n.kwargs))
