@@ -9,6 +9,7 @@ Model file format (``format_version`` 1): a ``.safetensors`` file whose metadata
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import pickle
 import re
 import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from metaprune import __version__
-from metaprune.errors import MetapruneError, ModelFileError, OutputError
+from metaprune.errors import ConfigError, MetapruneError, ModelFileError, OutputError
 from metaprune.models import apply_widths, arch_spec, create_model, get_widths, list_models
 from metaprune.models.registry import ARCH_ATTR, get_entry
 
@@ -243,9 +245,11 @@ class ModelInfo:
     source_format: str = "safetensors"
 
 
-def model_spec(model: nn.Module, extra: dict | None = None) -> dict:
-    """The JSON spec written next to a model's weights."""
-    spec = arch_spec(model)
+def model_spec(model: nn.Module, extra: dict | None = None, arch: str | None = None,
+               arch_args: dict | None = None) -> dict:
+    """The JSON spec written next to a model's weights (``arch`` names a model built outside
+    :func:`create_model`; see :func:`save_model`)."""
+    spec = arch_spec(model) if arch is None else named_spec(model, arch, arch_args)
     return {
         "format_version": FORMAT_VERSION,
         "arch": spec["arch"],
@@ -256,18 +260,41 @@ def model_spec(model: nn.Module, extra: dict | None = None) -> dict:
     }
 
 
+def named_spec(model: nn.Module, arch: str, arch_args: dict | None = None) -> dict:
+    """The ``{"arch", "args"}`` spec of a module built outside :func:`create_model` (a torchvision or
+    timm model, pruned or not), checked: ``arch`` built with ``arch_args`` on the meta device must
+    have the same tensor names as ``model`` (widths may differ: they are stored separately)."""
+    args = dict(arch_args or {})
+    try:
+        with torch.device("meta"):
+            ref = create_model(arch, **args)
+    except MetapruneError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise ConfigError(f"architecture {arch!r} cannot be built with arch_args {args} ({str(e)[:160]})") from None
+    want, have = set(ref.state_dict()), set(model.state_dict())
+    if want != have:
+        raise ConfigError(f"the model is not a {arch!r} built with {args}: tensors missing "
+                          f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}; name the architecture "
+                          "the model was built with")
+    return arch_spec(ref)
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None,
-               inputs: tuple = ()) -> Path:
+               inputs: tuple = (), arch: str | None = None, arch_args: dict | None = None) -> Path:
     """Write ``model`` as ``.safetensors`` with its architecture spec and widths in the metadata.
 
     ``path`` may be a folder (``model.safetensors`` is written inside). The write is atomic, and
-    ``inputs`` lists files that must not be overwritten.
+    ``inputs`` lists files that must not be overwritten. A module built outside
+    :func:`create_model` (e.g. ``torchvision.models.mobilenet_v2(num_classes=10)``, pruned or not)
+    is saved by naming its architecture: ``arch="torchvision:mobilenet_v2", arch_args={"num_classes":
+    10, "image_size": 64}``.
     """
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / MODEL_FILENAME
     check_output(p, inputs)
-    spec = model_spec(model, extra)
+    spec = model_spec(model, extra, arch, arch_args)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(p) as tmp:
         save_file(sd, str(tmp), metadata={META_KEY: json.dumps(_jsonable(spec)), "format": "pt"})
@@ -464,14 +491,23 @@ def build_from_spec(spec: dict, state_dict: dict[str, torch.Tensor], path: str =
         raise ModelFileError(f"{path}: the layer shapes do not connect into a working {arch!r} "
                              f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); the widths or "
                              "tensor shapes are corrupt") from None
-    sd = {k: v.to(ref[k].dtype) if v.dtype != ref[k].dtype else v for k, v in state_dict.items()}
+    sd = _with_versions(model, {k: v.to(ref[k].dtype) if v.dtype != ref[k].dtype else v
+                                for k, v in state_dict.items()})
     model.load_state_dict(sd, strict=True, assign=True)
     left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
     if left:  # a buffer outside the state dict (non-persistent): build the ordinary way
         model = create_model(arch, **spec.get("arch_args", {}))
         apply_widths(model, spec.get("widths", {}), state_dict, where=path)
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(_with_versions(model, sd), strict=True)
     return model
+
+
+def _with_versions(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sd`` with the module versions torch.save would have stored (``_metadata``): safetensors keeps
+    none, and some modules (torchvision's MNASNet) refuse a state dict without them."""
+    out = OrderedDict(sd)
+    out._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return out
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -542,6 +578,117 @@ def _unwrap_checkpoint(obj: Any) -> dict[str, torch.Tensor]:
     raise ModelFileError("the file holds no state dict (expected tensors, or a dict with 'state_dict' or 'model')")
 
 
+def _prefix_normalised(sd: dict) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _head_tensor(sd: dict, name: str | None) -> torch.Tensor | None:
+    if not name:
+        return None
+    t = sd.get(name + ".weight", sd.get(name + ".bias"))
+    return t if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
+
+
+def load_state_dict_as(state_dict: dict[str, torch.Tensor], arch: str, arch_args: dict | None = None,
+                       path: str = "<state dict>") -> nn.Module:
+    """Build ``arch`` (a registry name, ``torchvision:NAME``, ``timm:NAME``...) for a bare state dict,
+    pruned or not: ``num_classes`` / ``in_chans`` default to what the classifier and first
+    convolution's tensors say, the layer widths are read from the tensor shapes, and the result is
+    loaded through :func:`build_from_spec` (all its checks). A state dict of another architecture
+    raises :class:`ModelFileError` naming the tensors that do not fit."""
+    from metaprune.models import model_facts
+
+    sd = _prefix_normalised(state_dict)
+    args = {k: v for k, v in (arch_args or {}).items() if v is not None}
+    try:
+        facts = model_facts(arch)
+    except MetapruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a builder that cannot even be probed
+        raise ConfigError(f"architecture {arch!r} cannot be built ({str(e)[:160]})") from None
+    head, first = _head_tensor(sd, facts.classifier), _head_tensor(sd, facts.first_conv)
+    if head is not None:
+        if "num_classes" in args and args["num_classes"] != head.shape[0]:
+            raise ModelFileError(f"{path}: the classifier {facts.classifier} has {head.shape[0]} outputs, not "
+                                 f"--num-classes {args['num_classes']}; leave --num-classes out or fix it")
+        args.setdefault("num_classes", int(head.shape[0]))
+    if first is not None and first.dim() == 4:
+        args.setdefault("in_chans", int(first.shape[1]))
+    try:
+        with torch.device("meta"):
+            base = create_model(arch, **args)
+    except MetapruneError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise ConfigError(f"architecture {arch!r} cannot be built with {args} ({str(e)[:160]})") from None
+    ref = base.state_dict()
+    want = {k for k in ref if not k.endswith("num_batches_tracked")}
+    have = {k for k in sd if not k.endswith("num_batches_tracked")}
+    if want != have:
+        raise ModelFileError(f"{path}: the state dict does not fit architecture {arch!r} (missing "
+                             f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]} of {len(have)} "
+                             "tensors); pass the --arch the weights were saved from")
+    try:
+        widths = _widths_from_shapes(base, sd)
+    except (IndexError, ValueError, KeyError, RuntimeError, ZeroDivisionError) as e:
+        raise ModelFileError(f"{path}: the tensors have the names of {arch!r} but shapes that do not fit it "
+                             f"({str(e)[:160]}); pass the --arch the weights were saved from") from None
+    spec = {"format_version": FORMAT_VERSION, "arch": arch, "arch_args": arch_spec(base)["args"], "widths": widths}
+    full = {**{k: torch.zeros((), dtype=torch.long) for k in ref if k.endswith("num_batches_tracked")}, **sd}
+    return build_from_spec(spec, full, path)
+
+
+def _tv_keysets() -> dict[str, frozenset]:
+    global _TV_KEYS
+    if _TV_KEYS is None:
+        from metaprune.models.ecosystem import torchvision_names
+
+        keys = {}
+        for n in torchvision_names():
+            try:
+                with torch.device("meta"):
+                    m = create_model(f"torchvision:{n}")
+            except Exception:  # noqa: BLE001,S112 - a builder that does not build is not a candidate
+                continue
+            keys[n] = frozenset(k for k in m.state_dict() if not k.endswith("num_batches_tracked"))
+        _TV_KEYS = keys
+    return _TV_KEYS
+
+
+_TV_KEYS: dict[str, frozenset] | None = None
+
+
+def _match_torchvision(state_dict: dict, path: str) -> nn.Module | None:
+    sd = _prefix_normalised(state_dict)
+    keys = frozenset(k for k in sd if not k.endswith("num_batches_tracked"))
+    cands = [n for n, ks in _tv_keysets().items() if ks == keys]
+    errors = []
+    for n in cands:  # same names (resnet50 / wide_resnet50_2 / resnext50): the one whose shapes fit as built first
+        with torch.device("meta"):
+            ref = create_model(f"torchvision:{n}")
+        same = all(tuple(t.shape) == tuple(sd[k].shape) for k, t in ref.state_dict().items()
+                   if k in sd and not k.startswith(tuple(filter(None, [_tv_head(n)]))))
+        if same:
+            cands = [n] + [c for c in cands if c != n]
+            break
+    for n in cands:
+        try:
+            return load_state_dict_as(sd, f"torchvision:{n}", None, path)
+        except MetapruneError as e:
+            errors.append(f"torchvision:{n}: {e}")
+    if errors:
+        raise ModelFileError(f"{path}: the tensor names are those of {', '.join(f'torchvision:{c}' for c in cands)} "
+                             f"but the shapes fit none ({errors[0][:200]}); pass --arch")
+    return None
+
+
+def _tv_head(name: str) -> str | None:
+    from metaprune.models import model_facts
+
+    return model_facts(f"torchvision:{name}").classifier
+
+
 def _arch_args_from_shapes(name: str, sd: dict[str, torch.Tensor], base: nn.Module) -> dict:
     first_conv = next(m for m in base.modules() if isinstance(m, nn.Conv2d))
     first_key = next(k for k, m in base.named_modules() if m is first_conv) + ".weight"
@@ -559,14 +706,24 @@ def _widths_from_shapes(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[s
     for name, m in model.named_modules():
         pre = f"{name}." if name else ""
         w = sd.get(pre + "weight")
-        if isinstance(m, nn.Conv2d) and w is not None:
-            widths[name].update(out_channels=int(w.shape[0]), in_channels=int(w.shape[1]) * m.groups)
+        if isinstance(m, nn.modules.conv._ConvNd) and w is not None and not m.transposed:  # noqa: SLF001
+            if m.groups > 1 and m.groups == m.in_channels == m.out_channels and w.shape[1] == 1:  # depthwise
+                widths[name].update(out_channels=int(w.shape[0]), in_channels=int(w.shape[0]), groups=int(w.shape[0]))
+            else:
+                widths[name].update(out_channels=int(w.shape[0]), in_channels=int(w.shape[1]) * m.groups)
         elif isinstance(m, nn.Linear) and w is not None:
             widths[name].update(out_features=int(w.shape[0]), in_features=int(w.shape[1]))
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and pre + "running_mean" in sd:
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and pre + "running_mean" in sd:  # noqa: SLF001
             widths[name].update(num_features=int(sd[pre + "running_mean"].shape[0]))
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and w is not None:  # noqa: SLF001
+            widths[name].update(num_features=int(w.shape[0]))
         elif isinstance(m, nn.LayerNorm) and w is not None:
             widths[name].update(normalized_shape=list(w.shape))
+        elif isinstance(m, nn.GroupNorm) and w is not None:
+            widths[name].update(num_channels=int(w.shape[0]))
+        elif isinstance(m, nn.MultiheadAttention) and pre + "in_proj_weight" in sd:
+            e = int(sd[pre + "in_proj_weight"].shape[1])
+            widths[name].update(embed_dim=e, kdim=e, vdim=e, head_dim=max(1, e // m.num_heads))
         elif hasattr(m, "num_heads") and pre + "qkv.weight" in sd:
             widths[name].update(num_heads=max(1, int(sd[pre + "qkv.weight"].shape[0]) // (3 * m.head_dim)))
         if "hidden_dim" in widths.get(name, {}) and "conv_proj.weight" in sd:
@@ -599,15 +756,36 @@ def match_architecture(state_dict: dict[str, torch.Tensor], path: str = "<state 
             return build_from_spec(spec, full, path)
         scores.append((len(base_keys & keys) / max(1, len(base_keys | keys)), name))
     best = ", ".join(f"{n} ({s:.0%} of keys shared)" for s, n in sorted(scores, reverse=True)[:3])
-    raise ModelFileError(f"{path}: the state dict ({len(keys)} tensors) matches no registered architecture; "
-                         f"closest: {best}. Check the file, or register the architecture with @register_model")
+    tv = _match_torchvision(state_dict, path)
+    if tv is not None:
+        return tv
+    raise ModelFileError(f"{path}: the state dict ({len(keys)} tensors) matches no registered or torchvision "
+                         f"architecture (closest: {best}); pass --arch (torchvision:NAME, timm:NAME, a registered "
+                         "name, or pkg.module:factory with --trust-code), or arch= in load_model")
+
+
+_ARCH_HINT: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("metaprune_arch", default=None)
+
+
+@contextlib.contextmanager
+def arch_for_state_dicts(arch: str | None, arch_args: dict | None = None) -> Iterator[None]:
+    """Within the block, :func:`load_model` builds bare state dicts as ``arch`` (the CLI's ``--arch``)."""
+    tok = _ARCH_HINT.set((arch, dict(arch_args or {})) if arch else None)
+    try:
+        yield
+    finally:
+        _ARCH_HINT.reset(tok)
 
 
 def load_model(path: str | os.PathLike, trust_pickle: bool = False,
-               map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelInfo]:
+               map_location: str | torch.device = "cpu", arch: str | None = None,
+               arch_args: dict | None = None) -> tuple[nn.Module, ModelInfo]:
     """Load a model file: metaprune ``.safetensors`` (spec + widths), a bare state dict in
-    ``.safetensors``/``.pt`` (matched to a registered architecture by keys and shapes), or with
-    ``trust_pickle`` a pickled module. Returns ``(model, info)``; the model is in eval mode."""
+    ``.safetensors``/``.pt`` (matched to a registered or torchvision architecture by keys and shapes,
+    or built as ``arch`` with ``arch_args`` when given), or with ``trust_pickle`` a pickled module.
+    A metaprune file's own metadata wins over ``arch``. Returns ``(model, info)``; eval mode."""
+    if arch is None and _ARCH_HINT.get() is not None:
+        arch, arch_args = _ARCH_HINT.get()
     p = _resolve(path)
     spec = read_spec(p) if p.suffix == ".safetensors" else None
     obj, fmt = load_state_dict_file(p, trust_pickle)
@@ -618,7 +796,8 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False,
         model = obj
         check_finite(model.state_dict(), str(p))
         try:
-            model = match_architecture(obj.state_dict(), str(p))
+            model = (load_state_dict_as(obj.state_dict(), arch, arch_args, str(p)) if arch
+                     else match_architecture(obj.state_dict(), str(p)))
         except ModelFileError:
             setattr(model, ARCH_ATTR, {"arch": type(obj).__name__, "args": {}})
         extra = {}
@@ -628,7 +807,8 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False,
             model = build_from_spec(spec, obj["model"], str(p))
             return model.eval().to(map_location), ModelInfo(
                 str(p), spec["arch"], spec.get("arch_args", {}), spec.get("extra", {}), fmt)
-        model = match_architecture(_unwrap_checkpoint(obj), str(p))
+        sd = _unwrap_checkpoint(obj)
+        model = load_state_dict_as(sd, arch, arch_args, str(p)) if arch else match_architecture(sd, str(p))
         extra = {}
     spec_now = arch_spec(model)
     return model.eval().to(map_location), ModelInfo(str(p), spec_now["arch"], spec_now["args"], extra, fmt)

@@ -13,7 +13,7 @@ import warnings
 
 from metaprune import __version__
 from metaprune.cli import demo_cmd, export_cmd, graph_cmds, metanet_cmds, prune_cmds, spa_cmds, train_cmds
-from metaprune.cli.common import apply_config, setup_runtime
+from metaprune.cli.common import MODEL_COMMANDS, add_arch, apply_config, arch_context, setup_runtime
 from metaprune.errors import MetapruneError
 
 RESUMABLE = ("zoo", "meta-train")  # long runs whose finished parts stay on failure
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         mod.register(sub)
+    for name in MODEL_COMMANDS:
+        if name in sub.choices:
+            add_arch(sub.choices[name])
     return parser
 
 
@@ -48,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_runtime(args)
         from metaprune.io import output_transaction
 
-        if args.command in RESUMABLE:  # finished members / epochs are kept for the rerun
-            return int(args.func(args) or 0)
-        with output_transaction():  # a failed command removes the outputs it created
-            return int(args.func(args) or 0)
+        with arch_context(args):  # --arch / --trust-code (commands that load a model file)
+            if args.command in RESUMABLE:  # finished members / epochs are kept for the rerun
+                return int(args.func(args) or 0)
+            with output_transaction():  # a failed command removes the outputs it created
+                return int(args.func(args) or 0)
     except MetapruneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

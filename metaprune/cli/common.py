@@ -157,6 +157,50 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+# commands that load a model file: they take --arch & co for bare state dicts (see add_arch)
+MODEL_COMMANDS = ("prune", "curve", "eval", "finetune", "convert", "adapt", "export", "transform", "merge")
+
+
+def add_arch(p: argparse.ArgumentParser) -> None:
+    """--arch, --num-classes, --in-chans, --input-size, --trust-code: how to build a bare state dict."""
+    g = p.add_argument_group("architecture of a bare state dict (a metaprune .safetensors file says what it is)")
+    g.add_argument("--arch", help="architecture of the weights: a registered name, torchvision:NAME, timm:NAME "
+                   "(needs the timm extra) or pkg.module:factory (needs --trust-code); default: matched by tensor "
+                   "names (registered and torchvision models). See `metaprune list-models --all`")
+    g.add_argument("--num-classes", type=int, help="classifier outputs (default: read from the weights)")
+    g.add_argument("--in-chans", type=int, help="input channels (default: read from the weights)")
+    g.add_argument("--input-size", type=int, help="input height = width in pixels, stored in the output model "
+                   "(default: the architecture's own, 224 for most torchvision/timm models)")
+    g.add_argument("--trust-code", action="store_true", help="allow --arch pkg.module:factory (and model files "
+                   "naming one): this IMPORTS AND RUNS that Python module, so only use code you trust")
+
+
+def arch_context(args: argparse.Namespace):
+    """The context a command runs in: --arch for bare state dicts, --trust-code for user factories."""
+    import contextlib
+
+    from metaprune.io import arch_for_state_dicts
+    from metaprune.models import trusted_code
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(trusted_code(bool(getattr(args, "trust_code", False))))
+    arch = getattr(args, "arch", None)
+    kw = {"num_classes": getattr(args, "num_classes", None), "in_chans": getattr(args, "in_chans", None),
+          "image_size": getattr(args, "input_size", None)}
+    for k, v in kw.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"--{k.replace('_', '-').replace('image-size', 'input-size')} must be >= 1, not {v}")
+    if arch is None and any(v is not None for v in kw.values()):
+        raise ConfigError("--num-classes, --in-chans and --input-size describe a bare state dict's architecture: "
+                          "give --arch too")
+    if arch is not None:
+        from metaprune.models import get_entry
+
+        get_entry(arch)  # an unknown name, missing timm or untrusted code fails here, before any work
+    stack.enter_context(arch_for_state_dicts(arch, {k: v for k, v in kw.items() if v is not None}))
+    return stack
+
+
 def setup_runtime(args: argparse.Namespace) -> None:
     """Logging, progress bars and threads, from the common options."""
     from metaprune.engine.runtime import resolve_device, set_quiet

@@ -56,6 +56,8 @@ def register(sub) -> None:
     p = sub.add_parser("list-models", help="list registered architectures (and datasets / tasks)")
     p.add_argument("pattern", nargs="?", default="*", help="glob filter, e.g. 'cifar_*'")
     p.add_argument("--data", action="store_true", help="list datasets and tasks instead")
+    p.add_argument("--all", action="store_true", help="also list torchvision:NAME and timm:NAME models (usable as "
+                   "--arch)")
     p.set_defaults(func=cmd_list_models)
 
 
@@ -168,4 +170,14 @@ def cmd_list_models(args: argparse.Namespace) -> int:
     for n in names:
         e = get_entry(n)
         print(f"{n:18s} {e.family:13s} {e.default_image_size:>4d}px  {e.description}")
+    if getattr(args, "all", False):  # ecosystem models, usable as --arch / create_model names
+        import fnmatch
+
+        from metaprune.models import list_external
+
+        ext = [n for n in list_external() if fnmatch.fnmatch(n, args.pattern) or fnmatch.fnmatch(n.split(":")[1],
+                                                                                                  args.pattern)]
+        print("\n".join(ext))
+        if not any(n.startswith("timm:") for n in ext):
+            print("(timm:NAME models need the timm extra: pip install 'metaprune[timm]')")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
@@ -49,12 +50,24 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def get_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; unknown names raise an error listing the valid ones."""
+    """The registry entry of ``name``; unknown names raise an error listing the valid ones.
+
+    ``torchvision:NAME``, ``timm:NAME`` and (trusted) ``pkg.module:factory`` get an entry built on
+    the fly (see :mod:`metaprune.models.ecosystem`); their builders take ``image_size`` too.
+    """
+    if isinstance(name, str) and ":" in name:
+        from metaprune.models import ecosystem
+
+        family, builder, size = ecosystem.resolve(name)
+        return ModelEntry(name, builder, family, size, (builder.__doc__ or "").strip())
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list_models(), n=5)
         raise UnknownNameError(
-            f"unknown model {name!r}; valid names: {', '.join(list_models())} (see `metaprune list-models`)"
+            f"unknown model {name!r}; " + (f"close names: {', '.join(close)}; " if close else "")
+            + f"valid names: {', '.join(list_models())} (see `metaprune list-models`; torchvision:NAME and "
+            "timm:NAME name ecosystem models, `metaprune list-models --all`)"
         ) from None
 
 
@@ -62,7 +75,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
     """Build a registered architecture with fresh weights.
 
     Args:
-        name: registry name, e.g. ``"cifar_resnet56"``.
+        name: registry name, e.g. ``"cifar_resnet56"``, or ``"torchvision:NAME"``, ``"timm:NAME"``,
+            ``"pkg.module:factory"`` (trusted code only; see :mod:`metaprune.models.ecosystem`).
         num_classes: size of the classifier output.
         in_chans: number of input image channels (1 for Fashion-MNIST).
         **kwargs: builder-specific arguments (e.g. ``image_size`` for ViTs).
@@ -78,6 +92,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
     if unknown:
         valid = [p for p in params if p not in ("num_classes", "in_chans")]
         raise ConfigError(f"model {name!r} does not take {unknown}; it takes {valid}")
+    if ":" in name and kwargs.get("image_size") is None:  # ecosystem models always record their input size
+        kwargs["image_size"] = entry.default_image_size
     model = entry.builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
     setattr(model, ARCH_ATTR, {"arch": name, "args": {"num_classes": num_classes, "in_chans": in_chans, **kwargs}})
     return model
@@ -89,6 +105,7 @@ def arch_spec(model: nn.Module) -> dict:
     if spec is None:
         raise ConfigError(
             f"{type(model).__name__} was not built by metaprune.create_model, so it has no architecture spec; "
-            "build it with create_model(name, ...) or load it with metaprune.io.load_model"
+            "build it with create_model(name, ...) (torchvision:NAME / timm:NAME for ecosystem models), load it "
+            "with metaprune.io.load_model, or name it: save_model(model, path, arch=..., arch_args={...})"
         )
     return spec

@@ -17,14 +17,23 @@ from metaprune.errors import ModelFileError
 from metaprune.models.layers import SelfAttention
 
 # module attributes that describe the structure of a layer, by module type
+# (subclasses inherit them: LayerNorm2d of torchvision's ConvNeXt and timm are nn.LayerNorm). Parameters
+# without attributes (layer scale / gamma, position embeddings, class tokens) take their stored shapes.
 _ATTRS: dict[type, tuple[str, ...]] = {
-    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),  # noqa: SLF001 - Conv1/2/3d, transposed
     nn.Linear: ("in_features", "out_features"),
-    nn.BatchNorm2d: ("num_features",),
-    nn.BatchNorm1d: ("num_features",),
+    nn.modules.batchnorm._NormBase: ("num_features",),  # noqa: SLF001 - BatchNorm*, InstanceNorm*
     nn.LayerNorm: ("normalized_shape",),
     nn.GroupNorm: ("num_groups", "num_channels"),
+    nn.MultiheadAttention: ("embed_dim", "kdim", "vdim", "num_heads", "head_dim"),
     SelfAttention: ("num_heads",),
+}
+# layers of optional packages, by qualified class name (not imported here)
+_ATTRS_BY_NAME: dict[str, tuple[str, ...]] = {
+    "timm.models.vision_transformer.Attention": ("num_heads", "head_dim"),
+    "timm.layers.attention.Attention": ("num_heads", "head_dim"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("num_heads",),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("num_heads",),
 }
 # model-level attributes some architectures read in forward (torchvision ViT)
 _MODEL_ATTRS = ("hidden_dim",)
@@ -35,6 +44,9 @@ def _attrs_for(module: nn.Module) -> tuple[str, ...]:
     for cls in type(module).__mro__:
         if cls in _ATTRS:
             return _ATTRS[cls]
+        named = _ATTRS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return ()
 
 
@@ -147,11 +159,11 @@ def check_layer_shapes(model: nn.Module, where: str = "the model file") -> None:
                               "(the file is corrupt or was edited)")
 
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.modules.conv._ConvNd):  # noqa: SLF001
             o, i, g = m.out_channels, m.in_channels, m.groups
             if o % g or i % g:
                 raise bad(name, f"groups={g} does not divide in_channels={i} and out_channels={o}")
-            want = (o, i // g, *m.kernel_size)
+            want = (i, o // g, *m.kernel_size) if m.transposed else (o, i // g, *m.kernel_size)
             if _shape(m.weight) != want:
                 raise bad(name, f"weight has shape {_shape(m.weight)}, expected {want}")
             if m.bias is not None and _shape(m.bias) != (o,):
@@ -161,7 +173,7 @@ def check_layer_shapes(model: nn.Module, where: str = "the model file") -> None:
                 raise bad(name, f"weight has shape {_shape(m.weight)}, expected {(m.out_features, m.in_features)}")
             if m.bias is not None and _shape(m.bias) != (m.out_features,):
                 raise bad(name, f"bias has shape {_shape(m.bias)}, expected ({m.out_features},)")
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+        elif isinstance(m, nn.modules.batchnorm._NormBase):  # noqa: SLF001
             for t in (m.weight, m.bias, m.running_mean, m.running_var):
                 if t is not None and _shape(t) != (m.num_features,):
                     raise bad(name, f"a tensor has shape {_shape(t)}, expected ({m.num_features},)")
@@ -175,6 +187,21 @@ def check_layer_shapes(model: nn.Module, where: str = "the model file") -> None:
             for t in (m.weight, m.bias):
                 if t is not None and _shape(t) != (m.num_channels,):
                     raise bad(name, f"a tensor has shape {_shape(t)}, expected ({m.num_channels},)")
+        elif isinstance(m, nn.MultiheadAttention):
+            e, h = m.embed_dim, m.num_heads
+            if h * m.head_dim != e:
+                raise bad(name, f"num_heads={h} x head_dim={m.head_dim} is not embed_dim={e}")
+            if m._qkv_same_embed_dim:  # noqa: SLF001
+                if (m.kdim, m.vdim) != (e, e) or _shape(m.in_proj_weight) != (3 * e, e):
+                    raise bad(name, f"in_proj_weight has shape {_shape(m.in_proj_weight)}, expected {(3 * e, e)} "
+                              f"(kdim={m.kdim}, vdim={m.vdim})")
+            elif _shape(m.q_proj_weight) != (e, e) or _shape(m.k_proj_weight) != (e, m.kdim) \
+                    or _shape(m.v_proj_weight) != (e, m.vdim):
+                raise bad(name, "the q/k/v projections do not fit embed_dim, kdim and vdim")
+            if m.in_proj_bias is not None and _shape(m.in_proj_bias) != (3 * e,):
+                raise bad(name, f"in_proj_bias has shape {_shape(m.in_proj_bias)}, expected ({3 * e},)")
+            if m.out_proj.in_features != e or m.out_proj.out_features != e:
+                raise bad(name, f"out_proj is {m.out_proj.in_features} -> {m.out_proj.out_features}, expected {e} -> {e}")
         if isinstance(m, SelfAttention):
             q = m.qkv.out_features
             if q % (3 * m.num_heads) or q // (3 * m.num_heads) < 1:
