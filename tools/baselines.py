@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 def _table(res: dict) -> str:
     st = res["setup"]
-    arms = st["arms"]
+    arms = [a for a in st["arms"] if any(k.startswith(f"{a}@") for m in res["members"] for k in m["arms"])]
     lines = [f"# Per-network baselines, uniform pruning, {st['data']}", "",
              f"No finetuning: BatchNorm recalibrated on {st['bn_batches']} training batches of 128; validation "
              f"= whole validation split, test = whole test split. gate: {st['gate_steps']} steps of batch "
