@@ -36,7 +36,7 @@ class NodeSet:
 
 @dataclass
 class _Block:
-    """A block of edges: ``kind`` is 'dense' (outer x inner, row-major), 'grouped' or 'diag'."""
+    """A block of edges: ``kind`` is 'dense' (outer x inner, row-major), 'grouped', 'diag' or 'perm'."""
 
     kind: str
     src: NodeSet
@@ -50,6 +50,7 @@ class _Block:
     src_start: int = 0   # first source channel used (inside src)
     value: torch.Tensor | None = None   # [count, D] view to copy in (None: the constant ``fill``)
     fill: float = 1.0
+    perm: torch.Tensor | None = None    # 'perm': dst[c] reads src[perm[c]]
 
 
 @contextlib.contextmanager
@@ -160,6 +161,12 @@ class GraphBuilder:
         self.blocks.setdefault("id", []).append(
             _Block("diag", src, dst, off, dst.size, EDGE_ROLE["identity"], layer, src_start=src_start, fill=value))
 
+    def perm_edges(self, src: NodeSet, dst: NodeSet, perm: torch.Tensor, layer: int) -> None:
+        """One identity edge per channel, ``src[perm[c]] -> dst[c]`` (a channel permutation), group ``id``."""
+        off = self._reserve("id", 1, dst.size)
+        self.blocks.setdefault("id", []).append(
+            _Block("perm", src, dst, off, dst.size, EDGE_ROLE["identity"], layer, perm=perm.clone()))
+
     def diag_edges(self, group: str, src: NodeSet, dst: NodeSet, value: torch.Tensor, role: str, layer: int, *,
                    key: str, shape: list[int], dtype: torch.dtype) -> None:
         """One edge per channel ``src[c] -> dst[c]`` carrying ``value[c]`` ([C, D]): a channel-wise
@@ -212,7 +219,10 @@ class GraphBuilder:
             else:
                 attr[sl] = b.value
             src_i, dst_i = index[0, sl], index[1, sl]
-            if b.kind == "diag":
+            if b.kind == "perm":
+                torch.add(b.perm, b.src.start, out=src_i)
+                torch.arange(b.dst.start, b.dst.start + b.count, out=dst_i)
+            elif b.kind == "diag":
                 torch.arange(b.src.start + b.src_start, b.src.start + b.src_start + b.count, out=src_i)
                 torch.arange(b.dst.start, b.dst.start + b.count, out=dst_i)
             elif b.kind == "dense":

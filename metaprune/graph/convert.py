@@ -122,6 +122,7 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache
     and its widths; with ``cache=True`` the structures of the last few architectures are kept, so
     converting another model of the same shape only copies its weights. Graphs of the same shape
     then share their (read-only) ``edge index / role / layer``, ``node_*`` and ``x_mask`` tensors.
+    A model without an architecture spec is always traced (its forward is not known from its name).
 
     Raises:
         GraphError: the model has neither an architecture spec nor an ``input_shape``, a layer type has no
@@ -150,7 +151,9 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache
             raise GraphError(f"the input shape of architecture {arch['arch']!r} is not known ({e}); pass input_shape, "
                              "e.g. to_graph(model, input_shape=(1, 3, 224, 224))") from None
     if arch is None:
-        arch = {"arch": _module_arch(model), "args": {}}
+        # no cache: without a spec, the forward code (closures, flags) is not determined by the module
+        # names and tensor shapes the cache key holds
+        arch, cache = {"arch": _module_arch(model), "args": {}}, False
     key = _structure_key(model, arch, shape) if cache else None
     if key is not None and key in _CACHE:
         _CACHE.move_to_end(key)

@@ -126,17 +126,43 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
             "to_graph_s": round(t1 - t0, 3), "from_graph_s": round(t2 - t1, 3)}
 
 
-def check_builder(name: str, num_classes: int = 10) -> dict:
+def reduce_depth(model: nn.Module, keep: int = 2) -> int:
+    """Keep the first ``keep`` blocks of every ``nn.Sequential`` made of more than ``keep`` blocks of one
+    class (the repeated, shape-preserving blocks of a stage: ViT encoder layers, ConvNeXt / RegNet /
+    ResNet / EfficientNet stages); widths, heads and every layer type stay. Returns the blocks removed."""
+    def sig(k: nn.Module) -> tuple:
+        return type(k), tuple((n, tuple(v.shape)) for n, v in k.state_dict().items())
+
+    removed = 0
+    for m in list(model.modules()):
+        kids = list(m.children()) if isinstance(m, nn.Sequential) else []
+        # repeated blocks: the same class, and after the first (which may change width or stride) the same
+        # tensors; stages of different widths (RegNet's trunk) are not cut
+        if len(kids) > keep and len({type(k) for k in kids}) == 1 and len({sig(k) for k in kids[1:]}) == 1 \
+                and any(True for _ in kids[0].parameters()) and not isinstance(kids[0], (nn.Conv2d, nn.Linear)):
+            for name in list(m._modules)[keep:]:
+                del m._modules[name]
+            removed += len(kids) - keep
+    return removed
+
+
+def check_builder(name: str, num_classes: int = 10, reduce: bool = False) -> dict:
     """:func:`check_model` on builder ``name`` at :func:`builder_config`; adds ``input_shape`` and
-    ``params``. A builder that cannot be built at that configuration is ``failed``."""
+    ``params``. With ``reduce`` the model's repeated blocks are cut to two per stage first
+    (:func:`reduce_depth`; ``reduced`` says how many were removed). A builder that cannot be built at
+    that configuration is ``failed``."""
     cfg = builder_config(name, num_classes)
     try:
         model = build(cfg)
     except Exception as e:  # noqa: BLE001
         return {"status": "failed", "detail": f"building it: {type(e).__name__}: {str(e).splitlines()[0]}",
                 "input_shape": list(cfg.input_shape)}
+    extra = {}
+    if reduce:
+        extra["reduced"] = reduce_depth(model)
     res = check_model(model, cfg.input_shape)
-    return {**res, "input_shape": list(cfg.input_shape), "params": sum(p.numel() for p in model.parameters())}
+    return {**res, "input_shape": list(cfg.input_shape), "params": sum(p.numel() for p in model.parameters()), **extra}
 
 
-__all__ = ["Config", "build", "builder_config", "check_builder", "check_model", "list_builders", "num_params"]
+__all__ = ["Config", "build", "builder_config", "check_builder", "check_model", "list_builders", "num_params",
+           "reduce_depth"]

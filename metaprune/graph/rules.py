@@ -30,6 +30,14 @@ class Flow:
     #: >1 after flattening (N, C, H, W) to (N, C*H*W): channel c is the ``inner`` entries
     #: ``[c*inner, (c+1)*inner)`` of dim ``cdim`` (only a Linear may read such a flow)
     inner: int = 1
+    #: after a reshape that splits the channels over several dims (a channel shuffle's ``view``): one
+    #: ``(dim, size, axis)`` per dim, ``axis`` its place in the original row-major split; ``cdim`` unused
+    grid: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """The channels are one dim of the tensor (neither flattened with positions nor split)."""
+        return self.inner == 1 and self.grid is None
 
 
 Rule = Callable[[GraphBuilder, str, nn.Module, Flow, torch.Tensor], object]
@@ -75,6 +83,7 @@ def _expect(cond: bool, name: str, mod: nn.Module, what: str) -> None:
 
 
 def _plain(x: Flow, name: str, mod: nn.Module) -> None:
+    _expect(x.grid is None, name, mod, "its input has its channels split over several dims")
     _expect(x.inner == 1, name, mod, f"its input holds {x.inner} values per channel (a flattened feature map)")
 
 
@@ -119,6 +128,7 @@ def linear(b: GraphBuilder, name: str, mod: nn.Linear, x: Flow, meta: torch.Tens
     """Linear: one node per output feature, one 1-feature edge per weight, bias in slot ``bias``.
     After a flatten of (N, C, H, W) (``x.inner == H*W``) it is a convolution with an HxW kernel over
     an HxW map: one edge per (channel, output) with the ``H*W`` weights as feature (group ``k{H*W}``)."""
+    _expect(x.grid is None, name, mod, "its input has its channels split over several dims")
     _expect(x.cdim == meta.ndim - 1 and x.ns.size * x.inner == mod.in_features, name, mod,
             f"expects {mod.in_features} features in the last dim, gets {x.ns.size * x.inner} in dim {x.cdim} of "
             f"{meta.ndim}")

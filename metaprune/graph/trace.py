@@ -196,7 +196,7 @@ class _Interp(fx.Interpreter):
             return ParamRef(str(n.target)) if isinstance(out, torch.Tensor) else None
         if n.op == "output":
             res = self.flows.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
-            if not isinstance(res, Flow) or res.inner != 1:
+            if not isinstance(res, Flow) or not res.plain:
                 raise GraphError("cannot tell which channels the model's output holds; the output must be "
                                  "one tensor whose channels come from a layer")
             if res.ns.layer > 0:
@@ -250,6 +250,10 @@ class _Interp(fx.Interpreter):
             raise GraphError(f"{where} is not known to keep channel c at channel c; {_OPS_HINT}")
         if kind == "constant":
             return None
+        if any(self.flows[a].grid is not None for a in chan) \
+                and kind not in ("elementwise", "transpose", "permute", "reshape"):
+            raise GraphError(f"{where} acts on channels split over several dims; the graph follows them only "
+                             "through transposes and a reshape that joins them again (a channel shuffle)")
         if any(self.flows[a].inner != 1 for a in chan) and kind != "elementwise":
             raise GraphError(f"{where} acts on a flattened feature map (channels x positions in one dim); the graph "
                              "follows it only into a Linear layer (and through activations / dropout)")
@@ -272,16 +276,63 @@ class _Interp(fx.Interpreter):
             return None
         if not isinstance(out, torch.Tensor):
             raise GraphError(f"{where} returns {type(out).__name__}, not one tensor; {_OPS_HINT}")
-        if kind == "elementwise" and f.inner != 1:
+        if kind == "elementwise" and not f.plain:
             if tuple(out.shape) != tuple(self.env[first].shape):
                 raise GraphError(f"{where} changes the shape {tuple(self.env[first].shape)} to {tuple(out.shape)}")
             return f
+        if f.grid is not None:
+            return self._grid_op(n, kind, where, self.env[first], out, f)
+        if kind == "reshape":
+            grid = self._split_grid(self.env[first], out, f)
+            if grid is not None:
+                return Flow(f.ns, -1, grid=grid)
         if kind in ("flatten", "reshape"):
             inner = self._merged_inner(self.env[first], out, f)
             if inner is not None:
                 return inner
         cd = self._map_dim(n, kind, where, self.env[first], out, f, mod)
         return None if cd is None else Flow(f.ns, cd)
+
+    @staticmethod
+    def _split_grid(inp: torch.Tensor, out: torch.Tensor, f: Flow) -> tuple | None:
+        """A reshape that splits the channel dim into several dims ``out[i:j]`` (all > 1), the dims around it
+        unchanged: the grid ``((i, size, 0), (i+1, size, 1), ...)``; None otherwise."""
+        cd, c = f.cdim, f.ns.size
+        outer, inner = math.prod(inp.shape[:cd]), math.prod(inp.shape[cd + 1:])
+        for i in range(out.ndim):
+            for j in range(i + 2, out.ndim + 1):
+                if math.prod(out.shape[:i]) == outer and math.prod(out.shape[i:j]) == c \
+                        and math.prod(out.shape[j:]) == inner and all(s > 1 for s in out.shape[i:j]):
+                    return tuple((i + k, int(out.shape[i + k]), k) for k in range(j - i))
+        return None
+
+    def _grid_op(self, n: fx.Node, kind: str, where: str, inp: torch.Tensor, out: torch.Tensor, f: Flow) -> Flow:
+        """Channels split over several dims: transposes move the dims; a reshape joining them into one dim
+        again gives the channel permutation (new nodes, role ``concat``, one identity edge from each source
+        channel), e.g. ShuffleNet's ``view(b, g, c/g, h, w).transpose(1, 2).view(b, c, h, w)``."""
+        nd = inp.ndim
+        if kind == "transpose":
+            a, b = _dims([_arg(n, 1, "dim0"), _arg(n, 2, "dim1")], nd)
+            return Flow(f.ns, -1, grid=tuple((b if d == a else a if d == b else d, s, ax) for d, s, ax in f.grid))
+        if kind == "permute":
+            dims = _dims(n.args[1:] if len(n.args) > 2 else _arg(n, 1, "dims"), nd)
+            return Flow(f.ns, -1, grid=tuple((dims.index(d), s, ax) for d, s, ax in f.grid))
+        entries = sorted(f.grid)
+        p, k, c = entries[0][0], len(entries), f.ns.size
+        outer, inner = math.prod(inp.shape[:p]), math.prod(inp.shape[p + k:])
+        ds = [d for d in range(out.ndim) if out.shape[d] == c and math.prod(out.shape[:d]) == outer
+              and math.prod(out.shape[d + 1:]) == inner]
+        if kind != "reshape" or [d for d, _, _ in entries] != list(range(p, p + k)) or not ds:
+            raise GraphError(f"{where} acts on channels split over several dims in a way the graph cannot follow "
+                             "(only transposes and a reshape that joins them again, as a channel shuffle does)")
+        sizes = [s for _, s, _ in sorted(f.grid, key=lambda e: e[2])]
+        perm = torch.arange(c).reshape(sizes).permute([ax for _, _, ax in entries]).reshape(-1)
+        if torch.equal(perm, torch.arange(c)):
+            return Flow(f.ns, ds[0])
+        layer = self.b.new_layer(n.name, "channel_permutation")
+        ns = self.b.new_nodes(c, "concat", f.ns.depth + 1, layer)
+        self.b.perm_edges(f.ns, ns, perm, layer)
+        return Flow(ns, ds[0])
 
     @staticmethod
     def _merged_inner(inp: torch.Tensor, out: torch.Tensor, f: Flow) -> Flow | None:
@@ -516,7 +567,7 @@ class _Interp(fx.Interpreter):
         """Channel-wise ``a + b`` / ``a - b`` / ``a * b``: new nodes (role ``residual`` / ``difference`` /
         ``product``) with one identity edge per channel from each operand, feature -1 for a subtracted one."""
         fl = [self.flows[a] for a in args]
-        if any(f.inner != 1 for f in fl):
+        if any(not f.plain for f in fl):
             raise GraphError(f"{where} merges flattened feature maps; the graph cannot encode it")
         sizes = [f.ns.size for f in fl]
         if len(set(sizes)) != 1:
