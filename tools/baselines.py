@@ -70,7 +70,13 @@ def _table(res: dict) -> str:
             if ft:
                 cell += f" → FT {statistics.mean(ft):.2f}"
             mean.append(cell + f" (n={len(v)})")
-        lines += ["| " + " | ".join(mean) + " |", ""]
+        lines += ["| " + " | ".join(mean) + " |"]
+        diff = ["paired test difference vs l2 (mean, min..max)", ""]
+        for a in arms:
+            d = [m["arms"][f"{a}@{key}"]["test_acc"] - m["arms"][f"l2@{key}"]["test_acc"] for m in res["members"]
+                 if f"{a}@{key}" in m["arms"] and f"l2@{key}" in m["arms"]]
+            diff.append(f"{statistics.mean(d):+.2f} ({min(d):+.2f}..{max(d):+.2f})" if d and a != "l2" else "-")
+        lines += ["| " + " | ".join(diff) + " |", ""]
     return "\n".join(lines) + "\n"
 
 
