@@ -211,7 +211,8 @@ def main() -> None:
                 if not want:
                     continue
                 t0 = time.time()
-                cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed)
+                # exact widths (round_to=1): the uniform protocol of the audit, whatever the engine default
+                cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
                 torch.manual_seed(a.seed)
                 pr = prune(model, cfg, input_shape=shape,
                            calibration=BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False, seed=a.seed))

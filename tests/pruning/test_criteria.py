@@ -59,7 +59,7 @@ def _removed_conv1_channel(model: TinyCNN, pruned: TinyCNN) -> int:
 @pytest.mark.parametrize("criterion,removed", [("l2", 1), ("l1", 0), ("bn", 2), ("functional", 2)])
 def test_each_criterion_removes_the_channel_it_ranks_lowest(criterion, removed):
     m = _designed_cnn()
-    res = prune(m, PruneConfig(ratio=0.25, criterion=criterion), input_shape=(1, 8, 8))
+    res = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion=criterion), input_shape=(1, 8, 8))
     assert _removed_conv1_channel(m, res.model) == removed
 
 
@@ -68,19 +68,19 @@ def test_functional_differs_from_l2_and_follows_consumer_columns():
     with torch.no_grad():  # channel 3 now feeds conv2 with near-zero columns: useless downstream
         m.bn1.weight.fill_(1.0)
         m.conv2.weight[:, 3] = 1e-3
-    l2 = prune(m, PruneConfig(ratio=0.25, criterion="l2"), input_shape=(1, 8, 8))
-    fn = prune(m, PruneConfig(ratio=0.25, criterion="functional"), input_shape=(1, 8, 8))
+    l2 = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="l2"), input_shape=(1, 8, 8))
+    fn = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="functional"), input_shape=(1, 8, 8))
     assert _removed_conv1_channel(m, l2.model) == 1
     assert _removed_conv1_channel(m, fn.model) == 3
 
 
 def test_random_is_seeded_and_not_l2():
     m = _designed_cnn()
-    picks = {_removed_conv1_channel(m, prune(m, PruneConfig(ratio=0.25, criterion="random", seed=s),
+    picks = {_removed_conv1_channel(m, prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="random", seed=s),
                                              input_shape=(1, 8, 8)).model) for s in range(6)}
     assert len(picks) > 1  # not a fixed ranking
-    a = prune(m, PruneConfig(ratio=0.25, criterion="random", seed=3), input_shape=(1, 8, 8)).model
-    b = prune(m, PruneConfig(ratio=0.25, criterion="random", seed=3), input_shape=(1, 8, 8)).model
+    a = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="random", seed=3), input_shape=(1, 8, 8)).model
+    b = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="random", seed=3), input_shape=(1, 8, 8)).model
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -123,9 +123,9 @@ def _kept_hidden(model, pruned) -> set[int]:
 
 def test_gate_learns_which_units_matter_where_l2_fails():
     m, batches = _mlp_task()
-    l2 = prune(m, PruneConfig(ratio=0.5, criterion="l2"), input_shape=(8,))
+    l2 = prune(m, PruneConfig(round_to=1, ratio=0.5, criterion="l2"), input_shape=(8,))
     assert not {3, 4} <= _kept_hidden(m, l2.model)  # the magnitude ranking drops a label unit
-    res = prune(m, PruneConfig(ratio=0.5, criterion="gate", gate_steps=40, seed=0), input_shape=(8,),
+    res = prune(m, PruneConfig(round_to=1, ratio=0.5, criterion="gate", gate_steps=40, seed=0), input_shape=(8,),
                 calibration=batches)
     assert {3, 4} <= _kept_hidden(m, res.model)
     info = res.info["gate"]
@@ -138,7 +138,7 @@ def test_gate_learns_which_units_matter_where_l2_fails():
 
 def test_gate_is_deterministic_under_seed_and_needs_data():
     m, batches = _mlp_task(n_batches=4)
-    cfg = PruneConfig(ratio=0.5, criterion="gate", gate_steps=6, seed=5)
+    cfg = PruneConfig(round_to=1, ratio=0.5, criterion="gate", gate_steps=6, seed=5)
     a = prune(m, cfg, input_shape=(8,), calibration=batches)
     b = prune(m, cfg, input_shape=(8,), calibration=batches)
     assert torch.equal(a.model.fc1.weight, b.model.fc1.weight)
@@ -153,7 +153,7 @@ def test_gate_global_learns_a_split_and_respects_the_layer_cap(synthetic_data):
     torch.manual_seed(0)
     model = create_model("cifar_resnet20", num_classes=10, in_chans=1).eval()
     calib = BatchLoader(synthetic_data.train, 16, shuffle=True, seed=0)
-    res = prune(model, PruneConfig(speedup=2.0, criterion="gate", global_pruning=True, gate_steps=3,
+    res = prune(model, PruneConfig(round_to=1, speedup=2.0, criterion="gate", global_pruning=True, gate_steps=3,
                                    max_layer_ratio=0.7), input_shape=(1, 16, 16), calibration=calib)
     assert res.target_met and res.info["gate"]["global"]
     base = {n: c.out_channels for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
@@ -170,7 +170,7 @@ def test_vit_heads_and_mlp_channels(criterion):
     vit = create_model("vit_tiny_p4", num_classes=10, in_chans=1, image_size=16).eval()
     g = torch.Generator().manual_seed(0)
     calib = [(torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
-    res = prune(vit, PruneConfig(ratio=0.4, criterion=criterion, gate_steps=2), input_shape=(1, 16, 16),
+    res = prune(vit, PruneConfig(round_to=1, ratio=0.4, criterion=criterion, gate_steps=2), input_shape=(1, 16, 16),
                 calibration=calib if criterion == "gate" else None)
     assert res.heads_after == [1] * len(res.heads_before) and res.heads_before[0] == 3
     assert res.model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
@@ -194,9 +194,9 @@ def test_reconstruction_lowers_the_output_error():
         recalibrate_bn_batches(net, [b[0] for b in batches])
     x = torch.randn(64, 1, 12, 12, generator=g)
     cfg = dict(ratio=0.5, criterion="l2", reconstruct_batches=4)
-    plain = prune(net, PruneConfig(**cfg), input_shape=(1, 12, 12)).model
+    plain = prune(net, PruneConfig(round_to=1, **cfg), input_shape=(1, 12, 12)).model
     recalibrate_bn_batches(plain, [b[0] for b in batches])
-    res = prune(net, PruneConfig(**cfg, reconstruct=True), input_shape=(1, 12, 12), calibration=batches)
+    res = prune(net, PruneConfig(round_to=1, **cfg, reconstruct=True), input_shape=(1, 12, 12), calibration=batches)
     info = res.info["reconstruct"]
     assert info["layers"] == 3 and info["batches"] == 4  # consumers: conv 3, conv 6, the classifier
     assert info["rel_err_after"] < 0.5 * info["rel_err_before"]
@@ -209,20 +209,20 @@ def test_reconstruction_lowers_the_output_error():
     # the same refit afterwards from PruneResult.history (what tools/baselines.py does)
     from metaprune.pruning.reconstruct import reconstruct
 
-    again = prune(net, PruneConfig(**cfg), input_shape=(1, 12, 12))
+    again = prune(net, PruneConfig(round_to=1, **cfg), input_shape=(1, 12, 12))
     later = reconstruct(net, again.model, batches, 4, history=again.history)
     assert later["layers"] == 3 and abs(later["rel_err_after"] - info["rel_err_after"]) < 1e-6
 
 
 def test_reconstruction_needs_data():
     with pytest.raises(Exception, match="calibration"):
-        prune(_conv_net(), PruneConfig(ratio=0.5, reconstruct=True), input_shape=(1, 12, 12))
+        prune(_conv_net(), PruneConfig(round_to=1, ratio=0.5, reconstruct=True), input_shape=(1, 12, 12))
 
 
 def test_gate_scores_follow_iterative_global_steps():
     """Global pruning runs several torch-pruning steps; the learned scores must track the removed channels."""
     m, batches = _mlp_task()
-    cfg = PruneConfig(ratio=0.5, criterion="gate", gate_steps=40, global_pruning=True, global_steps=4,
+    cfg = PruneConfig(round_to=1, ratio=0.5, criterion="gate", gate_steps=40, global_pruning=True, global_steps=4,
                       max_layer_ratio=0.8)
     res = prune(copy.deepcopy(m), cfg, input_shape=(8,), calibration=batches)
     assert {3, 4} <= _kept_hidden(m, res.model)
@@ -270,8 +270,8 @@ def test_taylor_removes_the_channel_without_gradient():
         m.conv2.weight[:, 2] = 0.0
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
-    ty = prune(m, PruneConfig(ratio=0.25, criterion="taylor"), input_shape=(1, 8, 8), calibration=batches)
-    l2 = prune(m, PruneConfig(ratio=0.25, criterion="l2"), input_shape=(1, 8, 8))
+    ty = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="taylor"), input_shape=(1, 8, 8), calibration=batches)
+    l2 = prune(m, PruneConfig(round_to=1, ratio=0.25, criterion="l2"), input_shape=(1, 8, 8))
     assert _removed_conv1_channel(m, ty.model) == 2
     assert _removed_conv1_channel(m, l2.model) == 1
 
