@@ -22,10 +22,9 @@ from metaprune.pruning import PruneConfig, prune
 # default suite: cheap builders covering each family's layer kinds (depthwise/grouped convs, SE gates,
 # LayerNorm2d + layer scale, MNASNet's versioned state dict, RegNet, fire modules)
 FAST = ["mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "regnet_x_400mf", "efficientnet_b0",
-        "squeezenet1_1", "resnet18", "convnext_tiny", "googlenet", "shufflenet_v2_x0_5"]
+        "squeezenet1_1", "resnet18", "convnext_tiny", "googlenet", "shufflenet_v2_x0_5"]  # ShuffleNet: refused
 # raw exceptions from the pruning engine (metaprune/pruning, issue 13 item 5, not this module's work)
 ENGINE_CRASHES = {
-    "shufflenet": "engine: ZeroDivisionError from torch-pruning's pruner on channel shuffle (issue 13 item 5)",
     "vit_": "engine: nn.MultiheadAttention embed width pruned to a non-multiple of num_heads (issue 13 item 5)",
     "swin": "engine/torch-pruning: shifted-window attention (issue 13 item 5)",
     "maxvit": "engine/torch-pruning: MaxViT attention (issue 13 item 5)",
@@ -82,6 +81,21 @@ def test_save_model_names_a_module_built_outside_create_model(tmp_path):
     loaded, info = load_model(tmp_path / "a")
     assert info.arch_args == {"num_classes": 10, "in_chans": 3, "image_size": 64}
     x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), loaded(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_bare_state_dict_loads_with_arch(tmp_path):
+    """A pruned torchvision model saved with torch.save (no metadata): widths come from the tensor
+    shapes, depthwise convolutions included (their groups shrink with their channels)."""
+    torch.manual_seed(0)
+    m = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    pruned = prune(m, PruneConfig(ratio=0.4), input_shape=(3, 32, 32)).model.eval()
+    torch.save(pruned.state_dict(), tmp_path / "p.pt")
+    loaded, info = load_model(tmp_path / "p.pt", arch="torchvision:mobilenet_v2", arch_args={"image_size": 32})
+    assert info.arch_args == {"num_classes": 10, "in_chans": 3, "image_size": 32}
+    assert loaded.features[1].conv[0][0].groups == pruned.features[1].conv[0][0].groups < 32
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(pruned(x), loaded(x), rtol=1e-5, atol=1e-6)
 
