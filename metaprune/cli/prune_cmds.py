@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--round-to", type=int, help="keep a multiple of this many channels per layer (8 for GPUs)")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="largest share any layer may lose")
     p.add_argument("--keep-heads", action="store_true", help="do not remove attention heads (ViTs)")
+    p.add_argument("--keep-output", action="store_true",
+                   help="keep the width of every layer that produces a model output (feature extractors, backbones, "
+                   "several outputs) instead of only the classifier; without it a pruning that would change the "
+                   "output shapes is refused")
     p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the pruned model this many epochs (--data)")
     add_data(p)
     add_train(p, epochs=0, lr=0.01)
@@ -112,8 +116,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = PruneConfig(ratio=args.ratio, speedup=args.speedup, params_ratio=args.params_ratio,
                       criterion=args.criterion, global_pruning=args.global_pruning, round_to=args.round_to,
                       ignore=tuple(args.ignore), max_layer_ratio=args.max_layer_ratio,
-                      prune_heads=not args.keep_heads, seed=args.seed, gate_steps=args.gate_steps,
-                      reconstruct=args.reconstruct, reconstruct_batches=args.reconstruct_batches)
+                      prune_heads=not args.keep_heads, keep_output=args.keep_output, seed=args.seed,
+                      gate_steps=args.gate_steps, reconstruct=args.reconstruct, reconstruct_batches=args.reconstruct_batches)
     data = None
     if args.data:
         from metaprune.io import load_model

@@ -28,7 +28,12 @@ class PruneConfig:
             removing the same share from each group.
         round_to: keep a multiple of this many channels in every layer.
         ignore: module names (as in ``model.named_modules()``) that must keep their output width;
-            the classifier is always protected.
+            the classifier is always protected (unless ``keep_output``).
+        keep_output: keep the width of every layer whose output channels reach a model output (traced
+            back from the outputs through norms, activations, additions, concatenation), instead of
+            protecting the one guessed classifier: for feature extractors, segmentation / detection
+            backbones and models with several outputs. Without it a pruned model whose output shapes
+            change is refused.
         max_layer_ratio: no layer loses more than this share of its channels (global pruning), and
             the upper end of the target search.
         prune_heads: in attention layers remove whole heads (else attention widths are kept).
@@ -52,6 +57,7 @@ class PruneConfig:
     global_pruning: bool = False
     round_to: int | None = None
     ignore: tuple[str, ...] = ()
+    keep_output: bool = False
     max_layer_ratio: float = 0.9
     prune_heads: bool = True
     tolerance: float = 0.02

@@ -3,6 +3,7 @@ reached by searching the ratio. Whole attention heads are removed from ViTs."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -27,7 +28,11 @@ from metaprune.pruning.criteria import (
 )
 from metaprune.pruning.structure import (
     attention_layers,
-    find_classifier,
+    call,
+    check_outputs,
+    first_sample,
+    output_layers,
+    output_signature,
     resolve_ignored,
     sync_attributes,
     unwrapped_parameters,
@@ -96,7 +101,16 @@ def _example(model: nn.Module, example_input: torch.Tensor | None, input_shape: 
             input_shape = default_shape(model)
         example_input = torch.randn(1, *input_shape)
     device = next(model.parameters()).device
-    return example_input[:1].to(device)
+    return first_sample(example_input, device)  # a tensor, or a tuple / dict of them (torch-pruning's convention)
+
+
+def _macs(model: nn.Module, shape) -> int:
+    """MACs per image: ``shape`` is the per-sample input shape, or the example input itself when it is
+    not one tensor (a dict / tuple of inputs)."""
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return count_macs(model, shape)
+    return int(tp.utils.count_ops_and_params(model, shape)[0])
+
 
 
 def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_input: torch.Tensor,
@@ -108,7 +122,7 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     further Taylor-ranked step. Returns the model, in the train/eval mode it had.
     """
     was_training = model.training
-    ignored = resolve_ignored(model, config.ignore)
+    ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
     heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
     if not config.prune_heads:  # attention keeps its heads and head size
         ignored += [a.qkv for a in attention_layers(model)]
@@ -122,7 +136,7 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
         torch.manual_seed(config.seed)
     steps = config.global_steps if config.global_pruning else 1
     importance = make_importance(config.criterion, model)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _traced(model):
         warnings.simplefilter("ignore")
         pruner = tp.pruner.BasePruner(
             model, example_input, importance, pruning_ratio=ratio,
@@ -133,13 +147,8 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
             unwrapped_parameters=unwrapped_parameters(model))
         if isinstance(importance, ScoreImportance):  # learned scores follow the removed channels
             importance.bind(pruner)
-        try:
-            for _ in range(steps):
-                pruner.step()
-        except (IndexError, RuntimeError) as e:
-            raise PruningError(f"torch-pruning could not prune {type(model).__name__}: {e}. The model's forward may "
-                               "use an operation it cannot trace (chunk/indexing on channels); try --ignore on the "
-                               "failing block") from None
+        for _ in range(steps):
+            pruner.step()
     if isinstance(importance, ScoreImportance):
         importance.sync()
     record_history(model, pruner)
@@ -163,20 +172,37 @@ def _heads(model: nn.Module) -> list[int]:
     return [a.num_heads for a in attention_layers(model)]
 
 
-def _check_runs(model: nn.Module, x: torch.Tensor, classes: int) -> None:
+@contextlib.contextmanager
+def _traced(model: nn.Module):
+    """torch-pruning's tracing / pruning failures as one PruningError (ShuffleNet's channel shuffle is a
+    ZeroDivisionError inside its index mapping)."""
+    try:
+        yield
+    except (IndexError, RuntimeError, ZeroDivisionError, AssertionError, KeyError) as e:
+        what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise PruningError(f"torch-pruning could not prune {type(model).__name__} ({what}). Its dependency graph cannot "
+                           "follow an operation of the model's forward (a channel shuffle / view over channels, or "
+                           "chunk / indexing on channels): torch-pruning itself fails on it; try --ignore on the "
+                           "failing block") from None
+
+
+def _run_eval(model: nn.Module, x) -> object:
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            return call(model, x)
+    finally:
+        model.train(was)
+
+
+def _check_runs(model: nn.Module, x, signature: dict, keep_output: bool) -> None:
+    try:
+        out = _run_eval(model, x)
     except RuntimeError as e:
         raise PruningError(f"the pruned model does not run ({str(e).splitlines()[0]}); this is a bug, please "
                            "report it with the architecture name") from None
-    finally:
-        model.train(was)
-    if out.shape[-1] != classes or not torch.isfinite(out).all():
-        raise PruningError(f"the pruned model gives {tuple(out.shape)} outputs (expected {classes} classes) or "
-                           "non-finite values")
+    check_outputs(signature, out, keep_output)
 
 
 def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | None = None,
@@ -199,12 +225,13 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     unreachable target raises :class:`PruningError`.
     """
     x = _example(model, example_input, input_shape)
-    shape = tuple(x.shape[1:])
+    shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else x
     check_criterion(config.criterion, model, calibration is not None)
-    resolve_ignored(model, config.ignore)  # validate names before any work
-    classifier = find_classifier(model)[1]
-    classes = getattr(classifier, "out_features", None) or getattr(classifier, "out_channels", 0)
-    macs0, params0 = count_macs(model, shape), count_params(model)
+    resolve_ignored(model, config.ignore, classifier=not config.keep_output)  # validate names before any work
+    signature = output_signature(_run_eval(model, x))  # what the pruned model's outputs must still look like
+    if config.keep_output:  # protect the layers producing the outputs instead of guessing a classifier
+        config = replace(config, ignore=tuple(dict.fromkeys(config.ignore + tuple(output_layers(model, x)))))
+    macs0, params0 = _macs(model, shape), count_params(model)
     heads0 = _heads(model)
     base = model
     grads = False
@@ -228,7 +255,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     def trial(ratio: float, final: bool = False, keep_grads: bool = False) -> tuple[nn.Module, int, int]:
         m = base if (final and inplace) else _copy_with_grads(base)
         prune_once(m, config, ratio, x, grads_ready=grads, keep_grads=keep_grads)
-        return m, count_macs(m, shape), count_params(m)
+        return m, _macs(m, shape), count_params(m)
 
     trial.shape, trial.example, trial.grads = shape, x, grads
     widths0 = _prunable_widths(model, config)
@@ -253,7 +280,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     for m in (result.model, base, model):
         clear_scores(m)
     result.info.update(info)
-    _check_runs(result.model, x, classes)
+    _check_runs(result.model, x, signature, config.keep_output)
     if result.model is not model and config.criterion == "taylor" and not inplace:
         model.zero_grad(set_to_none=True)
     return result
@@ -328,7 +355,7 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
 
         def trial2(g: float):
             m = prune_once(_copy_with_grads(lo_model), fine_cfg, g, x, grads_ready=grads)
-            return m, count_macs(m, trial.shape), count_params(m)
+            return m, _macs(m, trial.shape), count_params(m)
 
         try:
             fine = _search(trial2, config, kind, target, macs0, params0, heads0, stage="global-refine",
@@ -355,7 +382,7 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
 def _prunable_widths(model: nn.Module, config: PruneConfig) -> dict[str, int]:
     """Output width of every conv / linear layer the target applies to (not the classifier, not
     ``config.ignore``, not the attention of ``prune_heads=False``)."""
-    skip = {id(m) for m in resolve_ignored(model, config.ignore)}
+    skip = {id(m) for m in resolve_ignored(model, config.ignore, classifier=not config.keep_output)}
     if not config.prune_heads:
         skip |= {id(a.qkv) for a in attention_layers(model)}
     out = {}
@@ -372,11 +399,11 @@ def _prunable_widths(model: nn.Module, config: PruneConfig) -> dict[str, int]:
 def _group_widths(model: nn.Module, config: PruneConfig, x: torch.Tensor) -> dict[str, int]:
     """Width of every dependency group torch-pruning may prune (coupled layers share their channels),
     keyed by the group's root layer: what "share of the channels of every group" is counted on."""
-    ignored = resolve_ignored(model, config.ignore)
+    ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
     if not config.prune_heads:
         ignored += [a.qkv for a in attention_layers(model)]
     names = {m: n for n, m in model.named_modules()}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _traced(model):
         warnings.simplefilter("ignore")
         dg = tp.DependencyGraph().build_dependency(model, x, unwrapped_parameters=unwrapped_parameters(model))
         out = {}

@@ -4,13 +4,16 @@ bare parameters, and the attributes to write back after channels were removed.""
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
+import torch
+import torch_pruning as tp
 from torch import nn
 
-from metaprune.errors import ConfigError
+from metaprune.errors import ConfigError, PruningError
 
-_NORM_AND_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm,
-                      nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.PReLU)
+#: layers whose output channels are their own (a model output they produce keeps its width only if they do)
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
 
 
 def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
@@ -30,11 +33,12 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
     return convs[-1]
 
 
-def resolve_ignored(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[nn.Module]:
-    """Module instances for user-given layer names, plus the classifier. Unknown names raise an
+def resolve_ignored(model: nn.Module, names: tuple[str, ...] | list[str], classifier: bool = True) -> list[nn.Module]:
+    """Module instances for user-given layer names, plus the classifier (unless ``classifier=False``:
+    ``keep_output`` protects the layers that produce the outputs instead). Unknown names raise an
     error with the closest valid names."""
     modules = dict(model.named_modules())
-    out = [find_classifier(model)[1]]
+    out = [find_classifier(model)[1]] if classifier else []
     for name in names:
         if name not in modules or name == "":
             close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.4)
@@ -53,15 +57,121 @@ def attention_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
-    """Bare parameters (class token, position embedding...) as torch-pruning's ``(param, dim)``
-    list; they follow the residual width on their last dimension."""
-    out = []
+    """Bare parameters (class token, position embedding, ConvNeXt's ``layer_scale``...) as
+    torch-pruning's ``(param, dim)`` list, by torch-pruning's own rule: every parameter not held by a
+    layer type it prunes itself (conv of any kind incl. transposed, linear, norms, embedding, PReLU,
+    multi-head attention, LSTM) follows the channels on its last dimension of size > 1 (a ``(C, 1, 1)``
+    layer scale on dim 0, a ``(1, N, C)`` position embedding on dim 2); parameters with no such
+    dimension are left alone."""
+    box = tp.pruner.function.PrunerBox
+    wrapped: set[int] = set()
     for m in model.modules():
-        if isinstance(m, _NORM_AND_PRUNABLE) or isinstance(m, nn.MultiheadAttention):
+        kind = tp.ops.module2type(m)
+        if kind in box and kind != tp.ops.OPTYPE.ELEMENTWISE:
+            wrapped |= {id(p) for p in m.parameters()}
+    out, seen = [], set()
+    for p in model.parameters():
+        if id(p) in wrapped or id(p) in seen:
             continue
-        for p in m.parameters(recurse=False):
-            out.append((p, p.dim() - 1))
+        seen.add(id(p))
+        dims = [i for i, n in enumerate(p.shape) if n > 1]
+        if dims:
+            out.append((p, dims[-1]))
     return out
+
+
+# ------------------------------------------------------------------------- inputs and outputs of any model
+def call(model: nn.Module, x: Any) -> Any:
+    """``model`` on an example input as torch-pruning calls it: a dict as keyword arguments, a
+    tuple / list as positional arguments, anything else as the one argument."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def first_sample(x: Any, device: torch.device) -> Any:
+    """The first sample of every tensor in an example input (tensor, tuple / list or dict of them), on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x[:1].to(device) if x.dim() else x.to(device)
+    if isinstance(x, dict):
+        return {k: first_sample(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(first_sample(v, device) for v in x)
+    return x
+
+
+def flat_outputs(out: Any, path: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a model output (tensor, tuple / list / dict / namedtuple of them) with its path."""
+    if isinstance(out, torch.Tensor):
+        return [(path, out)]
+    if isinstance(out, dict):
+        return [t for k, v in out.items() for t in flat_outputs(v, f"{path}[{k!r}]")]
+    if isinstance(out, (tuple, list)):
+        return [t for i, v in enumerate(out) for t in flat_outputs(v, f"{path}[{i}]")]
+    return []
+
+
+def output_signature(out: Any) -> dict[str, tuple[int, ...]]:
+    """Path -> per-sample shape of every output tensor: what pruning must leave unchanged."""
+    return {p: tuple(t.shape[1:]) for p, t in flat_outputs(out)}
+
+
+def check_outputs(before: dict[str, tuple[int, ...]], out: Any, keep_output: bool) -> None:
+    """Refuse a pruned model whose outputs differ in structure or shape from the original's, or are not finite."""
+    after = output_signature(out)
+    if set(after) != set(before):
+        raise PruningError(f"the pruned model's outputs are {sorted(after)}, the original's {sorted(before)}; this "
+                           "is a bug, please report it with the architecture")
+    changed = [f"{p} {before[p]} -> {after[p]}" for p in before if after[p] != before[p]]
+    if changed:
+        hint = ("--ignore the layer(s) producing it" if keep_output else
+                "this model's output is not the classifier's (a feature extractor / backbone?): pass "
+                "keep_output=True (CLI --keep-output) to keep every layer that produces an output, or --ignore them")
+        raise PruningError(f"pruning changed the model's output shape ({'; '.join(changed[:3])}, per sample); {hint}")
+    bad = [p for p, t in flat_outputs(out) if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise PruningError(f"the pruned model gives non-finite values in {', '.join(bad[:3])}; this is a bug, please "
+                           "report it with the architecture")
+
+
+def output_layers(model: nn.Module, x: Any) -> list[str]:
+    """Names of the layers whose output channels reach a model output: from every output tensor back
+    through channel-wise layers (norms, activations, pooling, additions, concatenation, reshapes) to
+    the convs / linears that produce it. ``keep_output`` protects them (torch-pruning keeps the
+    width of every group holding one), so every output keeps its shape."""
+    names = {m: n for n, m in model.named_modules()}
+    producer: dict[Any, nn.Module] = {}
+
+    def hook(mod, _inp, out):
+        for _, t in flat_outputs(out):
+            if t.grad_fn is not None:
+                producer[t.grad_fn] = mod
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _PRODUCERS)]
+    was = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = call(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    found: dict[nn.Module, None] = {}
+    stack = [t.grad_fn for _, t in flat_outputs(out) if t.grad_fn is not None]
+    seen = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in producer:
+            found[producer[fn]] = None
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return [names[m] for m in found if names.get(m)]
 
 
 def sync_attributes(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:

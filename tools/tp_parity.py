@@ -1,0 +1,175 @@
+"""Parity of ``metaprune.pruning.prune`` with torch-pruning's own ``MetaPruner``.
+
+For each torchvision classification builder (small input, 10 classes, eval mode, seed 0) both prune
+the same model at the same ratio with the same criterion (L2 group magnitude,
+``tp.importance.GroupMagnitudeImportance(p=2)``), the same ignored layer (the classifier, as
+``metaprune.pruning.structure.find_classifier`` finds it) and ``round_to=1``; the table compares every
+conv / linear layer's output width and the MACs of the two pruned models.
+
+    .venv/bin/python tools/tp_parity.py                 # the 28 builders below -> results/tp_parity.{json,md}
+    .venv/bin/python tools/tp_parity.py resnet18 swin_t # some builders, printed only
+
+``compare(name)`` is what ``tests/pruning/test_tp_parity.py`` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from metaprune.engine.measure import count_macs  # noqa: E402
+from metaprune.pruning import PruneConfig, prune  # noqa: E402
+from metaprune.pruning.structure import find_classifier  # noqa: E402
+
+RATIO = 0.5
+#: one or two builders per torchvision family (the smallest variants; the big ones of a family add
+#: nothing the small one does not show and take minutes each on a CPU)
+BUILDERS = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+            "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet1_0", "mobilenet_v2", "mobilenet_v3_large",
+            "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d",
+            "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "squeezenet1_0", "squeezenet1_1", "swin_t", "swin_v2_t",
+            "vgg11", "vgg11_bn", "vit_b_16", "wide_resnet50_2")
+
+
+def builder_args(name: str, num_classes: int = 10) -> tuple[dict, int]:
+    """Builder kwargs and input size: 64 px (75 px Inception, 32 px ViT, 224 px MaxViT), no aux heads."""
+    kw: dict = {"num_classes": num_classes}
+    size = 64
+    if name in ("googlenet", "inception_v3"):
+        kw.update(aux_logits=False, init_weights=False)
+        size = 75 if name == "inception_v3" else 64
+    elif name.startswith("vit_"):
+        size = 32
+        kw["image_size"] = size
+    elif name.startswith("maxvit"):
+        size = 224
+    return kw, size
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+
+    kw, size = builder_args(name)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kw).eval()
+    return model, torch.randn(1, 3, size, size)
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[n] = int(m.out_channels)
+        elif isinstance(m, nn.Linear):
+            out[n] = int(m.out_features)
+        elif isinstance(m, nn.MultiheadAttention):
+            out[n + ".embed_dim"] = int(m.embed_dim)
+    return out
+
+
+def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float = RATIO) -> nn.Module:
+    """torch-pruning 1.6's documented recipe, nothing metaprune-specific but the classifier's name."""
+    m = copy.deepcopy(model)
+    clf = dict(m.named_modules())[find_classifier(model)[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=ratio, ignored_layers=[clf], round_to=1)
+        pruner.step()
+    return m
+
+
+def mp_prune(model: nn.Module, x: torch.Tensor, ratio: float = RATIO) -> nn.Module:
+    cfg = PruneConfig(ratio=ratio, criterion="l2", round_to=1)
+    return prune(model, cfg, example_input=x).model
+
+
+def _run(fn, model, x):
+    try:
+        return fn(model, x), None
+    except Exception as e:  # noqa: BLE001 - the table records what each side raised
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def compare(name: str) -> dict:
+    """Prune builder ``name`` both ways; ``status``: ``same`` (every width and the MACs equal),
+    ``differ`` (``diff`` lists the layers), or ``error`` (``tp_error`` / ``mp_error``)."""
+    model, x = build(name)
+    shape = tuple(x.shape[1:])
+    t0 = time.perf_counter()
+    macs0 = count_macs(model, shape)
+    tpm, tp_err = _run(tp_prune, model, x)
+    mpm, mp_err = _run(mp_prune, model, x)
+    row: dict = {"name": name, "input": list(x.shape), "macs_before": macs0, "tp_error": tp_err, "mp_error": mp_err}
+    if tpm is not None:
+        row["tp_macs"] = count_macs(tpm, shape)
+    if mpm is not None:
+        row["mp_macs"] = count_macs(mpm, shape)
+    if tpm is None or mpm is None:
+        row["status"] = "error"
+    else:
+        wt, wm = widths(tpm), widths(mpm)
+        row["diff"] = {n: {"tp": wt.get(n), "mp": wm.get(n)} for n in sorted(set(wt) | set(wm)) if wt.get(n) != wm.get(n)}
+        row["layers"] = len(wt)
+        row["status"] = "same" if not row["diff"] and row["tp_macs"] == row["mp_macs"] else "differ"
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _md(rows: list[dict]) -> str:
+    same = sum(r["status"] == "same" for r in rows)
+    lines = [f"# metaprune vs torch-pruning MetaPruner: {same} of {len(rows)} builders give the same widths",
+             "",
+             f"Ratio {RATIO}, L2 group magnitude, classifier ignored, round_to=1, 10 classes, eval mode, seed 0 "
+             f"(torch-pruning {tp.__version__}). `tools/tp_parity.py` writes this table.",
+             "",
+             "| builder | input | MACs before | torch-pruning MACs | metaprune MACs | status | detail |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        if r["status"] == "error":
+            detail = "; ".join(f"{k}: {r[k]}" for k in ("tp_error", "mp_error") if r.get(k))
+        elif r["status"] == "differ":
+            items = list(r["diff"].items())
+            detail = f"{len(items)} of {r['layers']} layers differ, e.g. " + ", ".join(
+                f"{n} tp {d['tp']} / mp {d['mp']}" for n, d in items[:3])
+        else:
+            detail = f"all {r['layers']} layers"
+        fmt = lambda v: f"{v / 1e6:.1f} M" if isinstance(v, int) else "-"  # noqa: E731
+        lines.append(f"| {r['name']} | {r['input'][-1]} px | {fmt(r['macs_before'])} | {fmt(r.get('tp_macs'))} | "
+                     f"{fmt(r.get('mp_macs'))} | {r['status']} | {detail.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    names = argv or list(BUILDERS)
+    rows = []
+    for n in names:
+        r = compare(n)
+        rows.append(r)
+        print(f"{n:22s} {r['status']:7s} tp {r.get('tp_macs')} mp {r.get('mp_macs')} "
+              f"{r.get('tp_error') or ''} {r.get('mp_error') or ''} {len(r.get('diff', {}))} diff  {r['seconds']} s",
+              flush=True)
+    if not argv:
+        out = ROOT / "results"
+        (out / "tp_parity.json").write_text(json.dumps({"ratio": RATIO, "torch_pruning": tp.__version__,
+                                                        "rows": rows}, indent=1) + "\n")
+        (out / "tp_parity.md").write_text(_md(rows))
+    print(f"{sum(r['status'] == 'same' for r in rows)} of {len(rows)} same")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
