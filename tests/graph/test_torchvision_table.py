@@ -148,6 +148,23 @@ def test_channel_shuffle_encoded_as_permutation(groups):
     assert torch.equal(idx[0] - 3, perm) and torch.equal(idx[1], torch.arange(9, 15)), idx
 
 
+def test_new_encodings_survive_the_graph_file(tmp_path):
+    """Permutation edges, layer scale, flatten->Linear and attention graphs are valid files that load back exactly."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.shufflenetv2 import ShuffleNetV2
+
+    torch.manual_seed(0)
+    for m, size in [(ShuffleNetV2([1, 1, 1], [8, 12, 24, 48, 64], num_classes=3), 32),
+                    (ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3), 16)]:
+        m.eval()
+        g = to_graph(m, input_shape=(1, 3, size, size))
+        g.save(tmp_path / "g.safetensors")
+        back = from_graph(Graph.load(tmp_path / "g.safetensors"), template=m)
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))
+        x = torch.randn(2, 3, size, size)
+        assert torch.equal(m(x), back(x))
+
+
 def test_channels_split_and_not_joined_refused_naming_module():
     class Heads(nn.Module):
         def forward(self, x):
