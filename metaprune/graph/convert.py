@@ -101,10 +101,11 @@ def _module_arch(model: nn.Module) -> str:
 
 def _check_input_shape(input_shape) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in input_shape)
-    except (TypeError, ValueError):
+        ok = all(isinstance(s, int) and not isinstance(s, bool) for s in input_shape)
+        shape = tuple(int(s) for s in input_shape) if ok else ()
+    except TypeError:
         shape = ()
-    if len(shape) < 2 or any(s < 1 for s in shape) or any(isinstance(s, bool) for s in input_shape):
+    if len(shape) < 2 or any(s < 1 for s in shape):
         raise GraphError(f"input_shape must be the shape of one input batch, e.g. (1, 3, 224, 224), not {input_shape!r}")
     return shape
 
@@ -135,6 +136,10 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache
     """
     if not isinstance(model, nn.Module):
         raise GraphError(f"to_graph needs an nn.Module, not {type(model).__name__}")
+    meta = next((k for k, v in model.state_dict().items() if v.is_meta), None)
+    if meta is not None:
+        raise GraphError(f"{type(model).__name__} has tensors on the meta device (e.g. {meta}), which hold no values; "
+                         "load its weights first (e.g. model.to_empty(device='cpu') and load_state_dict)")
     arch = getattr(model, ARCH_ATTR, None)
     if not isinstance(arch, dict) or not isinstance(arch.get("arch"), str):
         arch = None

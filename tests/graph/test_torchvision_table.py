@@ -216,8 +216,13 @@ def _tiny():
 def test_to_graph_without_spec_needs_input_shape():
     with pytest.raises(GraphError, match="input_shape"):
         to_graph(_tiny())
-    with pytest.raises(GraphError, match="input_shape must be"):
-        to_graph(_tiny(), input_shape=(3, -1))
+    for bad in [(3, -1), (1, 3.5, 4, 4), "1x3", (True, 3, 4, 4), (4,)]:
+        with pytest.raises(GraphError, match="input_shape must be"):
+            to_graph(_tiny(), input_shape=bad)
+    with torch.device("meta"):
+        meta = _tiny()
+    with pytest.raises(GraphError, match="meta device"):
+        to_graph(meta, input_shape=(1, 3, 5, 5))
 
 
 def test_from_graph_without_template_refused(tmp_path):
