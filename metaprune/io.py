@@ -639,30 +639,45 @@ def load_state_dict_as(state_dict: dict[str, torch.Tensor], arch: str, arch_args
     return build_from_spec(spec, full, path)
 
 
-def _tv_keysets() -> dict[str, frozenset]:
-    global _TV_KEYS
-    if _TV_KEYS is None:
-        from metaprune.models.ecosystem import torchvision_names
-
-        keys = {}
-        for n in torchvision_names():
-            try:
-                with torch.device("meta"):
-                    m = create_model(f"torchvision:{n}")
-            except Exception:  # noqa: BLE001,S112 - a builder that does not build is not a candidate
-                continue
-            keys[n] = frozenset(k for k in m.state_dict() if not k.endswith("num_batches_tracked"))
-        _TV_KEYS = keys
-    return _TV_KEYS
+_TV_KEYS: dict[str, frozenset | None] = {}
 
 
-_TV_KEYS: dict[str, frozenset] | None = None
+def _tv_keys(name: str) -> frozenset | None:
+    """Tensor names of torchvision builder ``name`` (built once on the meta device; cached)."""
+    if name not in _TV_KEYS:
+        try:
+            with torch.device("meta"):
+                m = create_model(f"torchvision:{name}")
+            _TV_KEYS[name] = frozenset(k for k in m.state_dict() if not k.endswith("num_batches_tracked"))
+        except Exception:  # noqa: BLE001 - a builder that does not build is not a candidate
+            _TV_KEYS[name] = None
+    return _TV_KEYS[name]
+
+
+def _tv_candidates(keys: frozenset) -> list[str]:
+    """torchvision builders with exactly these tensor names. One builder per torchvision module
+    (family) is built first; the rest of a family only when its top-level module names match."""
+    import torchvision.models as tvm
+
+    from metaprune.models.ecosystem import torchvision_names
+
+    families: dict[str, list[str]] = {}
+    for n in torchvision_names():
+        families.setdefault(tvm.get_model_builder(n).__module__, []).append(n)
+    tops = {k.split(".")[0] for k in keys}
+    out = []
+    for names in families.values():
+        first = _tv_keys(names[0])
+        if first is None or {k.split(".")[0] for k in first} != tops:
+            continue
+        out += [n for n in names if _tv_keys(n) == keys]
+    return out
 
 
 def _match_torchvision(state_dict: dict, path: str) -> nn.Module | None:
     sd = _prefix_normalised(state_dict)
     keys = frozenset(k for k in sd if not k.endswith("num_batches_tracked"))
-    cands = [n for n, ks in _tv_keysets().items() if ks == keys]
+    cands = _tv_candidates(keys)
     errors = []
     for n in cands:  # same names (resnet50 / wide_resnet50_2 / resnext50): the one whose shapes fit as built first
         with torch.device("meta"):
