@@ -26,15 +26,19 @@ FAST = ["mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "regnet_x_400mf", "e
 # raw exceptions from the pruning engine (metaprune/pruning, issue 13 item 5, not this module's work)
 ENGINE_CRASHES = {
     "vit_": "engine: nn.MultiheadAttention embed width pruned to a non-multiple of num_heads (issue 13 item 5)",
-    "swin": "engine/torch-pruning: shifted-window attention (issue 13 item 5)",
-    "maxvit": "engine/torch-pruning: MaxViT attention (issue 13 item 5)",
+    "swin": "engine: TypeError from torch-pruning on shifted-window attention (issue 13 item 5)",
 }
+# pruning these exhausts memory (swin_v2_t: MemoryError after 5 min at a 10 GB limit; swin_t and maxvit_t
+# were killed on the shared 23 GB machine), so even the slow run skips them
+TOO_BIG = ("swin_t", "swin_v2_", "maxvit_")
 
 
 def _params():
     out = []
     for n in torchvision.models.list_models(module=torchvision.models):
         marks = [] if n in FAST else [pytest.mark.slow]
+        if n.startswith(TOO_BIG):
+            marks.append(pytest.mark.skip(reason="pruning it exhausts memory on CPU (engine / torch-pruning)"))
         reason = next((r for k, r in ENGINE_CRASHES.items() if n.startswith(k)), None)
         if reason:
             marks.append(pytest.mark.xfail(reason=reason, strict=False))
