@@ -26,7 +26,9 @@ class PruneConfig:
             optimised on training batches with hard top-k gates; see :mod:`metaprune.pruning.gate`).
         global_pruning: rank all groups against one threshold (non-uniform widths) instead of
             removing the same share from each group.
-        round_to: keep a multiple of this many channels in every layer.
+        round_to: ``"auto"`` (default): keep widths that suit the device and dtype the model is on (a multiple
+            from :data:`metaprune.pruning.rounding.TABLE`, smaller for narrow layers; heads stay whole); an
+            int N > 1: torch-pruning's ``round_to=N``; 1 (or None): exact, unrounded widths.
         ignore: module names (as in ``model.named_modules()``) that must keep their output width;
             the classifier is always protected (unless ``keep_output``).
         keep_output: keep the width of every layer whose output channels reach a model output (traced
@@ -55,7 +57,7 @@ class PruneConfig:
     params_ratio: float | None = None
     criterion: str = "l2"
     global_pruning: bool = False
-    round_to: int | None = None
+    round_to: int | str | None = "auto"
     ignore: tuple[str, ...] = ()
     keep_output: bool = False
     max_layer_ratio: float = 0.9
@@ -85,8 +87,11 @@ class PruneConfig:
                               "halves the parameters)")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"unknown criterion {self.criterion!r}; valid: {', '.join(CRITERIA)}")
-        if self.round_to is not None and self.round_to < 1:
-            raise ConfigError(f"--round-to {self.round_to} must be >= 1")
+        from metaprune.pruning.rounding import parse_round_to
+
+        checked = parse_round_to(self.round_to)  # "auto" or an int >= 1, else ConfigError
+        if isinstance(self.round_to, str):  # "8" from the CLI -> 8
+            self.round_to = checked
         if not 0.0 < self.max_layer_ratio < 1.0:
             raise ConfigError(f"max_layer_ratio {self.max_layer_ratio} must be in (0, 1)")
         if not 0.0 < self.tolerance < 0.5:

@@ -18,6 +18,7 @@ from torch import nn
 from metaprune.engine.measure import count_macs, count_params
 from metaprune.errors import PruningError
 from metaprune.models import get_widths
+from metaprune.pruning import rounding
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import (
     ScoreImportance,
@@ -112,7 +113,6 @@ def _macs(model: nn.Module, shape) -> int:
     return int(tp.utils.count_ops_and_params(model, shape)[0])
 
 
-
 def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_input: torch.Tensor,
                grads_ready: bool = False, keep_grads: bool = False) -> nn.Module:
     """Remove ``ratio`` of the channels (and heads) of every group of ``model``, in place.
@@ -122,6 +122,8 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     further Taylor-ranked step. Returns the model, in the train/eval mode it had.
     """
     was_training = model.training
+    if config.round_to == rounding.AUTO:  # called directly: resolve for this model's device / dtype
+        config = replace(config, round_to=rounding.resolve(config.round_to, model)[0])
     ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
     heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
     if not config.prune_heads:  # attention keeps its heads and head size
@@ -138,11 +140,11 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     importance = make_importance(config.criterion, model)
     with warnings.catch_warnings(), _traced(model):
         warnings.simplefilter("ignore")
-        pruner = tp.pruner.BasePruner(
+        pruner = rounding.pruner_class(config.round_to)(
             model, example_input, importance, pruning_ratio=ratio,
             global_pruning=config.global_pruning, iterative_steps=steps,
             max_pruning_ratio=config.max_layer_ratio if config.global_pruning else 1.0,
-            ignored_layers=ignored, round_to=config.round_to, num_heads=heads, prune_num_heads=bool(heads),
+            ignored_layers=ignored, round_to=rounding.tp_round_to(config.round_to), num_heads=heads, prune_num_heads=bool(heads),
             prune_head_dims=not heads, head_pruning_ratio=head_ratio,
             unwrapped_parameters=unwrapped_parameters(model))
         if isinstance(importance, ScoreImportance):  # learned scores follow the removed channels
@@ -226,6 +228,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     """
     x = _example(model, example_input, input_shape)
     shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else x
+    multiple, round_info = rounding.resolve(config.round_to, model)  # "auto": the device/dtype table
+    config = replace(config, round_to=multiple if multiple > 1 else None)
     check_criterion(config.criterion, model, calibration is not None)
     resolve_ignored(model, config.ignore, classifier=not config.keep_output)  # validate names before any work
     signature = output_signature(_run_eval(model, x))  # what the pruned model's outputs must still look like
@@ -235,7 +239,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     heads0 = _heads(model)
     base = model
     grads = False
-    info: dict = {}
+    info: dict = {"round_to": round_info}
     if config.reconstruct and calibration is None:
         raise PruningError("--reconstruct refits layers on calibration batches: call prune() with calibration "
                            "(the CLI: --data)")
@@ -268,6 +272,12 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
                              uniform_ratio=value)
     else:
         result = _search(trial, config, kind, value, macs0, params0, heads0)
+        while not result.target_met and isinstance(config.round_to, rounding.AutoMultiple):  # "auto": finer multiple
+            round_info.setdefault("missed", []).append({"multiple": int(config.round_to), kind: result.speedup
+                                                        if kind == "speedup" else result.params_reduction})
+            config = replace(config, round_to=rounding.finer(config.round_to))  # `trial` sees the new config
+            round_info["multiple"] = int(config.round_to or 1)
+            result = _search(trial, config, kind, value, macs0, params0, heads0)
     _measure_achieved(result, config, widths0, groups0)
     if config.reconstruct:
         from metaprune.pruning.reconstruct import reconstruct
@@ -325,9 +335,12 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
                                "raise --max-layer-ratio")
         f_hi = top[2]
         best = top if _closer(top[2], best[2], target) else best
-    side, refine = 0, None
+    side, refine, stale = 0, None, 0
     for _ in range(config.search_iters):
         if good(best[2]) or hi - lo < (5e-3 if stage == "uniform" else 1e-4):  # finer: the refine stage
+            break
+        # plateaus of rounded widths: the uniform stage hands over to the refine stage, which stops once in tolerance
+        if stale >= 3 and (abs(best[2] / target - 1) <= tol or (stage == "uniform" and config.round_to)):
             break
         x_lo, x_hi = math.log(1 - lo), math.log(1 - hi)
         y_lo, y_hi = math.log(f_lo), math.log(f_hi)
@@ -336,6 +349,7 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
             t = min(0.95, max(0.05, (math.log(target) - y_lo) / (y_hi - y_lo)))
             mid = 1 - math.exp(x_lo + t * (x_hi - x_lo))
         cur = measure(mid)
+        stale = stale + 1 if cur[2] in (f_lo, f_hi) else 0
         if cur[2] >= target:
             hi, f_hi = mid, cur[2]
             side = side + 1 if side > 0 else 1
@@ -421,6 +435,8 @@ def _out_width(model: nn.Module, name: str) -> int | None:
 
 def _check_round_to(config: PruneConfig, widths: dict[str, int]) -> None:
     """``round_to`` must leave some layer prunable: keeping a multiple of it below the width."""
+    if isinstance(config.round_to, rounding.AutoMultiple):  # per-layer multiples: always something to prune
+        return
     if config.round_to and widths and config.round_to >= max(widths.values()):
         raise PruningError(f"--round-to {config.round_to} is not smaller than the widest prunable layer "
                            f"({max(widths.values())} channels): every layer would keep all its channels, nothing "
@@ -430,6 +446,8 @@ def _check_round_to(config: PruneConfig, widths: dict[str, int]) -> None:
 def _kept_by_tp(width: int, ratio: float, round_to: int | None) -> int:
     """Channels torch-pruning keeps of a ``width``-channel group at a uniform ``ratio`` (0: it skips the group)."""
     keep = int(width * (1 - ratio))
+    if isinstance(round_to, rounding.AutoMultiple):
+        return rounding.kept_channels(width, keep, round_to) if keep >= 1 else keep
     if round_to:
         keep -= keep % round_to
     return keep

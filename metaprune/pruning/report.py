@@ -26,6 +26,8 @@ def compare(before: dict, after: dict) -> dict:
             la = after["latency"][b]
             # measured together (interleaved rounds): the median of the per-round ratios
             out[f"latency_b{b}"] = la["speedup"] if "speedup" in la else _ratio(lat["ms"], la["ms"])
+            if out[f"latency_b{b}"] and out["macs"]:  # how much of the MAC cut the hardware turns into time
+                out[f"latency_per_mac_b{b}"] = out[f"latency_b{b}"] / out["macs"]
     for key in ("test_acc", "val_acc"):
         if key in before and key in after:
             out[f"{key}_delta"] = after[key] - before[key]

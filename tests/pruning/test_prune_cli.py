@@ -39,7 +39,8 @@ def test_prune_writes_model_and_report_and_reloads(model_file, tmp_path, capsys)
                                   ["--ratio", "0.5", "--ignore", "layer9.conv"], ["--params-ratio", "0.5"],
                                   ["--ratio", "0.5", "--criterion", "taylor"],
                                   # nothing can be pruned: each was exit 0 with `target_met: true`
-                                  ["--ratio", "0.99", "--max-layer-ratio", "0.99"], ["--ratio", "0.9", "--round-to", "16"],
+                                  ["--ratio", "0.99", "--max-layer-ratio", "0.99", "--round-to", "1"],
+                                  ["--ratio", "0.9", "--round-to", "16"],
                                   ["--ratio", "0.5", "--round-to", "1000"],
                                   # was a report of 0.00 % accuracy
                                   ["--ratio", "0.5", "--data", "synthetic", "--eval-batches", "0"],
@@ -56,8 +57,8 @@ def test_bad_requests_fail_cleanly_and_leave_input_untouched(model_file, tmp_pat
 def test_missed_ratio_target_is_reported_as_missed(model_file, tmp_path, capsys, caplog):
     """--ratio 0.97: 16- and 32-wide layers cannot keep int(w * 0.03) >= 1 channel and stay whole."""
     out = tmp_path / "o"
-    assert main(["prune", model_file, "--ratio", "0.97", "--max-layer-ratio", "0.99", "--no-latency", "-o", str(out),
-                 "-q"]) == 0
+    assert main(["prune", model_file, "--ratio", "0.97", "--max-layer-ratio", "0.99", "--round-to", "1", "--no-latency",
+                 "-o", str(out), "-q"]) == 0
     cap = capsys.readouterr()
     assert "TARGET NOT MET" in cap.out
     assert any("kept all their channels" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)

@@ -110,7 +110,7 @@ def test_removing_zeroed_heads_is_exact_vit():
     ref = model(x)
     # keep the residual width (LayerNorm statistics would change); ratio 0.3 removes ceil(0.9) = 1 of 3
     # heads and 30% of the MLP channels, all of them zeroed ones
-    res = prune(model, PruneConfig(ratio=0.3, ignore=("conv_proj",)), input_shape=shape)
+    res = prune(model, PruneConfig(ratio=0.3, ignore=("conv_proj",), round_to=1), input_shape=shape)  # exact widths
     assert res.heads_after == [2] * 6
     assert all(b.mlp[0].out_features == int(768 * (1 - 0.3)) for b in res.model.encoder.layers)
     assert res.model.hidden_dim == 192
@@ -125,7 +125,9 @@ def test_targets_are_met_within_two_percent(arch, shape, kw, kind, value):
     achieved = res.speedup if kind == "speedup" else res.params_reduction
     assert res.target_met
     assert abs(achieved / value - 1) <= 0.02, (achieved, res.trials)
-    assert len(res.trials) <= 16
+    # default round_to="auto": rounded widths make MACs a step function of the ratio, a few more trials than the
+    # 16 of exact widths (ResNet-20 at 2.5x: 18)
+    assert len(res.trials) <= 20
     assert find_classifier(res.model)[1].out_features == 7
 
 
@@ -235,7 +237,7 @@ def test_refine_stage_reports_the_achieved_ratio_and_keeps_taylor(monkeypatch, s
     assert all(p.grad is None for p in res.model.parameters())
 
 
-@pytest.mark.parametrize("kw", [dict(ratio=0.99, max_layer_ratio=0.99), dict(ratio=0.9, round_to=16)])
+@pytest.mark.parametrize("kw", [dict(ratio=0.99, max_layer_ratio=0.99, round_to=1), dict(ratio=0.9, round_to=16)])
 def test_nothing_prunable_is_an_error(kw):
     shape = (1, 16, 16)
     model = _model("cifar_resnet20", shape, {})
@@ -253,7 +255,7 @@ def test_ratio_target_met_is_measured():
     """Layers too narrow for the ratio keep their width: the achieved share is reported, not the asked one."""
     shape = (1, 16, 16)
     model = _model("cifar_resnet20", shape, {})
-    res = prune(model, PruneConfig(ratio=0.97, max_layer_ratio=0.99), input_shape=shape)
+    res = prune(model, PruneConfig(ratio=0.97, max_layer_ratio=0.99, round_to=1), input_shape=shape)  # exact
     assert model.layer1[0].conv1.out_channels == res.model.layer1[0].conv1.out_channels == 16  # int(16*0.03) = 0
     assert res.model.layer3[0].conv1.out_channels == 1  # int(64 * 0.03) = 1
     assert not res.target_met and res.ratio < 0.9 and "kept all their channels" in res.notes[0]
