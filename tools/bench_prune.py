@@ -27,6 +27,7 @@ import torch
 from metaprune.engine import count_macs, count_params
 from metaprune.engine.measure import compare_latency
 from metaprune.engine.report import environment
+from metaprune.errors import MetapruneError
 from metaprune.io import write_json
 from metaprune.models import create_model
 from metaprune.pruning import PruneConfig, prune
@@ -98,6 +99,9 @@ def markdown(result: dict) -> str:
              "| arch | round_to | multiple | MAC speed-up | runtime | threads | batch | base ms | pruned ms | "
              "latency speed-up | latency / MAC |", "|" + "---|" * 11]
     for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['round_to']} | - | - | error: {r['error']} | | | | | | |")
+            continue
         mult = (r.get("round_to_resolved") or {}).get("multiple")
         for rt, entries in (("pytorch", r["latency"]), ("onnxruntime", r.get("onnxruntime", {}))):
             for e in entries.values():
@@ -129,9 +133,15 @@ def main() -> None:
     a = ap.parse_args()
     shape = tuple(int(v) for v in a.shape.split(","))
     batches = tuple(int(v) for v in a.batches.split(","))
-    runs = [bench(arch, shape, a.speedup, batches, a.rounds, a.repeats, a.device, a.criterion, rt,
-                  a.global_pruning, tuple(a.threads or [1]), a.onnx)
-            for arch in (a.arch or ["cifar_resnet56"]) for rt in (a.round_to or ["auto"])]
+    runs = []
+    for arch in a.arch or ["cifar_resnet56"]:
+        for rt in a.round_to or ["auto"]:
+            try:
+                runs.append(bench(arch, shape, a.speedup, batches, a.rounds, a.repeats, a.device, a.criterion, rt,
+                                  a.global_pruning, tuple(a.threads or [1]), a.onnx))
+            except MetapruneError as e:  # e.g. an explicit --round-to that cannot reach the target: recorded
+                print(f"{arch} round_to={rt}: {e}", flush=True)
+                runs.append({"arch": arch, "round_to": rt, "error": str(e), "latency": {}})
     result = {"command": "python " + " ".join(sys.argv), "runs": runs, "environment": environment(),
               "method": "compare_latency: interleaved rounds base/pruned, alternating order, threads fixed; each "
                         "round = fastest of repeats; speed-up = median over rounds of the per-round ratio"}
