@@ -8,6 +8,11 @@ conv / linear layer's output width and the MACs of the two pruned models.
 
     .venv/bin/python tools/tp_parity.py                 # the 28 builders below -> results/tp_parity.{json,md}
     .venv/bin/python tools/tp_parity.py resnet18 swin_t # some builders, printed only
+    .venv/bin/python tools/tp_parity.py --skip maxvit_t  # all but some (still writes the table)
+
+Each builder runs in a child process whose address space is capped (``--mem-gb``, default 6): a builder
+that needs more (MaxViT at 224 px took > 10 GB and was OOM-killed on the 23 GB machine shared by other
+jobs) is recorded as ``error`` with the reason instead of taking the machine down.
 
 ``compare(name)`` is what ``tests/pruning/test_tp_parity.py`` runs.
 """
@@ -113,17 +118,24 @@ def compare(name: str) -> dict:
     tpm, tp_err = _run(tp_prune, model, x)
     mpm, mp_err = _run(mp_prune, model, x)
     row: dict = {"name": name, "input": list(x.shape), "macs_before": macs0, "tp_error": tp_err, "mp_error": mp_err}
-    if tpm is not None:
-        row["tp_macs"] = count_macs(tpm, shape)
-    if mpm is not None:
-        row["mp_macs"] = count_macs(mpm, shape)
+    for key, m, err in (("tp", tpm, "tp_error"), ("mp", mpm, "mp_error")):
+        if m is not None:  # a pruned model that no longer runs is that side's error
+            macs, e = _run(lambda mm, xx: count_macs(mm, tuple(xx.shape[1:])), m, x)
+            if e is None:
+                row[f"{key}_macs"] = macs
+            else:
+                row[err] = f"the pruned model does not run ({e})"
     if tpm is None or mpm is None:
         row["status"] = "error"
     else:
         wt, wm = widths(tpm), widths(mpm)
         row["diff"] = {n: {"tp": wt.get(n), "mp": wm.get(n)} for n in sorted(set(wt) | set(wm)) if wt.get(n) != wm.get(n)}
         row["layers"] = len(wt)
-        row["status"] = "same" if not row["diff"] and row["tp_macs"] == row["mp_macs"] else "differ"
+        if row.get("tp_macs") is None or row.get("mp_macs") is None:  # widths comparable, one side does not run
+            row["status"] = "same widths, " + ("torch-pruning's" if row.get("tp_macs") is None else "metaprune's") + \
+                " model does not run" if not row["diff"] else "differ"
+        else:
+            row["status"] = "same" if not row["diff"] and row["tp_macs"] == row["mp_macs"] else "differ"
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -139,7 +151,9 @@ def _md(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         if r["status"] == "error":
-            detail = "; ".join(f"{k}: {r[k]}" for k in ("tp_error", "mp_error") if r.get(k))
+            detail = r.get("note") or "; ".join(f"{k}: {r[k]}" for k in ("tp_error", "mp_error") if r.get(k))
+        elif r["status"].startswith("same widths"):
+            detail = f"all {r['layers']} layers; " + "; ".join(r[k] for k in ("tp_error", "mp_error") if r.get(k))
         elif r["status"] == "differ":
             items = list(r["diff"].items())
             detail = f"{len(items)} of {r['layers']} layers differ, e.g. " + ", ".join(
@@ -147,22 +161,48 @@ def _md(rows: list[dict]) -> str:
         else:
             detail = f"all {r['layers']} layers"
         fmt = lambda v: f"{v / 1e6:.1f} M" if isinstance(v, int) else "-"  # noqa: E731
-        lines.append(f"| {r['name']} | {r['input'][-1]} px | {fmt(r['macs_before'])} | {fmt(r.get('tp_macs'))} | "
+        lines.append(f"| {r['name']} | {r['input'][-1] or '-'} px | {fmt(r['macs_before'])} | {fmt(r.get('tp_macs'))} | "
                      f"{fmt(r.get('mp_macs'))} | {r['status']} | {detail.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 
+def _child(name: str, mem_gb: float, timeout: float) -> dict:
+    import subprocess
+
+    code = (f"import resource, sys, json; resource.setrlimit(resource.RLIMIT_AS, ({int(mem_gb * 2**30)}, "
+            f"{int(mem_gb * 2**30)})); sys.path.insert(0, {str(ROOT / 'tools')!r}); import tp_parity; "
+            f"print('ROW' + json.dumps(tp_parity.compare({name!r})))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "status": "error", "tp_error": None, "mp_error": None, "input": [1, 3, 0, 0],
+                "macs_before": None, "note": f"not run: over {timeout:.0f} s on this machine"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW"):
+            return json.loads(line[3:])
+    tail = (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]
+    return {"name": name, "status": "error", "tp_error": None, "mp_error": None, "input": [1, 3, 0, 0],
+            "macs_before": None, "note": f"not run: the child process failed under a {mem_gb:g} GB cap ({tail})"}
+
+
 def main(argv: list[str]) -> int:
-    torch.set_num_threads(1)
-    names = argv or list(BUILDERS)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*")
+    ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--mem-gb", type=float, default=6.0)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    args = ap.parse_args(argv)
+    names = [n for n in (args.names or BUILDERS) if n not in args.skip]
     rows = []
     for n in names:
-        r = compare(n)
+        r = _child(n, args.mem_gb, args.timeout)
         rows.append(r)
         print(f"{n:22s} {r['status']:7s} tp {r.get('tp_macs')} mp {r.get('mp_macs')} "
-              f"{r.get('tp_error') or ''} {r.get('mp_error') or ''} {len(r.get('diff', {}))} diff  {r['seconds']} s",
+              f"{r.get('tp_error') or ''} {r.get('mp_error') or ''} {len(r.get('diff', {}))} diff  {r.get('seconds')} s {r.get('note') or ''}",
               flush=True)
-    if not argv:
+    if not args.names:
         out = ROOT / "results"
         (out / "tp_parity.json").write_text(json.dumps({"ratio": RATIO, "torch_pruning": tp.__version__,
                                                         "rows": rows}, indent=1) + "\n")

@@ -35,9 +35,14 @@ def _params():
 @pytest.mark.parametrize("name", _params())
 def test_same_widths_as_torch_pruning(name):
     row = tp_parity.compare(name)
-    assert row["tp_error"] is None and row["mp_error"] is None, row
+    assert row["mp_error"] is None, row
     assert row["diff"] == {}, row["diff"]
-    assert row["mp_macs"] == row["tp_macs"] < row["macs_before"], row
+    if name.startswith("vit_"):  # torch-pruning's ViT keeps the old hidden_dim attribute and no longer runs
+        assert row["tp_error"].startswith("the pruned model does not run"), row
+        assert row["mp_macs"] < row["macs_before"], row
+    else:
+        assert row["tp_error"] is None, row
+        assert row["mp_macs"] == row["tp_macs"] < row["macs_before"], row
 
 
 @pytest.mark.parametrize("name", ["shufflenet_v2_x0_5"])
