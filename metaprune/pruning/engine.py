@@ -181,6 +181,8 @@ def _traced(model: nn.Module):
     try:
         yield
     except (IndexError, RuntimeError, ZeroDivisionError, AssertionError, KeyError) as e:
+        if "allocate" in str(e) or "out of memory" in str(e):  # not a tracing problem: let it say what it is
+            raise
         what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise PruningError(f"torch-pruning could not prune {type(model).__name__} ({what}). Its dependency graph cannot "
                            "follow an operation of the model's forward (a channel shuffle / view over channels, or "
