@@ -24,6 +24,7 @@ from metaprune.errors import ConfigError
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import accumulate_gradients
 from metaprune.pruning.engine import prune_once
+from metaprune.pruning.reconstruct import recalibrate_bn_batches
 
 
 @torch.no_grad()
@@ -31,25 +32,8 @@ def recalibrate_bn(model: nn.Module, dataset, batches: int = 8, batch_size: int 
                    device: str | torch.device = "cpu") -> int:
     """Re-estimate BatchNorm running statistics from ``batches`` un-augmented training batches
     (cumulative average, fixed order, so it is deterministic). Returns the batches used."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or batches <= 0:
-        return 0
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was = model.training
-    model.train()
-    n = 0
-    for x, _ in BatchLoader(dataset, batch_size, shuffle=False, augment=False, device=device):
-        if n >= batches:
-            break
-        model(x)
-        n += 1
-    for m, mom in saved:
-        m.momentum = mom
-    model.train(was)
-    return n
+    loader = BatchLoader(dataset, batch_size, shuffle=False, augment=False, device=device)
+    return recalibrate_bn_batches(model, (x for x, _ in loader), limit=batches)
 
 
 def _auc(speedups: list[float], accs: list[float], max_speedup: float, floor: float) -> float:

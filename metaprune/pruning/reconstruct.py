@@ -22,6 +22,7 @@ copy of the unpruned model.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Iterable
 
@@ -151,10 +152,15 @@ def _sq_err(w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, yy: float) -> flo
 
 
 @torch.no_grad()
-def recalibrate_bn_batches(model: nn.Module, xs: list[torch.Tensor]) -> int:
-    """Re-estimate BatchNorm running statistics as the cumulative average over ``xs`` (train-mode forward)."""
+def recalibrate_bn_batches(model: nn.Module, xs: Iterable[torch.Tensor], limit: int | None = None) -> int:
+    """Re-estimate BatchNorm running statistics as the cumulative average over the inputs ``xs``
+    (train-mode forward, at most ``limit`` batches). Returns the batches used."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or not xs:
+    if not bns or (limit is not None and limit <= 0):
+        return 0
+    it = iter(xs)
+    first = next(it, None)
+    if first is None:  # no data: keep the statistics as they are
         return 0
     saved = [(m, m.momentum) for m in bns]
     for m in bns:
@@ -162,12 +168,16 @@ def recalibrate_bn_batches(model: nn.Module, xs: list[torch.Tensor]) -> int:
         m.momentum = None
     was = model.training
     model.train()
-    for x in xs:
+    n = 0
+    for x in itertools.chain([first], it):
+        if limit is not None and n >= limit:
+            break
         model(x)
+        n += 1
     for m, mom in saved:
         m.momentum = mom
     model.train(was)
-    return len(xs)
+    return n
 
 
 @torch.no_grad()
