@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metaprune.engine.measure import count_macs  # noqa: E402
+from metaprune.graph.coverage import builder_config  # noqa: E402
 from metaprune.pruning import PruneConfig, prune  # noqa: E402
 from metaprune.pruning.structure import find_classifier  # noqa: E402
 
@@ -48,28 +49,13 @@ BUILDERS = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "effic
             "vgg11", "vgg11_bn", "vit_b_16", "wide_resnet50_2")
 
 
-def builder_args(name: str, num_classes: int = 10) -> tuple[dict, int]:
-    """Builder kwargs and input size: 64 px (75 px Inception, 32 px ViT, 224 px MaxViT), no aux heads."""
-    kw: dict = {"num_classes": num_classes}
-    size = 64
-    if name in ("googlenet", "inception_v3"):
-        kw.update(aux_logits=False, init_weights=False)
-        size = 75 if name == "inception_v3" else 64
-    elif name.startswith("vit_"):
-        size = 32
-        kw["image_size"] = size
-    elif name.startswith("maxvit"):
-        size = 224
-    return kw, size
-
-
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     import torchvision
 
-    kw, size = builder_args(name)
+    cfg = builder_config(name)  # 64 px (75 px Inception, 32 px ViT, 224 px MaxViT), no aux heads
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **kw).eval()
-    return model, torch.randn(1, 3, size, size)
+    model = torchvision.models.get_model(name, weights=None, **cfg.kwargs).eval()
+    return model, torch.randn(1, 3, *cfg.input_shape[2:])
 
 
 def widths(model: nn.Module) -> dict[str, int]:
