@@ -260,18 +260,24 @@ def model_spec(model: nn.Module, extra: dict | None = None, arch: str | None = N
     }
 
 
+def _meta_model(arch: str, args: dict, label: str = "") -> nn.Module:
+    """``arch`` built with ``args`` on the meta device; a builder failure is a :class:`ConfigError`
+    ("cannot be built with {label}{args}")."""
+    try:
+        with torch.device("meta"):
+            return create_model(arch, **args)
+    except MetapruneError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise ConfigError(f"architecture {arch!r} cannot be built with {label}{args} ({str(e)[:160]})") from None
+
+
 def named_spec(model: nn.Module, arch: str, arch_args: dict | None = None) -> dict:
     """The ``{"arch", "args"}`` spec of a module built outside :func:`create_model` (a torchvision or
     timm model, pruned or not), checked: ``arch`` built with ``arch_args`` on the meta device must
     have the same tensor names as ``model`` (widths may differ: they are stored separately)."""
     args = dict(arch_args or {})
-    try:
-        with torch.device("meta"):
-            ref = create_model(arch, **args)
-    except MetapruneError:
-        raise
-    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise ConfigError(f"architecture {arch!r} cannot be built with arch_args {args} ({str(e)[:160]})") from None
+    ref = _meta_model(arch, args, "arch_args ")
     want, have = set(ref.state_dict()), set(model.state_dict())
     if want != have:
         raise ConfigError(f"the model is not a {arch!r} built with {args}: tensors missing "
@@ -615,13 +621,7 @@ def load_state_dict_as(state_dict: dict[str, torch.Tensor], arch: str, arch_args
         args.setdefault("num_classes", int(head.shape[0]))
     if first is not None and first.dim() == 4:
         args.setdefault("in_chans", int(first.shape[1]))
-    try:
-        with torch.device("meta"):
-            base = create_model(arch, **args)
-    except MetapruneError:
-        raise
-    except (TypeError, ValueError, RuntimeError, AssertionError) as e:
-        raise ConfigError(f"architecture {arch!r} cannot be built with {args} ({str(e)[:160]})") from None
+    base = _meta_model(arch, args)
     ref = base.state_dict()
     want = {k for k in ref if not k.endswith("num_batches_tracked")}
     have = {k for k in sd if not k.endswith("num_batches_tracked")}
