@@ -127,6 +127,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_process(flag: bool, device: torch.device, distributed: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process gets the same answer)."""
+    if not distributed:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()

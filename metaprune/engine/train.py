@@ -18,7 +18,7 @@ from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine.evaluate import evaluate
 from metaprune.engine.runtime import (
-    all_reduce_sum,
+    any_process,
     barrier,
     get_rank,
     get_world_size,
@@ -154,13 +154,13 @@ def _save_resume(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _drop_stale_temporaries(ckpt: Path) -> None:
-    """Delete what a process killed while writing into the output folder left behind (the
-    ``.NAME.*.tmp`` files of :func:`metaprune.io.atomic_path` for the checkpoint and the outputs
+def drop_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete what a process killed while writing into ``folder`` left behind (the ``.NAME.*.tmp``
+    files of :func:`metaprune.io.atomic_path` for each of ``names``: a checkpoint and the outputs
     written beside it)."""
-    if ckpt.parent.is_dir():
-        for name in (ckpt.name, "model.safetensors", "report.json", "metrics.json"):
-            for f in ckpt.parent.glob(f".{name}.*.tmp"):
+    if folder.is_dir():
+        for name in names:
+            for f in folder.glob(f".{name}.*.tmp"):
                 f.unlink(missing_ok=True)
 
 
@@ -173,14 +173,6 @@ def run_fingerprint(model: nn.Module, data: DataSplits, cfg: TrainConfig, identi
     start = identity if identity is not None else {"weights_sha256": state_dict_sha256(model)}
     return {"kind": "train", "config": cfg.identity(), "model": model_identity(model), "data": data_identity(data),
             "start": start}
-
-
-def _finite_flag(bad: bool, device: torch.device, distributed: bool) -> bool:
-    """Whether any process saw a non-finite value (every process gets the same answer)."""
-    if not distributed:
-        return bad
-    t = torch.tensor([1.0 if bad else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
 
 
 def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | Path | None = None,
@@ -218,7 +210,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
     if not all_finite(model.state_dict().values()):
         raise TrainingError(f"{desc}: the model to train holds NaN or infinite weights; start from a finite model")
     if ckpt is not None and is_main():
-        _drop_stale_temporaries(ckpt)
+        drop_stale_temporaries(ckpt.parent, (ckpt.name, "model.safetensors", "report.json", "metrics.json"))
     if ckpt is not None and cfg.resume and ckpt.exists():
         try:
             st = torch.load(ckpt, map_location=device, weights_only=True)
@@ -261,7 +253,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
                 out = net(x)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
             lv = loss.item()
-            if _finite_flag(not math.isfinite(lv), device, distributed):
+            if any_process(not math.isfinite(lv), device, distributed):
                 raise TrainingError(f"{desc}: the loss became {lv} at epoch {epoch + 1}, step {i + 1} (learning rate "
                                     f"{opt.param_groups[0]['lr']:.3g}); nothing was saved as the result. Lower --lr "
                                     "(or --weight-decay), or check the data")
@@ -276,7 +268,7 @@ def train(model: nn.Module, data: DataSplits, cfg: TrainConfig, out_dir: str | P
             correct += (out.argmax(1) == y).sum().item()
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{run_loss / run_n:.3f}", acc=f"{100 * correct / run_n:.1f}")
-        if _finite_flag(not all_finite(model.state_dict().values()), device, distributed):
+        if any_process(not all_finite(model.state_dict().values()), device, distributed):
             raise TrainingError(f"{desc}: the weights became NaN or infinite in epoch {epoch + 1}; nothing was saved "
                                 "as the result. Lower --lr (or --weight-decay)")
         v = evaluate(model, data.val, cfg.eval_batch_size, device, amp=amp, sharded=distributed, desc="val")

@@ -49,7 +49,7 @@ from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine import progress, seed_everything
 from metaprune.engine.runtime import (
-    all_reduce_sum,
+    any_process,
     barrier,
     get_rank,
     get_world_size,
@@ -57,6 +57,7 @@ from metaprune.engine.runtime import (
     is_main,
     resolve_device,
 )
+from metaprune.engine.train import drop_stale_temporaries
 from metaprune.errors import ConfigError, ModelFileError, TrainingError
 from metaprune.fingerprint import all_finite, check_resume, data_identity, dumps
 from metaprune.graph import to_graph
@@ -181,13 +182,6 @@ def score_members(net: Metanet | None, paths: list[Path], data: DataSplits, cfg:
     return {"score": sum(scores) / len(scores), "scores": scores, "curves": curves}
 
 
-def _any(flag: bool, device: torch.device, distributed: bool) -> bool:
-    """Whether ``flag`` holds on any process (every process gets the same answer)."""
-    if not distributed:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
-
-
 def run_fingerprint(members: list[Path], split: tuple[list[Path], list[Path], list[Path]], data: DataSplits,
                     cfg: MetaTrainConfig, net: Metanet) -> dict:
     """What a resume checkpoint of :func:`meta_train` must match."""
@@ -240,10 +234,8 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     baseline = None
     last = out / LAST
     fp = run_fingerprint(members, (train_p, val_p, held_p), data, cfg, net)
-    if is_main():
-        for name in (LAST, LOG, "metanet.safetensors", "config.json", "summary.json"):  # left by a killed run
-            for f in out.glob(f".{name}.*.tmp"):
-                f.unlink(missing_ok=True)
+    if is_main():  # what a killed run left half-written
+        drop_stale_temporaries(out, (LAST, LOG, "metanet.safetensors", "config.json", "summary.json"))
     if resume and last.exists():
         try:
             st = torch.load(last, map_location=device, weights_only=True)
@@ -307,7 +299,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
                 loss = loss + cfg.prune_aware * ce_p
                 sums["ce_pruned"] += ce_p.item()
             lv = loss.item()
-            if _any(not math.isfinite(lv), device, distributed):
+            if any_process(not math.isfinite(lv), device, distributed):
                 raise TrainingError(f"meta-train: the loss became {lv} at epoch {epoch + 1} (member {m.path.name}); "
                                     "the metanetwork diverged. Lower --lr (or --lam / --prune-aware); nothing was "
                                     "saved from this epoch")
@@ -322,7 +314,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
             for k, v in norm_shift(params, m).items():  # before the step: what this loss saw
                 sums[k] += v
         rec = {"epoch": epoch, **{k: v / max(1, n) for k, v in sums.items()}, "steps": n}
-        if _any(not all_finite(net.state_dict().values()), device, distributed):
+        if any_process(not all_finite(net.state_dict().values()), device, distributed):
             raise TrainingError(f"meta-train: the metanetwork's weights became NaN or infinite in epoch {epoch + 1}; "
                                 "lower --lr; nothing was saved from this epoch")
         if (epoch + 1) % cfg.score_every == 0 or epoch == cfg.epochs - 1:
