@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metaprune.errors import ConfigError, ModelFileError
+from metaprune.fingerprint import all_finite
 from metaprune.io import atomic_path, read_json, write_json
 from metaprune.metanet.config import MetanetConfig
 from metaprune.metanet.model import Metanet
@@ -28,7 +29,7 @@ def save_metanet(net: Metanet, out_dir: str | os.PathLike, extra: dict | None = 
     """Write ``net`` into ``out_dir`` (weights, then config), atomically. Returns the weights path."""
     d = Path(out_dir)
     sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    if not all(bool(torch.isfinite(v).all()) for v in sd.values() if v.is_floating_point()):
+    if not all_finite(sd.values()):
         raise ModelFileError("the metanetwork holds NaN or infinite weights; refusing to save it")
     d.mkdir(parents=True, exist_ok=True)
     with atomic_path(d / weights_name) as tmp:
