@@ -148,6 +148,7 @@ class _Interp(fx.Interpreter):
         self.seen_inputs = 0
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.live = _live_nodes(gm.graph)
+        self.param_keys = {k for k, _ in gm.named_parameters()}  # get_attr targets: parameters, else buffers
         self.current: fx.Node | None = None
 
     # ---------------------------------------------------------------- execution on meta
@@ -622,8 +623,7 @@ class _Interp(fx.Interpreter):
         return Flow(ns, cd)
 
     def _param(self, key: str) -> torch.Tensor:
-        return self.module.get_parameter(key) if key in dict(self.module.named_parameters()) \
-            else self.module.get_buffer(key)
+        return self.module.get_parameter(key) if key in self.param_keys else self.module.get_buffer(key)
 
     def _token_param(self, n: fx.Node, key: str, ns: NodeSet, cd: int, ndim: int) -> None:
         p = self._param(key)
