@@ -31,7 +31,7 @@ from torch import nn
 
 from metaprune.errors import PruningError
 from metaprune.pruning.config import PruneConfig
-from metaprune.pruning.criteria import _IN_FNS, SCORES_ATTR, FunctionalImportance, _root_idx
+from metaprune.pruning.criteria import _IN_FNS, HISTORY_ATTR, SCORES_ATTR, FunctionalImportance, _root_idx
 from metaprune.pruning.structure import attention_layers, resolve_ignored, unwrapped_parameters
 
 
@@ -265,8 +265,6 @@ def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torc
 
 def clear_scores(model: nn.Module) -> None:
     """Remove gate scores (and the pruning history) a model carries."""
-    from metaprune.pruning.criteria import HISTORY_ATTR
-
     for attr in (SCORES_ATTR, HISTORY_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

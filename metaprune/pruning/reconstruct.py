@@ -32,7 +32,8 @@ import torch_pruning as tp
 from torch import nn
 
 from metaprune.errors import PruningError
-from metaprune.pruning.criteria import HISTORY_ATTR, SCORES_ATTR
+from metaprune.pruning.criteria import HISTORY_ATTR
+from metaprune.pruning.gate import clear_scores
 from metaprune.pruning.structure import unwrapped_parameters
 
 
@@ -52,9 +53,7 @@ def _size(layer: nn.Module, direction: str) -> int | None:
 
 def _bare_copy(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model)
-    for attr in (SCORES_ATTR, HISTORY_ATTR):
-        if hasattr(m, attr):
-            delattr(m, attr)
+    clear_scores(m)
     return m
 
 
@@ -91,38 +90,25 @@ def kept_channels(original: nn.Module, history: list, example_input: torch.Tenso
     return alive
 
 
-def _input_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, output: bool) -> torch.Tensor:
+    """``layer``'s input (``output=False``) or output in ``model(x)``; the forward stops right there."""
     box = {}
 
-    def pre(mod, args):
-        box["x"] = args[0].detach()
+    def grab(t):
+        box["t"] = t.detach()
         raise _Stop
 
-    h = layer.register_forward_pre_hook(pre)
+    if output:
+        h = layer.register_forward_hook(lambda mod, args, out: grab(out))
+    else:
+        h = layer.register_forward_pre_hook(lambda mod, args: grab(args[0]))
     try:
         model(x)
     except _Stop:
         pass
     finally:
         h.remove()
-    return box["x"]
-
-
-def _output_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    box = {}
-
-    def post(mod, args, out):
-        box["y"] = out.detach()
-        raise _Stop
-
-    h = layer.register_forward_hook(post)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return box["y"]
+    return box["t"]
 
 
 def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,8 +221,8 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable[tuple[
             A = B = None
             yy = 0.0
             for x in xs:
-                xin = _input_of(pruned, lay, x)
-                y = _output_of(orig, olay, x)
+                xin = _capture(pruned, lay, x, output=False)
+                y = _capture(orig, olay, x, output=True)
                 if out_idx is not None:
                     y = y.index_select(1 if isinstance(lay, nn.Conv2d) else -1, out_idx.to(device))
                 X, Y = _rows(lay, xin, y)
