@@ -21,6 +21,7 @@ from metaprune.models import get_widths
 from metaprune.pruning import rounding
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import (
+    HISTORY_ATTR,
     ScoreImportance,
     accumulate_gradients,
     check_criterion,
@@ -285,7 +286,6 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
         from metaprune.pruning.reconstruct import reconstruct
 
         info["reconstruct"] = reconstruct(original, result.model, calibration, config.reconstruct_batches, x)
-    from metaprune.pruning.criteria import HISTORY_ATTR
     from metaprune.pruning.gate import clear_scores
 
     result.history = list(getattr(result.model, HISTORY_ATTR, []) or [])
@@ -430,8 +430,8 @@ def _group_widths(model: nn.Module, config: PruneConfig, x: torch.Tensor) -> dic
     return out
 
 
-def _out_width(model: nn.Module, name: str) -> int | None:
-    m = dict(model.named_modules()).get(name)
+def _out_width(modules: dict[str, nn.Module], name: str) -> int | None:
+    m = modules.get(name)
     return getattr(m, "out_channels", None) or getattr(m, "out_features", None)
 
 
@@ -461,17 +461,17 @@ def _measure_achieved(result: PruneResult, config: PruneConfig, widths0: dict[st
     and ``layer_ratios`` from the pruned model, and for a ratio target decide ``target_met`` from them.
     Nothing pruned at all raises :class:`PruningError`."""
     kind, value = result.target
-    m = result.model
-    result.layer_ratios = {n: round(1 - (_out_width(m, n) or w) / w, 6) for n, w in widths0.items()}
+    modules = dict(result.model.named_modules())  # once: looked up for every layer and group below
+    result.layer_ratios = {n: round(1 - (_out_width(modules, n) or w) / w, 6) for n, w in widths0.items()}
     result.criterion = config.criterion
-    after = {n: (_out_width(m, n) or w) for n, w in groups0.items()}
+    after = {n: (_out_width(modules, n) or w) for n, w in groups0.items()}
     # a group left whole is "blocked" when the granularity left torch-pruning nothing to keep (it never
     # empties a group)
     ref = result.uniform_ratio if result.uniform_ratio is not None else value
     blocked = [n for n, w in groups0.items() if after[n] == w and _kept_by_tp(w, ref, config.round_to) < 1]
     total0 = sum(groups0.values())
     result.ratio = round(1 - sum(after.values()) / total0, 6) if total0 else 0.0
-    why = (f"with --round-to {config.round_to}, " if config.round_to else "") +         "torch-pruning would keep no channel of them and never empties a layer"
+    why = (f"with --round-to {config.round_to}, " if config.round_to else "") + "torch-pruning would keep no channel of them and never empties a layer"
     if result.params_after >= result.params_before and result.macs_after >= result.macs_before:
         hint = ""
         if kind == "ratio" and widths0:
