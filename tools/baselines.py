@@ -80,13 +80,25 @@ def _table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# setup entries results must share to be merged (and, with "data", to be resumed)
+_SETUP_KEYS = ("gate_steps", "gate_batch", "reconstruct_batches", "bn_batches", "finetune_steps", "finetune_epochs",
+               "finetune_lr", "seed", "pruning")
+
+
+def _save(out: Path, res: dict) -> None:
+    """The results JSON and its markdown table beside it (each written atomically)."""
+    from metaprune.io import atomic_path, write_json
+
+    write_json(out, res)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(_table(res))
+
+
 def _merge(files: list[str], out: Path) -> None:
-    from metaprune.io import atomic_path, read_json, write_json
+    from metaprune.io import read_json
 
     parts = [read_json(f) for f in files]
-    keys = ("gate_steps", "gate_batch", "reconstruct_batches", "bn_batches", "finetune_steps", "finetune_epochs",
-            "finetune_lr", "seed", "pruning")
-    if any(any(q["setup"][k] != parts[0]["setup"][k] for k in keys) for q in parts[1:]):
+    if any(any(q["setup"][k] != parts[0]["setup"][k] for k in _SETUP_KEYS) for q in parts[1:]):
         raise SystemExit("the files to merge hold results of different setups")
     res = {"setup": dict(parts[0]["setup"]), "members": []}
     res["setup"]["data"] = sorted({q["setup"]["data"] for q in parts})
@@ -97,9 +109,7 @@ def _merge(files: list[str], out: Path) -> None:
         for m in q["members"]:
             if m["name"] not in {x["name"] for x in res["members"]}:
                 res["members"].append(m)
-    write_json(out, res)
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(_table(res))
+    _save(out, res)
 
 
 def main() -> None:
@@ -140,7 +150,7 @@ def main() -> None:
     from metaprune.data import BatchLoader, load_dataset
     from metaprune.engine import evaluate
     from metaprune.engine.report import input_shape
-    from metaprune.io import load_model, read_json, write_json
+    from metaprune.io import load_model, read_json
     from metaprune.metanet.zoo import load_member, load_zoo_data
     from metaprune.pruning import PruneConfig, prune, recalibrate_bn
     from metaprune.pruning.reconstruct import reconstruct
@@ -158,9 +168,7 @@ def main() -> None:
     res = {"setup": setup, "members": []}
     if out.exists():
         old = read_json(out)
-        keys = ("data", "gate_steps", "gate_batch", "reconstruct_batches", "bn_batches", "finetune_steps",
-                "finetune_epochs", "finetune_lr", "seed", "pruning")
-        if any(old["setup"].get(k) != setup[k] for k in keys):
+        if any(old["setup"].get(k) != setup[k] for k in ("data", *_SETUP_KEYS)):
             raise SystemExit(f"{out} holds results of another setup; choose another -o (or delete it)")
         old["setup"]["arms"] = list(dict.fromkeys(old["setup"]["arms"] + arms))
         old["setup"]["speedups"] = sorted(set(old["setup"]["speedups"]) | set(a.speedups))
@@ -171,13 +179,6 @@ def main() -> None:
         nets += [(n, Path(a.zoo) / n, zdata) for n in a.members]
     for f in a.models:
         nets.append((Path(f).stem, Path(f), None))
-
-    def save():
-        write_json(out, res)
-        md = out.with_suffix(".md")
-        tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(_table(res))
-        tmp.replace(md)
 
     for name, path, data in nets:
         if path.is_dir():
@@ -236,8 +237,8 @@ def main() -> None:
                     print(f"{name} {key}: val {r['val_acc']:.2f} test {r['test_acc']:.2f}"
                           + (f" ft {r['ft_test_acc']:.2f}" if "ft_test_acc" in r else "")
                           + f" ({r['speedup']:.2f}x, {r['seconds']:.0f} s)", flush=True)
-                    save()
-    save()
+                    _save(out, res)
+    _save(out, res)
 
 
 if __name__ == "__main__":
