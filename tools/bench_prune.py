@@ -31,10 +31,7 @@ from metaprune.errors import MetapruneError
 from metaprune.io import write_json
 from metaprune.models import create_model
 from metaprune.pruning import PruneConfig, prune
-
-
-def _round_to(text: str):
-    return text if text == "auto" else int(text)
+from metaprune.pruning.rounding import parse_round_to
 
 
 def bench(arch: str, shape: tuple[int, int, int], speedup: float, batches: tuple[int, ...], rounds: int,
@@ -120,7 +117,7 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=2.5)
     ap.add_argument("--criterion", default="l2")
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--round-to", action="append", type=_round_to, default=None,
+    ap.add_argument("--round-to", action="append", type=parse_round_to, default=None,
                     help="'auto' or N, repeatable (default: auto)")
     ap.add_argument("--global", dest="global_pruning", action="store_true")
     ap.add_argument("--rounds", type=int, default=7)
