@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import tempfile
 import time
@@ -72,22 +71,16 @@ class AdaptConfig:
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from metaprune.fingerprint import check_float, check_int
+
         ints = {"rank": 1, "steps": 1, "warmup_epochs": 0, "recovery_epochs": 0, "min_steps": 0, "batch_size": 1,
                 "seed": None}
         for name, low in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError(f"{name} must be an integer (got {v!r})")
-            if low is not None and v < low:
-                raise ConfigError(f"{name} must be >= {low} (got {v})")
+            check_int(name, getattr(self, name), low)
         for name in ("max_steps_per_epoch", "train_subset"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer or None (got {v!r})")
-        for name in ("ratio", "weight_decay", "val_fraction") + (("lr",) if self.lr is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number (got {v!r})")
+            check_int(name, getattr(self, name), 1, optional=True)
+        for name in ("ratio", "weight_decay", "val_fraction", "lr"):
+            check_float(name, getattr(self, name), optional=name == "lr")
         if not isinstance(self.method, str):
             raise ConfigError(f"method must be a name (got {self.method!r})")
         from spa.methods import get_method
