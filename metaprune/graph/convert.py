@@ -53,16 +53,15 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _structure_key(model: nn.Module, arch: dict, shape: tuple) -> tuple:
+def _structure_key(model: nn.Module, sd: dict[str, torch.Tensor], arch: dict, shape: tuple) -> tuple:
     mods = tuple((n, type(m).__qualname__) for n, m in model.named_modules())
-    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in sd.items())
     return (json.dumps(arch, sort_keys=True, default=str), json.dumps(get_widths(model), sort_keys=True),
             shape, mods, tensors)
 
 
-def _fill(st: _Structure, model: nn.Module) -> Graph:
-    """A graph of ``model`` on a cached structure: only the features are computed."""
-    sd = model.state_dict()
+def _fill(st: _Structure, model: nn.Module, sd: dict[str, torch.Tensor]) -> Graph:
+    """A graph of ``model`` (state dict ``sd``) on a cached structure: only the features are computed."""
     with single_thread():
         n = st.node_role.shape[0]
         x = torch.tensor(NODE_NEUTRAL, dtype=st.dtype).repeat(n, 1)
@@ -136,7 +135,8 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache
     """
     if not isinstance(model, nn.Module):
         raise GraphError(f"to_graph needs an nn.Module, not {type(model).__name__}")
-    meta = next((k for k, v in model.state_dict().items() if v.is_meta), None)
+    sd = model.state_dict()
+    meta = next((k for k, v in sd.items() if v.is_meta), None)
     if meta is not None:
         raise GraphError(f"{type(model).__name__} has tensors on the meta device (e.g. {meta}), which hold no values; "
                          "load its weights first (e.g. model.to_empty(device='cpu') and load_state_dict)")
@@ -159,12 +159,11 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache
         # no cache: without a spec, the forward code (closures, flags) is not determined by the module
         # names and tensor shapes the cache key holds
         arch, cache = {"arch": _module_arch(model), "args": {}}, False
-    key = _structure_key(model, arch, shape) if cache else None
+    key = _structure_key(model, sd, arch, shape) if cache else None
     if key is not None and key in _CACHE:
         _CACHE.move_to_end(key)
-        return _fill(_CACHE[key], model)
+        return _fill(_CACHE[key], model, sd)
     builder, _ = trace(model, shape)
-    sd = model.state_dict()
     covered = {e["key"] for e in builder.layout}
     if len(covered) != len(builder.layout):
         dup = sorted({e["key"] for e in builder.layout if sum(f["key"] == e["key"] for f in builder.layout) > 1})
