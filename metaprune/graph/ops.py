@@ -111,14 +111,20 @@ def register_channel_op(target: object, kind: str) -> None:
         FUNCTION_KINDS[target] = kind
 
 
-def module_kind(module: nn.Module) -> str | None:
-    """The kind of a parameter-free module, by type (nearest registered base class), or None. A
-    subclass that overrides ``forward`` is not the registered operation: it gets None (and is traced
-    through, or refused if it is a ``torch.nn`` leaf)."""
+def lookup_type(table: dict[type, object], module: nn.Module) -> object | None:
+    """``table``'s entry for ``module``'s type (nearest registered base class), or None. A subclass
+    that overrides ``forward`` computes something else than the registered type: None."""
     for cls in type(module).__mro__:
-        if cls in MODULE_KINDS:
-            return MODULE_KINDS[cls] if type(module).forward is cls.forward else None
+        if cls in table:
+            return table[cls] if type(module).forward is cls.forward else None
     return None
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """The kind of a parameter-free module, by type (:func:`lookup_type`), or None. A subclass that
+    overrides ``forward`` is not the registered operation: it gets None (and is traced through, or
+    refused if it is a ``torch.nn`` leaf)."""
+    return lookup_type(MODULE_KINDS, module)
 
 
 def function_kind(fn: object) -> str | None:

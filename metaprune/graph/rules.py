@@ -18,6 +18,7 @@ from torch import nn
 from metaprune.errors import GraphError
 from metaprune.graph.builder import GraphBuilder, NodeSet
 from metaprune.graph.graph import SLOT
+from metaprune.graph.ops import lookup_type
 from metaprune.models.layers import SelfAttention
 
 
@@ -58,10 +59,7 @@ def register_rule(*types: type) -> Callable[[Rule], Rule]:
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module``'s type (or its nearest registered base class). A subclass that
     overrides ``forward`` computes something else: no rule (it is traced through instead)."""
-    for cls in type(module).__mro__:
-        if cls in RULES:
-            return RULES[cls] if type(module).forward is cls.forward else None
-    return None
+    return lookup_type(RULES, module)
 
 
 def supported_types() -> str:
