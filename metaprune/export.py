@@ -18,7 +18,6 @@ import contextlib
 import io
 import math
 import os
-import statistics
 import tempfile
 import warnings
 from pathlib import Path
@@ -301,10 +300,6 @@ def _temp_export(model: nn.Module, fmt: str, shape: tuple[int, ...], opset: int,
         yield p, export_model(model, p, fmt, shape, opset=opset, tolerance=tolerance, exporter=exporter)
 
 
-def _ratio(rounds_ref: list[float], rounds_new: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(rounds_ref, rounds_new))
-
-
 def export_latency(model: nn.Module, path: str | os.PathLike, fmt: str, input_shape: tuple[int, ...],
                    baseline: nn.Module | None = None, batches: tuple[int, ...] = (1, 64), threads: int = 1,
                    rounds: int = 10, repeats: int = 3, warmup: int = 3, device: str = "cpu",
@@ -319,7 +314,7 @@ def export_latency(model: nn.Module, path: str | os.PathLike, fmt: str, input_sh
     ONNX runs on onnxruntime's CPUExecutionProvider on the CPU and on its CUDAExecutionProvider
     with ``device="cuda"`` (when onnxruntime-gpu is installed).
     """
-    from metaprune.engine.measure import compare_latency
+    from metaprune.engine.measure import compare_latency, round_ratio
 
     dev = torch.device(device)
     provider = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
@@ -344,14 +339,14 @@ def export_latency(model: nn.Module, path: str | os.PathLike, fmt: str, input_sh
                                     warmup=warmup, threads=threads)
                 m = r["models"]
                 entry = {"ms": {n: m[n]["ms"] for n in models},
-                         "runtime_speedup_over_pytorch": {"model": _ratio(m["pytorch"]["ms_rounds"], m[runtime]["ms_rounds"])},
+                         "runtime_speedup_over_pytorch": {"model": round_ratio(m["pytorch"]["ms_rounds"], m[runtime]["ms_rounds"])},
                          "rounds": rounds, "repeats_per_round": repeats, "interleaved": True}
                 if baseline is not None:
-                    entry["runtime_speedup_over_pytorch"]["baseline"] = _ratio(m["pytorch_baseline"]["ms_rounds"],
+                    entry["runtime_speedup_over_pytorch"]["baseline"] = round_ratio(m["pytorch_baseline"]["ms_rounds"],
                                                                     m[f"{runtime}_baseline"]["ms_rounds"])
                     entry["speedup"] = {
-                        "pytorch": _ratio(m["pytorch_baseline"]["ms_rounds"], m["pytorch"]["ms_rounds"]),
-                        runtime: _ratio(m[f"{runtime}_baseline"]["ms_rounds"], m[runtime]["ms_rounds"])}
+                        "pytorch": round_ratio(m["pytorch_baseline"]["ms_rounds"], m["pytorch"]["ms_rounds"]),
+                        runtime: round_ratio(m[f"{runtime}_baseline"]["ms_rounds"], m[runtime]["ms_rounds"])}
                 entry["ms_rounds"] = {n: m[n]["ms_rounds"] for n in models}
                 out["batches"][str(b)] = entry
         finally:

@@ -103,6 +103,11 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
             "threads": n_threads, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"}
 
 
+def round_ratio(ref_rounds: list[float], new_rounds: list[float]) -> float:
+    """Median over rounds of ``ref ms / new ms`` (> 1: ``new`` is faster), from interleaved rounds."""
+    return statistics.median(a / b for a, b in zip(ref_rounds, new_rounds))
+
+
 @torch.no_grad()
 def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], batch_size: int = 1,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, warmup: int = 3,
@@ -154,7 +159,7 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
               "interleaved": True, "timer": "cuda-events" if device.type == "cuda" else "perf_counter"}
     out = {n: {"ms": statistics.median(per_round[n]), "ms_rounds": [round(v, 6) for v in per_round[n]],
                "ms_median_all": statistics.median(every[n]), "ms_min": min(every[n]), **common} for n in names}
-    ratios = {n: statistics.median(a / b for a, b in zip(per_round[ref], per_round[n])) for n in names}
+    ratios = {n: round_ratio(per_round[ref], per_round[n]) for n in names}
     return {"models": out, "ratios": ratios, "reference": ref, **common}
 
 
