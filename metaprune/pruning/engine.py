@@ -33,6 +33,7 @@ from metaprune.pruning.structure import (
     call,
     check_outputs,
     first_sample,
+    ignored_layers,
     output_layers,
     output_signature,
     resolve_ignored,
@@ -125,10 +126,8 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     was_training = model.training
     if config.round_to == rounding.AUTO:  # called directly: resolve for this model's device / dtype
         config = replace(config, round_to=rounding.resolve(config.round_to, model)[0])
-    ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
+    ignored = ignored_layers(model, config)
     heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
-    if not config.prune_heads:  # attention keeps its heads and head size
-        ignored += [a.qkv for a in attention_layers(model)]
     head_ratio = 0.0
     if heads:  # keep at least one head per layer; TP removes ceil(ratio * heads)
         fewest = min(heads.values())
@@ -398,9 +397,7 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
 def _prunable_widths(model: nn.Module, config: PruneConfig) -> dict[str, int]:
     """Output width of every conv / linear layer the target applies to (not the classifier, not
     ``config.ignore``, not the attention of ``prune_heads=False``)."""
-    skip = {id(m) for m in resolve_ignored(model, config.ignore, classifier=not config.keep_output)}
-    if not config.prune_heads:
-        skip |= {id(a.qkv) for a in attention_layers(model)}
+    skip = {id(m) for m in ignored_layers(model, config)}
     out = {}
     for name, m in model.named_modules():
         if id(m) in skip:
@@ -415,9 +412,7 @@ def _prunable_widths(model: nn.Module, config: PruneConfig) -> dict[str, int]:
 def _group_widths(model: nn.Module, config: PruneConfig, x: torch.Tensor) -> dict[str, int]:
     """Width of every dependency group torch-pruning may prune (coupled layers share their channels),
     keyed by the group's root layer: what "share of the channels of every group" is counted on."""
-    ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
-    if not config.prune_heads:
-        ignored += [a.qkv for a in attention_layers(model)]
+    ignored = ignored_layers(model, config)
     names = {m: n for n, m in model.named_modules()}
     with warnings.catch_warnings(), _traced(model):
         warnings.simplefilter("ignore")

@@ -32,7 +32,7 @@ from torch import nn
 from metaprune.errors import PruningError
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import _IN_FNS, HISTORY_ATTR, SCORES_ATTR, FunctionalImportance, _root_idx
-from metaprune.pruning.structure import attention_layers, resolve_ignored, unwrapped_parameters
+from metaprune.pruning.structure import attention_layers, ignored_layers, unwrapped_parameters
 
 
 @dataclass
@@ -50,10 +50,8 @@ def make_pruner(model: nn.Module, config: PruneConfig, example_input: torch.Tens
                 importance: tp.importance.Importance | None = None) -> tp.pruner.BasePruner:
     """A torch-pruning pruner built the way :func:`metaprune.pruning.engine.prune_once` builds it
     (same ignored layers, heads and bare parameters, hence the same groups and group roots)."""
-    ignored = resolve_ignored(model, config.ignore)
+    ignored = ignored_layers(model, config)
     heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
-    if not config.prune_heads:
-        ignored += [a.qkv for a in attention_layers(model)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tp.pruner.BasePruner(

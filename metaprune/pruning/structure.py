@@ -49,6 +49,16 @@ def resolve_ignored(model: nn.Module, names: tuple[str, ...] | list[str], classi
     return out
 
 
+def ignored_layers(model: nn.Module, config) -> list[nn.Module]:
+    """The layers a :class:`~metaprune.pruning.config.PruneConfig` leaves whole: ``config.ignore``, the
+    classifier (unless ``keep_output``, whose output layers ``prune()`` adds to ``ignore``) and, with
+    ``prune_heads=False``, the attention ``qkv`` layers."""
+    ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
+    if not config.prune_heads:  # attention keeps its heads and head size
+        ignored += [a.qkv for a in attention_layers(model)]
+    return ignored
+
+
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """Attention modules whose heads can be removed whole: a fused ``qkv`` Linear plus an integer
     ``num_heads`` (``metaprune.models.SelfAttention`` and timm-style attention)."""
