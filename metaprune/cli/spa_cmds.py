@@ -33,9 +33,9 @@ def register(sub) -> None:
     p.add_argument("source", nargs="?", help="source model file (default: the shipped checkpoint)")
     p.add_argument("--task", required=True, help="registered task (see `metaprune list-models --data`), dataset, "
                    "or imagefolder:PATH")
-    p.add_argument("--method", default=_defaults()["method"], help="splora, sppara, hydra, lora (unpruned reference) or full "
-                   "(fine-pruning baseline)")
     d = _defaults()
+    p.add_argument("--method", default=d["method"], help="splora, sppara, hydra, lora (unpruned reference) or full "
+                   "(fine-pruning baseline)")
     p.add_argument("--rank", type=int, default=d["rank"], help="adapter rank")
     p.add_argument("--ratio", type=float, default=d["ratio"], help="share of channels pruned in every dependency group")
     p.add_argument("--steps", type=int, default=d["steps"], help="pruning steps (the ratio rises linearly)")
