@@ -201,7 +201,7 @@ except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 
 
-def _qkv_attention(b: GraphBuilder, name: str, x: Flow, w: torch.Tensor, bias: torch.Tensor | None,
+def _qkv_attention(b: GraphBuilder, x: Flow, w: torch.Tensor, bias: torch.Tensor | None,
                    proj: nn.Linear, qkv_key: str, bias_key: str, proj_key: str, type_: str) -> Flow:
     hd, c = w.shape[0] // 3, w.shape[1]
     lq = b.new_layer(qkv_key.removesuffix(".weight"), f"{type_}.qkv")
@@ -233,7 +233,7 @@ def self_attention(b: GraphBuilder, name: str, mod: SelfAttention, x: Flow, meta
     hd = mod.qkv.out_features // 3
     _expect(hd * 3 == mod.qkv.out_features and hd % mod.num_heads == 0, name, mod,
             f"qkv has {mod.qkv.out_features} outputs, not 3 x num_heads ({mod.num_heads}) x head_dim")
-    return (_qkv_attention(b, name, x, mod.qkv.weight, mod.qkv.bias, mod.proj, _key(name, "qkv.weight"),
+    return (_qkv_attention(b, x, mod.qkv.weight, mod.qkv.bias, mod.proj, _key(name, "qkv.weight"),
                            _key(name, "qkv.bias"), _key(name, "proj"), "SelfAttention"), None)
 
 
@@ -251,6 +251,6 @@ def multihead_attention(b: GraphBuilder, name: str, mod: nn.MultiheadAttention, 
             "uses add_bias_kv or add_zero_attn; unsupported")
     _expect(x.cdim == meta.ndim - 1 and x.ns.size == e, name, mod,
             f"expects {e} features in the last dim, gets {x.ns.size} in dim {x.cdim}")
-    return (_qkv_attention(b, name, x, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj,
+    return (_qkv_attention(b, x, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj,
                            _key(name, "in_proj_weight"), _key(name, "in_proj_bias"), _key(name, "out_proj"),
                            "MultiheadAttention"), None)
