@@ -1,25 +1,66 @@
-"""Per-network pruning baselines on Fashion-MNIST ResNet-20s: L2 / functional / random / gate (± --reconstruct).
+"""Honest per-member evaluation of channel-selection methods: L2 / functional / random / gate / metanet.
 
-For every network (zoo members given by --zoo/--members, or model files given by --models), every
-criterion and every target MAC speed-up: prune uniformly (same share per group, torch-pruning DepGraph)
-with `metaprune.pruning.prune`, recalibrate BatchNorm on the first 8 un-augmented training batches of 128
-(the protocol of `prunability_curve`), and measure validation accuracy (whole validation split) and test
-accuracy (whole test split) without finetuning; with --finetune-steps, also the test accuracy after the
-short finetune of tools/compare_fmnist.py (2 epochs x 40 steps, batch 128, lr 0.01 cosine, best epoch on
-validation). Arms `<criterion>+rec` add prune-time reconstruction (`PruneConfig(reconstruct=True)`).
+The primary metric is the **test accuracy after a short finetune** (fixed steps, fixed seed), paired per
+member against the best of the free baselines {l2, functional, random}; the accuracy without finetuning
+(validation and test) is reported too, but never selects anything.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/baselines.py --zoo runs/zoo_h7 --members member_000 member_001 \
-        --speedups 3 --reconstruct -o results/baselines_r20.json
-    OMP_NUM_THREADS=1 .venv/bin/python tools/baselines.py --models checkpoints/cifar_resnet20_fmnist.safetensors \
-        --speedups 3 --reconstruct -o results/baselines_r20_shipped.json
+Protocol, per network (every finished member of each --zoo, or --members of it; or model files given
+by --models), per arm and per target MAC speed-up: prune uniformly (same share of every group, exact
+widths, torch-pruning DepGraph) with `metaprune.pruning.prune`, recalibrate BatchNorm on the first
+--bn-batches un-augmented training batches of 128 (the protocol of `prunability_curve`), measure validation
+accuracy (whole validation split) and test accuracy (whole test split); then finetune a copy with the
+short finetune of tools/compare_fmnist.py (--finetune-epochs 2 x --finetune-steps 40 = the issue's
+80-step finetune: batch 128, lr 0.01 cosine, seed --seed, augmentation on, best epoch on validation,
+the incoming weights included) and measure its test accuracy (`ft_test_acc`). Every member is pruned
+and finetuned on its own zoo's data split.
 
-Results are written after every arm (JSON and a markdown table next to it); a rerun with the same -o and
-setup skips finished arms.
+Arms:
+  l2, functional, random    free criteria (`PruneConfig.criterion`)
+  gate                      per-network ranking optimised on data (--gate-steps steps of --gate-batch)
+  metanet                   one forward pass of a score-mode metanetwork (--metanet CKPT); its scores
+                            rank the channels exactly as the gate's do (see _metanet_scores)
+  <arm>+rec                 with --reconstruct: the same pruned network, refitted by prune-time
+                            reconstruction (`metaprune.pruning.reconstruct`)
+
+Seconds, per arm: `criterion_seconds` (gate: its training; metanet: loading + its forward pass; the free
+criteria are computed inside the pruning search and counted in `prune_seconds` only), `prune_seconds`
+(the whole `prune()` call, criterion and speed-up search included), `finetune_seconds`, `eval_seconds`
+(BN recalibration and the accuracy measurements), `seconds` (all together). Wall-clock seconds on a
+shared machine: compare them within one run.
+
+Fingerprints: every arm result carries the setup it was made with (protocol options; for `gate` the
+sha256 of metaprune/pruning/gate.py; for `metanet` the checkpoint's sha256). A rerun recomputes an arm
+whose fingerprint differs from the current one, so results of an older gate (or checkpoint) are never
+mixed with new ones (--keep-stale keeps them and leaves them out of the summary instead).
+--require-gate-sha SHA256 refuses to run the gate arm unless gate.py has that sha256.
+
+Outputs: -o results/methods_r20.json (setup, members, summary) and results/methods_r20.md beside it;
+per-member JSONs in results/methods_r20_members/ (written after every arm; a rerun skips finished arms,
+so the tool is resumable per member and arm). Members whose own test accuracy (metrics.json) is below
+--min-base-acc are kept but flagged. The summary, per output, speed-up and metric (ft_test_acc, test_acc,
+val_acc): mean per arm (n), paired differences per member of every arm vs the best of {l2, functional,
+random} (the baseline with the highest mean over exactly the members in the comparison) and vs each
+baseline and gate: mean, standard error (sd / sqrt(n)), wins / ties / losses (|d| < 0.005 = tie);
+the seconds per arm side by side; and the share of the L2 -> gate no-finetune gap the metanet closes,
+(metanet - l2) / (gate - l2), as the mean of the per-member shares (members with |gate - l2| < 1 point
+left out of it) and pooled (mean difference / mean difference).
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/baselines.py --zoo runs/zoo_h7 runs/zoo_h7b \\
+        --arms l2 functional random --speedups 3 -o results/methods_r20.json
+    OMP_NUM_THREADS=1 .venv/bin/python tools/baselines.py --zoo runs/zoo_h7 runs/zoo_h7b \\
+        --arms gate metanet --metanet checkpoints/CKPT --speedups 3 -o results/methods_r20.json
+    OMP_NUM_THREADS=1 .venv/bin/python tools/baselines.py --summary-only -o results/methods_r20.json
+    # the older no-finetune table with reconstruction (results/baselines_r20.md):
+    OMP_NUM_THREADS=1 .venv/bin/python tools/baselines.py --zoo runs/zoo_h7 --members member_000 \\
+        --arms l2 functional random gate --reconstruct --finetune-steps 0 -o results/baselines_r20.json
+    .venv/bin/python tools/baselines.py --merge a.json b.json -o merged.json   # old single-file results
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 import statistics
 import sys
 import time
@@ -28,8 +69,184 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+FREE = ("l2", "functional", "random")
+KNOWN_ARMS = (*FREE, "gate", "metanet", "l1", "bn", "taylor")
+METRICS = (("ft_test_acc", "test accuracy after the finetune (primary)"),
+           ("test_acc", "test accuracy, no finetune"),
+           ("val_acc", "validation accuracy, no finetune"))
+TIE = 0.005
+GATE_PY = ROOT / "metaprune" / "pruning" / "gate.py"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+def _paired(d: list[float]) -> dict:
+    n = len(d)
+    mean = statistics.mean(d) if d else None
+    se = statistics.stdev(d) / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "se": se, "wins": sum(x > TIE for x in d), "ties": sum(abs(x) <= TIE for x in d),
+            "losses": sum(x < -TIE for x in d), "min": min(d) if d else None, "max": max(d) if d else None}
+
+
+def _value(m: dict, arm: str, key: str, metric: str) -> float | None:
+    r = m["arms"].get(f"{arm}@{key}")
+    if r is None or r.get("stale"):
+        return None
+    v = r.get(metric)
+    return None if v is None else float(v)
+
+
+def summarize(members: list[dict], arms: list[str], speedups: list[float]) -> dict:
+    """Means, paired differences vs the best free baseline (and each), seconds, metanet's share of the gap."""
+    out: dict = {"members": len(members), "flagged": [m["name"] for m in members if m.get("flag")], "speedups": {}}
+    for s in speedups:
+        key = f"{s:g}x"
+        per: dict = {"metrics": {}, "seconds": {}, "achieved_speedup": {}}
+        present = [a for a in arms if any(_value(m, a, key, "test_acc") is not None for m in members)]
+        for metric, _ in METRICS:
+            md: dict = {"mean": {}, "paired": {}}
+            for a in present:
+                v = [x for x in (_value(m, a, key, metric) for m in members) if x is not None]
+                if v:
+                    md["mean"][a] = {"n": len(v), "mean": statistics.mean(v),
+                                     "se": statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None}
+            for a in present:
+                comp: dict = {}
+                # vs the best free baseline: members having the arm and all three free baselines
+                rows = [m for m in members if _value(m, a, key, metric) is not None
+                        and all(_value(m, b, key, metric) is not None for b in FREE)]
+                if rows and a not in FREE:
+                    best = max(FREE, key=lambda b: statistics.mean(_value(m, b, key, metric) for m in rows))
+                    d = [_value(m, a, key, metric) - _value(m, best, key, metric) for m in rows]
+                    comp["best_free"] = dict(_paired(d), baseline=best)
+                for b in (*FREE, "gate"):
+                    if b == a:
+                        continue
+                    d = [_value(m, a, key, metric) - _value(m, b, key, metric) for m in members
+                         if _value(m, a, key, metric) is not None and _value(m, b, key, metric) is not None]
+                    if d:
+                        comp[b] = _paired(d)
+                if comp:
+                    md["paired"][a] = comp
+            if md["mean"]:
+                per["metrics"][metric] = md
+        for a in present:
+            rs = [m["arms"][f"{a}@{key}"] for m in members
+                  if f"{a}@{key}" in m["arms"] and not m["arms"][f"{a}@{key}"].get("stale")]
+            per["seconds"][a] = {k: statistics.mean(float(r.get(k) or 0.0) for r in rs)
+                                 for k in ("criterion_seconds", "prune_seconds", "eval_seconds", "finetune_seconds",
+                                           "seconds")}
+            per["seconds"][a]["n"] = len(rs)
+            per["achieved_speedup"][a] = statistics.mean(float(r["speedup"]) for r in rs)
+        # share of the L2 -> gate no-finetune gap closed by the metanet
+        gap: dict = {}
+        for metric in ("val_acc", "test_acc", "ft_test_acc"):
+            rows = [(_value(m, "l2", key, metric), _value(m, "gate", key, metric), _value(m, "metanet", key, metric))
+                    for m in members]
+            rows = [r for r in rows if None not in r]
+            if not rows:
+                continue
+            shares = [(mn - l2) / (g - l2) for l2, g, mn in rows if abs(g - l2) >= 1.0]
+            pooled_den = statistics.mean(g - l2 for l2, g, _ in rows)
+            gap[metric] = {"n": len(rows), "n_share": len(shares),
+                           "mean_share": statistics.mean(shares) if shares else None,
+                           "pooled_share": (statistics.mean(mn - l2 for l2, _, mn in rows) / pooled_den
+                                            if abs(pooled_den) > 1e-9 else None)}
+        if gap:
+            per["metanet_gap_share"] = gap
+        out["speedups"][key] = per
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def _f(x, fmt="+.2f"):
+    return "-" if x is None else format(x, fmt)
+
+
+def _pair_cell(p: dict) -> str:
+    se = f" ± {p['se']:.2f}" if p.get("se") is not None else ""
+    return f"{p['mean']:+.2f}{se} ({p['wins']}/{p['ties']}/{p['losses']}, n={p['n']})"
+
+
+def _methods_table(res: dict) -> str:
+    st, summ = res["setup"], res["summary"]
+    ft = (f"{st['finetune_epochs']} epochs x {st['finetune_steps']} steps = "
+          f"{st['finetune_epochs'] * st['finetune_steps']} steps, batch 128, lr {st['finetune_lr']} cosine, seed "
+          f"{st['seed']}, best epoch on validation" if st["finetune_steps"] else "none")
+    lines = [f"# Channel selection methods, paired per member: {st['data']}", "",
+             f"Uniform pruning (same share per group, exact widths), BatchNorm recalibrated on {st['bn_batches']} "
+             f"training batches of 128. Finetune: {ft}. gate: {st['gate_steps']} steps of batch {st['gate_batch']}, "
+             f"seed {st['seed']}. Members: {summ['members']}"
+             + (f" (flagged as unusable, base test < {st['min_base_acc']:g} %: {', '.join(summ['flagged'])}; "
+                "included below)" if summ["flagged"] else "") + ".",
+             "", "Paired differences: mean ± standard error (wins/ties/losses, n), per member; 'best free' = the "
+             "one of l2 / functional / random with the highest mean over exactly the members compared (named). "
+             "Made by tools/baselines.py; the commands are in setup.commands of the JSON (and per arm result).", ""]
+    for key, per in summ["speedups"].items():
+        lines += [f"## {key} MACs", ""]
+        arms = list(per["seconds"])
+        for metric, title in METRICS:
+            md = per["metrics"].get(metric)
+            if not md:
+                continue
+            lines += [f"### {title}", "", "| arm | n | mean | vs best free | vs l2 | vs functional | vs random | vs gate |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for a in arms:
+                mm = md["mean"].get(a)
+                if mm is None:
+                    continue
+                comp = md["paired"].get(a, {})
+                bf = comp.get("best_free")
+                cells = [a, str(mm["n"]), f"{mm['mean']:.2f}",
+                         f"{_pair_cell(bf)} vs {bf['baseline']}" if bf else "-"]
+                cells += [_pair_cell(comp[b]) if b in comp else "-" for b in (*FREE, "gate")]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += ["### seconds per arm (mean per member; wall-clock on a shared 2-core machine)", "",
+                  "| arm | n | achieved speed-up | criterion s | prune s (incl. criterion, search) | BN + eval s | "
+                  "finetune s | total s |", "|---|---|---|---|---|---|---|---|"]
+        for a, sec in per["seconds"].items():
+            crit = f"{sec['criterion_seconds']:.1f}" if a in ("gate", "metanet") else "(in prune)"
+            lines.append(f"| {a} | {sec['n']} | {per['achieved_speedup'][a]:.3f} | {crit} | {sec['prune_seconds']:.1f} "
+                         f"| {sec['eval_seconds']:.1f} | {sec['finetune_seconds']:.1f} | {sec['seconds']:.1f} |")
+        lines.append("")
+        gap = per.get("metanet_gap_share")
+        if gap:
+            lines += ["### share of the L2 -> gate gap closed by the metanet, (metanet - l2) / (gate - l2)", "",
+                      "| metric | n | mean of per-member shares (n with abs(gate - l2) >= 1) | pooled |", "|---|---|---|---|"]
+            for metric, g in gap.items():
+                lines.append(f"| {metric} | {g['n']} | {_f(g['mean_share'], '.2f')} (n={g['n_share']}) | "
+                             f"{_f(g['pooled_share'], '.2f')} |")
+            lines.append("")
+        lines += ["### per member", "", "| member | base test | " + " | ".join(arms) + " |",
+                  "|---|---|" + "---|" * len(arms)]
+        for m in res["members"]:
+            row = [m["name"] + (" (FLAGGED)" if m.get("flag") else ""), f"{m['base_test_acc']:.2f}"]
+            for a in arms:
+                r = m["arms"].get(f"{a}@{key}")
+                if r is None or r.get("stale"):
+                    row.append("-" if r is None else "stale")
+                    continue
+                cell = f"{r['val_acc']:.2f} / {r['test_acc']:.2f}"
+                if r.get("ft_test_acc") is not None:
+                    cell += f" → {r['ft_test_acc']:.2f}"
+                row.append(cell)
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "Cells: val / test without finetuning → test after the finetune.", ""]
+    return "\n".join(lines) + "\n"
+
 
 def _table(res: dict) -> str:
+    """The older no-finetune table (results/baselines_r20.md): per network, val / test (→ FT), vs l2."""
     st = res["setup"]
     arms = [a for a in st["arms"] if any(k.startswith(f"{a}@") for m in res["members"] for k in m["arms"])]
     lines = [f"# Per-network baselines, uniform pruning, {st['data']}", "",
@@ -80,18 +297,52 @@ def _table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# setup entries results must share to be merged (and, with "data", to be resumed)
+# ----------------------------------------------------------------------------------------------- files
+
+# setup entries every arm result is fingerprinted with (and old single-file results must share to be merged)
 _SETUP_KEYS = ("gate_steps", "gate_batch", "reconstruct_batches", "bn_batches", "finetune_steps", "finetune_epochs",
                "finetune_lr", "seed", "pruning")
 
 
+def _members_dir(out: Path) -> Path:
+    return out.with_name(out.stem + "_members")
+
+
+def _member_file(out: Path, name: str) -> Path:
+    return _members_dir(out) / (name.replace("/", "__") + ".json")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from metaprune.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def _save(out: Path, res: dict) -> None:
-    """The results JSON and its markdown table beside it (each written atomically)."""
-    from metaprune.io import atomic_path, write_json
+    """The old single-file results JSON and its markdown table beside it (each written atomically)."""
+    from metaprune.io import write_json
 
     write_json(out, res)
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(_table(res))
+    _write_text(out.with_suffix(".md"), _table(res))
+
+
+def _save_summary(out: Path, setup: dict) -> dict:
+    """Collect every per-member JSON of ``out``, write ``out`` (setup, members, summary) and its table."""
+    from metaprune.io import read_json, write_json
+
+    members = [read_json(f) for f in sorted(_members_dir(out).glob("*.json"))]
+    arms = list(dict.fromkeys([*setup["arms"], *(k.split("@")[0] for m in members for k in m["arms"])]))
+    arms.sort(key=lambda a: (KNOWN_ARMS.index(a.split("+")[0]) if a.split("+")[0] in KNOWN_ARMS else 99, a))
+    speedups = sorted({float(k.split("@")[1][:-1]) for m in members for k in m["arms"]} | set(setup["speedups"]),
+                      reverse=True)
+    setup = dict(setup, arms=arms, speedups=speedups,
+                 data=" + ".join(sorted({m.get("zoo") or m["source"] for m in members})) or setup["data"],
+                 commands=sorted({r["command"] for m in members for r in m["arms"].values() if r.get("command")}))
+    res = {"setup": setup, "members": members, "summary": summarize(members, arms, speedups)}
+    write_json(out, res)
+    _write_text(out.with_suffix(".md"), _methods_table(res))
+    return res
 
 
 def _merge(files: list[str], out: Path) -> None:
@@ -112,35 +363,87 @@ def _merge(files: list[str], out: Path) -> None:
     _save(out, res)
 
 
+# ----------------------------------------------------------------------------------------------- metanet
+
+def _metanet_scores(ckpt: str, model, data, example_input) -> dict:
+    """Attach the metanetwork's per-channel scores to ``model`` (as the gate's, ``criteria.SCORES_ATTR``).
+
+    Uses ``metaprune.metanet.scores.predict_scores(model, ckpt, example_input)`` (the score-mode API
+    described in /tmp/team/metanet_api.txt); returns ``{"seconds": ...}`` and whatever it reports.
+    """
+    try:
+        from metaprune.metanet import scores as ms  # noqa: F401  (written by the metanet helper)
+    except ImportError as e:
+        raise SystemExit(f"the metanet arm needs metaprune.metanet.scores (score-mode API): {e}") from None
+    t0 = time.perf_counter()
+    info = ms.attach_metanet_scores(model, ckpt, example_input) or {}
+    return dict(info, seconds=round(time.perf_counter() - t0, 3))
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+def _finetune(model, data, epochs: int, steps: int, seed: int, lr: float):
+    """The short finetune of tools/compare_fmnist.py (same TrainConfig), returning the TrainResult."""
+    from metaprune.engine import TrainConfig, train
+
+    cfg = TrainConfig(epochs=epochs, lr=lr, schedule="cosine", max_steps_per_epoch=steps, device="cpu", seed=seed,
+                      amp=False)
+    return train(model.train(), data, cfg, desc="ft")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", help="zoo folder (with --members)")
-    p.add_argument("--members", nargs="+", default=[], help="member folders inside --zoo")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--zoo", nargs="+", default=[], help="zoo folders (all finished members, or --members)")
+    p.add_argument("--members", nargs="+", default=[], help="only these member folders of each --zoo")
     p.add_argument("--models", nargs="+", default=[], help="model files (trained on --data's default split)")
     p.add_argument("--data", default="fashion-mnist", help="dataset of --models")
     p.add_argument("--speedups", type=float, nargs="+", default=[3.0])
-    p.add_argument("--criteria", nargs="+", default=["l2", "functional", "random", "gate"])
-    p.add_argument("--reconstruct", action="store_true", help="add '<criterion>+rec' arms (prune-time reconstruction)")
+    p.add_argument("--arms", "--criteria", dest="arms", nargs="+", default=["l2", "functional", "random"],
+                   help=f"arms, any of {', '.join(KNOWN_ARMS)}")
+    p.add_argument("--metanet", help="score-mode metanetwork checkpoint (the metanet arm)")
+    p.add_argument("--reconstruct", action="store_true", help="add '<arm>+rec' arms (prune-time reconstruction)")
     p.add_argument("--reconstruct-criteria", nargs="+", default=None,
-                   help="criteria that get a +rec arm (default: all of --criteria)")
+                   help="arms that get a +rec arm (default: all of --arms)")
     p.add_argument("--gate-steps", type=int, default=250)
     p.add_argument("--gate-batch", type=int, default=128)
+    p.add_argument("--require-gate-sha", help="refuse the gate arm unless metaprune/pruning/gate.py has this sha256")
     p.add_argument("--reconstruct-batches", type=int, default=8)
     p.add_argument("--bn-batches", type=int, default=8)
-    p.add_argument("--finetune-steps", type=int, default=0, help="steps per finetune epoch (0: no finetuning); "
-                   "tools/compare_fmnist.py uses 40")
+    p.add_argument("--finetune-steps", type=int, default=40, help="steps per finetune epoch (0: no finetuning); "
+                   "default 40 x 2 epochs = the 80-step finetune of tools/compare_fmnist.py")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("-o", "--output", default=str(ROOT / "results" / "baselines_r20.json"))
-    p.add_argument("--merge", nargs="+", help="only merge these result JSONs (same setup) into -o and its table")
+    p.add_argument("--min-base-acc", type=float, default=70.0, help="flag members whose own test accuracy is below")
+    p.add_argument("--keep-stale", action="store_true",
+                   help="keep arm results of another fingerprint (left out of the summary) instead of recomputing")
+    p.add_argument("-o", "--output", default=str(ROOT / "results" / "methods_r20.json"))
+    p.add_argument("--summary-only", action="store_true", help="only rebuild -o and its table from the member JSONs")
+    p.add_argument("--merge", nargs="+", help="only merge these old single-file result JSONs into -o and its table")
     a = p.parse_args()
+    out = Path(a.output)
     if a.merge:
-        _merge(a.merge, Path(a.output))
+        _merge(a.merge, out)
         return
-    if not (a.zoo and a.members) and not a.models:
-        p.error("give --zoo with --members, or --models")
+    bad = [x for x in a.arms if x not in KNOWN_ARMS]
+    if bad:
+        p.error(f"unknown arms {bad}; valid: {', '.join(KNOWN_ARMS)}")
+    if "metanet" in a.arms and not a.metanet:
+        p.error("the metanet arm needs --metanet CKPT")
+    if not a.summary_only and not a.zoo and not a.models:
+        p.error("give --zoo (and optionally --members), or --models")
+    rec_crit = a.reconstruct_criteria if a.reconstruct_criteria is not None else a.arms
+    arms = list(a.arms) + ([f"{c}+rec" for c in rec_crit] if a.reconstruct else [])
+    setup = {"data": a.data if a.models else " + ".join(a.zoo), "speedups": a.speedups, "arms": arms,
+             "gate_steps": a.gate_steps, "gate_batch": a.gate_batch, "reconstruct_batches": a.reconstruct_batches,
+             "bn_batches": a.bn_batches, "finetune_steps": a.finetune_steps, "finetune_epochs": a.finetune_epochs,
+             "finetune_lr": a.finetune_lr, "seed": a.seed, "pruning": "uniform, round_to=1",
+             "min_base_acc": a.min_base_acc}
+    if a.summary_only:
+        _save_summary(out, setup)
+        return
 
     import copy
 
@@ -150,95 +453,163 @@ def main() -> None:
     from metaprune.data import BatchLoader, load_dataset
     from metaprune.engine import evaluate
     from metaprune.engine.report import input_shape
-    from metaprune.io import load_model, read_json
-    from metaprune.metanet.zoo import load_member, load_zoo_data
+    from metaprune.errors import MetapruneError
+    from metaprune.io import load_model, read_json, write_json
+    from metaprune.metanet.zoo import list_members, load_member, load_zoo_data
     from metaprune.pruning import PruneConfig, prune, recalibrate_bn
+    from metaprune.pruning import gate as gate_mod
     from metaprune.pruning.reconstruct import reconstruct
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    from compare_fmnist import _finetune
+    gate_sha = sha256_file(Path(gate_mod.__file__))  # the gate.py this process imported
+    if "gate" in a.arms and a.require_gate_sha and gate_sha != a.require_gate_sha:
+        raise SystemExit(f"metaprune/pruning/gate.py has sha256 {gate_sha}, not the required {a.require_gate_sha}")
+    metanet_sha = sha256_file(Path(a.metanet)) if a.metanet and Path(a.metanet).is_file() else None
+    base_fp = {k: setup[k] for k in _SETUP_KEYS}
 
-    rec_crit = a.reconstruct_criteria if a.reconstruct_criteria is not None else a.criteria
-    arms = list(a.criteria) + ([f"{c}+rec" for c in rec_crit] if a.reconstruct else [])
-    setup = {"data": a.data if a.models else f"zoo {a.zoo}", "speedups": a.speedups, "arms": arms,
-             "gate_steps": a.gate_steps, "gate_batch": a.gate_batch, "reconstruct_batches": a.reconstruct_batches,
-             "bn_batches": a.bn_batches, "finetune_steps": a.finetune_steps, "finetune_epochs": a.finetune_epochs,
-             "finetune_lr": a.finetune_lr, "seed": a.seed, "pruning": "uniform"}
-    out = Path(a.output)
-    res = {"setup": setup, "members": []}
-    if out.exists():
-        old = read_json(out)
-        if any(old["setup"].get(k) != setup[k] for k in ("data", *_SETUP_KEYS)):
-            raise SystemExit(f"{out} holds results of another setup; choose another -o (or delete it)")
-        old["setup"]["arms"] = list(dict.fromkeys(old["setup"]["arms"] + arms))
-        old["setup"]["speedups"] = sorted(set(old["setup"]["speedups"]) | set(a.speedups))
-        res = old
+    def fingerprint(arm: str) -> dict:
+        fp = dict(base_fp)
+        crit = arm.split("+")[0]
+        if crit == "gate":
+            fp["gate_py_sha256"] = gate_sha
+        if crit == "metanet":
+            fp["metanet"] = {"path": a.metanet, "sha256": metanet_sha}
+        if arm.endswith("+rec"):
+            fp["reconstruct"] = True
+        return fp
+
     nets = []
-    if a.zoo:
-        zdata = load_zoo_data(a.zoo)
-        nets += [(n, Path(a.zoo) / n, zdata) for n in a.members]
+    for z in a.zoo:
+        try:
+            found = list_members(z)
+        except MetapruneError as e:  # a zoo still being trained: its members join a later rerun
+            print(f"skipping {z}: {e}", flush=True)
+            continue
+        for path in found:
+            if a.members and path.name not in a.members:
+                continue
+            nets.append((f"{Path(z).name}/{path.name}", path, z, lambda z=z: load_zoo_data(z)))
     for f in a.models:
-        nets.append((Path(f).stem, Path(f), None))
-
-    for name, path, data in nets:
+        nets.append((Path(f).stem, Path(f), None, lambda: load_dataset(a.data)))
+    command = " ".join(["tools/baselines.py", *sys.argv[1:]])
+    datas: dict = {}
+    _save_summary(out, setup)
+    for name, path, zoo, get_data in nets:
+        if zoo not in datas:
+            datas.clear()
+            datas[zoo] = get_data()
+        data = datas[zoo]
+        mfile = _member_file(out, name)
         if path.is_dir():
             model, metrics = load_member(path)
             base_test = float(metrics["test_acc"])
         else:
             model, _ = load_model(path)
-            data = load_dataset(a.data)
-            base_test = None
-        rec = next((m for m in res["members"] if m["name"] == name), None)
+            metrics, base_test = {}, None
+        rec = read_json(mfile) if mfile.exists() else None
         if rec is None:
             if base_test is None:
                 base_test = evaluate(model, data.test)["acc"]
-            rec = {"name": name, "source": str(path), "base_test_acc": base_test,
-                   "base_val_acc": evaluate(model, data.val)["acc"], "arms": {}}
-            res["members"].append(rec)
+            rec = {"name": name, "zoo": zoo, "source": str(path), "arch": metrics.get("arch"),
+                   "base_test_acc": base_test, "base_val_acc": evaluate(model, data.val)["acc"], "arms": {}}
+        rec["flag"] = (f"unusable: base test {base_test:.2f} % < {a.min_base_acc:g} %"
+                       if base_test < a.min_base_acc else None)
         shape = input_shape(model, data)
+        x_example = torch.zeros(1, *shape)
 
-        def measure(pruned, r, t0, data=data):
-            recalibrate_bn(pruned, data.train, a.bn_batches, 128)
-            r.update(val_acc=evaluate(pruned, data.val)["acc"], test_acc=evaluate(pruned, data.test)["acc"])
-            if a.finetune_steps:
-                ft = _finetune(copy.deepcopy(pruned), data, a.finetune_epochs, a.finetune_steps, a.seed, a.finetune_lr)
-                r["ft_test_acc"] = evaluate(ft, data.test)["acc"]
-            r["seconds"] = round(time.time() - t0, 2)
-            return r
+        def calib(data=data):
+            return BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False, seed=a.seed)
 
         for s in a.speedups:
-            for crit in dict.fromkeys(list(a.criteria) + (list(rec_crit) if a.reconstruct else [])):
-                want = [arm for arm in (crit, f"{crit}+rec") if arm in arms and f"{arm}@{s:g}x" not in rec["arms"]]
+            for crit in dict.fromkeys(list(a.arms) + (list(rec_crit) if a.reconstruct else [])):
+                want = []
+                for arm in (crit, f"{crit}+rec"):
+                    if arm not in arms:
+                        continue
+                    old = rec["arms"].get(f"{arm}@{s:g}x")
+                    if old is not None and old.get("fingerprint") == fingerprint(arm):
+                        continue
+                    if old is not None and a.keep_stale:
+                        old["stale"] = True
+                        continue
+                    if old is not None:
+                        print(f"{name} {arm}@{s:g}x: fingerprint changed, recomputing "
+                              f"(was {old.get('fingerprint')})", flush=True)
+                    want.append(arm)
                 if not want:
                     continue
-                t0 = time.time()
-                # exact widths (round_to=1): the uniform protocol of the issue's audit, whatever the engine default
-                cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
+                t0 = time.perf_counter()
                 torch.manual_seed(a.seed)
-                pr = prune(model, cfg, input_shape=shape,
-                           calibration=BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False, seed=a.seed))
-                base_r = {"criterion": crit, "speedup": pr.speedup, "ratio": pr.ratio, "macs": pr.macs_after,
-                          "params": pr.params_after, "prune_seconds": round(time.time() - t0, 2)}
+                crit_seconds, extra = 0.0, {}
+                if crit == "metanet":  # its scores, attached to a copy, rank the channels as the gate's do
+                    src = copy.deepcopy(model)
+                    extra["metanet"] = _metanet_scores(a.metanet, src, data, x_example)
+                    crit_seconds = extra["metanet"]["seconds"]
+                    cfg = PruneConfig(speedup=s, criterion="gate", gate_steps=0, seed=a.seed, round_to=1)
+                    pr = _prune_with_scores(prune, src, cfg, shape)
+                else:
+                    # exact widths (round_to=1): the uniform protocol of the issue's audit, whatever the engine default
+                    cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
+                    pr = prune(model, cfg, input_shape=shape, calibration=calib())
                 if "gate" in pr.info:
-                    base_r["gate"] = pr.info["gate"]
+                    extra["gate"] = pr.info["gate"]
+                    crit_seconds = float(pr.info["gate"].get("seconds") or 0.0) if crit == "gate" else crit_seconds
+                prune_seconds = time.perf_counter() - t0
+                base_r = {"criterion": crit, "speedup": pr.speedup, "ratio": pr.ratio, "macs": pr.macs_after,
+                          "params": pr.params_after, "criterion_seconds": round(crit_seconds, 2),
+                          "prune_seconds": round(prune_seconds, 2), **extra}
                 for arm in want:
-                    t1 = time.time()
+                    t1 = time.perf_counter()
                     m = copy.deepcopy(pr.model)
-                    r = dict(base_r, reconstruct=arm.endswith("+rec"))
+                    r = dict(base_r, reconstruct=arm.endswith("+rec"), fingerprint=fingerprint(arm))
                     if r["reconstruct"]:  # the same pruned network (same ranking), then refitted
-                        info = reconstruct(model, m, BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False,
-                                                                 seed=a.seed),
-                                           a.reconstruct_batches, history=pr.history)
+                        info = reconstruct(model, m, calib(), a.reconstruct_batches, history=pr.history)
                         r["reconstruct_info"] = {k: v for k, v in info.items() if k != "per_layer"}
-                    r = measure(m, r, t1)
-                    r["seconds"] = round(r["seconds"] + base_r["prune_seconds"], 2)
+                        r["reconstruct_seconds"] = round(time.perf_counter() - t1, 2)
+                    t2 = time.perf_counter()
+                    recalibrate_bn(m, data.train, a.bn_batches, 128)
+                    r.update(val_acc=evaluate(m, data.val)["acc"], test_acc=evaluate(m, data.test)["acc"])
+                    r["eval_seconds"] = round(time.perf_counter() - t2, 2)
+                    r["finetune_seconds"] = 0.0
+                    if a.finetune_steps:
+                        t3 = time.perf_counter()
+                        ftr = _finetune(copy.deepcopy(m), data, a.finetune_epochs, a.finetune_steps, a.seed,
+                                        a.finetune_lr)
+                        r["finetune_seconds"] = round(time.perf_counter() - t3, 2)
+                        t4 = time.perf_counter()
+                        r.update(ft_test_acc=evaluate(ftr.model, data.test)["acc"], ft_best_epoch=ftr.best_epoch,
+                                 ft_val_acc=ftr.best_val_acc)
+                        r["eval_seconds"] = round(r["eval_seconds"] + time.perf_counter() - t4, 2)
+                    r["seconds"] = round(prune_seconds + time.perf_counter() - t1, 2)
+                    r["command"] = command
                     key = f"{arm}@{s:g}x"
                     rec["arms"][key] = r
                     print(f"{name} {key}: val {r['val_acc']:.2f} test {r['test_acc']:.2f}"
                           + (f" ft {r['ft_test_acc']:.2f}" if "ft_test_acc" in r else "")
-                          + f" ({r['speedup']:.2f}x, {r['seconds']:.0f} s)", flush=True)
-                    _save(out, res)
-    _save(out, res)
+                          + f" ({r['speedup']:.2f}x, crit {r['criterion_seconds']:.0f} s, prune "
+                            f"{r['prune_seconds']:.0f} s, ft {r['finetune_seconds']:.0f} s, all {r['seconds']:.0f} s)",
+                          flush=True)
+                    _member_file(out, name).parent.mkdir(parents=True, exist_ok=True)
+                    write_json(mfile, rec)
+                    _save_summary(out, setup)
+        _member_file(out, name).parent.mkdir(parents=True, exist_ok=True)
+        write_json(mfile, rec)
+    _save_summary(out, setup)
+
+
+def _prune_with_scores(prune, model, cfg, shape):
+    """Prune ``model`` whose scores are already attached (``SCORES_ATTR``) without learning the gate again.
+
+    ``prune(criterion='gate')`` learns scores itself; with ``gate_steps=0`` it would overwrite them with
+    its random initialisation, so the engine's learning step is bypassed by a stand-in that keeps them.
+    """
+    from metaprune.pruning import gate as gate_mod
+
+    original = gate_mod.learn_gate_scores
+    gate_mod.learn_gate_scores = lambda *args, **kw: {"steps": 0, "seconds": 0.0, "source": "metanet"}
+    try:
+        return prune(model, cfg, input_shape=shape, calibration=[], inplace=False)
+    finally:
+        gate_mod.learn_gate_scores = original
 
 
 if __name__ == "__main__":

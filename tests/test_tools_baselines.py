@@ -1,0 +1,66 @@
+"""tools/baselines.py's summary: paired differences vs the best free baseline, SE, sign counts, gap share."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("baselines_tool", Path(__file__).parents[1] / "tools" / "baselines.py")
+bl = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bl)
+
+
+def _member(name, **arms):
+    out = {}
+    for arm, (val, test, ft) in arms.items():
+        out[f"{arm}@3x"] = {"val_acc": val, "test_acc": test, "ft_test_acc": ft, "speedup": 3.0,
+                            "criterion_seconds": 2.0 if arm == "gate" else 0.0, "prune_seconds": 1.0,
+                            "eval_seconds": 1.0, "finetune_seconds": 3.0, "seconds": 5.0}
+    return {"name": name, "base_test_acc": 85.0, "arms": out}
+
+
+def test_paired_vs_best_free_baseline_and_gap_share():
+    members = [
+        _member("a", l2=(30, 30, 78), functional=(50, 50, 79), random=(20, 20, 77), gate=(70, 70, 80),
+                metanet=(60, 60, 80)),
+        _member("b", l2=(40, 40, 80), functional=(45, 45, 79.5), random=(30, 30, 78), gate=(80, 80, 81),
+                metanet=(50, 50, 79.5)),
+        _member("c", l2=(35, 35, 79), functional=(55, 55, 80.5), random=(25, 25, 78), gate=(75, 75, 80),
+                metanet=(55, 55, 81.5)),
+    ]
+    s = bl.summarize(members, ["l2", "functional", "random", "gate", "metanet"], [3.0])["speedups"]["3x"]
+    ft = s["metrics"]["ft_test_acc"]
+    # best free by mean over the same members: functional 79.67 > l2 79.0 > random 77.67
+    bf = ft["paired"]["metanet"]["best_free"]
+    assert bf["baseline"] == "functional"
+    d = [1.0, 0.0, 1.0]
+    assert bf["mean"] == pytest.approx(sum(d) / 3)
+    sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert bf["se"] == pytest.approx(sd / math.sqrt(3))
+    assert (bf["wins"], bf["ties"], bf["losses"]) == (2, 1, 0)
+    assert ft["paired"]["metanet"]["l2"]["mean"] == pytest.approx((2 - 0.5 + 2.5) / 3)
+    assert "best_free" not in ft["paired"]["l2"]  # a free baseline is not compared with the best of itself
+    # no-finetune test: best free is functional too; gap share (metanet - l2) / (gate - l2)
+    gap = s["metanet_gap_share"]["test_acc"]
+    shares = [30 / 40, 10 / 40, 20 / 40]
+    assert gap["mean_share"] == pytest.approx(sum(shares) / 3)
+    assert gap["pooled_share"] == pytest.approx((60 / 3) / (120 / 3))
+    assert s["seconds"]["gate"]["criterion_seconds"] == 2.0 and s["seconds"]["gate"]["n"] == 3
+
+
+def test_stale_results_and_missing_baselines_are_left_out():
+    members = [
+        _member("a", l2=(30, 30, 78), functional=(50, 50, 79), random=(20, 20, 77), gate=(70, 70, 80)),
+        _member("b", l2=(40, 40, 80), functional=(45, 45, 79.5), random=(30, 30, 78), gate=(80, 80, 90)),
+        _member("c", l2=(35, 35, 79), functional=(55, 55, 80.5), gate=(75, 75, 80)),  # no random: not paired
+    ]
+    members[1]["arms"]["gate@3x"]["stale"] = True  # an older gate.py: must not be mixed in
+    s = bl.summarize(members, ["l2", "functional", "random", "gate"], [3.0])["speedups"]["3x"]
+    ft = s["metrics"]["ft_test_acc"]
+    assert ft["mean"]["gate"] == {"n": 2, "mean": 80.0, "se": 0.0}
+    bf = ft["paired"]["gate"]["best_free"]
+    assert bf["n"] == 1 and bf["baseline"] == "functional" and bf["mean"] == pytest.approx(1.0)
+    assert ft["paired"]["gate"]["l2"]["n"] == 2
