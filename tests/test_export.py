@@ -198,3 +198,72 @@ def test_spa_bundle_with_source_exports_the_merged_model(tmp_path, capsys):
         ref = merged(x)
     assert ref.shape == (5, 4)
     assert (_ort_run(out, x) - ref).abs().max() <= 1e-5
+
+
+@pytest.fixture
+def small_latency(monkeypatch):
+    """prune's latency at batches 1 and 4 in 3 rounds (the default 1 and 64 in 5 rounds is slow for the suite)."""
+    import functools
+
+    from metaprune.pruning import pipeline, report
+
+    monkeypatch.setattr(pipeline, "add_latency", functools.partial(report.add_latency, batches=(1, 4), rounds=3))
+
+
+def test_prune_report_has_onnxruntime_latency_interleaved_with_torch(tmp_path, small_latency, capsys):
+    """--latency-runtime torch,onnxruntime: onnxruntime before/after in report.json, timed in the same rounds
+    as PyTorch; the ratios are the medians of the per-round ratios; without the flag no onnxruntime key."""
+    import statistics
+
+    from metaprune import create_model
+    from metaprune.io import save_model
+
+    torch.manual_seed(0)
+    src = save_model(create_model("cifar_resnet20", num_classes=10, in_chans=1).eval(), tmp_path / "src.safetensors")
+    out = tmp_path / "o"
+    assert main(["prune", str(src), "--ratio", "0.4", "--latency-runtime", "torch,onnxruntime", "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "onnxruntime batch 4" in table and "CPUExecutionProvider" in table
+    rep = json.loads((out / "report.json").read_text())
+    b, a, r = rep["before"], rep["after"], rep["ratios"]
+    assert set(b["latency_onnxruntime"]) == set(a["latency_onnxruntime"]) == set(b["latency"]) == {"1", "4"}
+    med = statistics.median
+    for bs in ("1", "4"):
+        ob, oa, tb, ta = b["latency_onnxruntime"][bs], a["latency_onnxruntime"][bs], b["latency"][bs], a["latency"][bs]
+        assert oa["runtime"] == "onnxruntime" and ta["runtime"] == "torch"
+        assert oa["provider"] == "CPUExecutionProvider" and oa["max_abs_diff_after"] <= 1e-4
+        # the same interleaved rounds and threads as PyTorch
+        assert len(ob["ms_rounds"]) == len(oa["ms_rounds"]) == len(ta["ms_rounds"]) == 3
+        assert oa["threads"] == ta["threads"] and oa["batch"] == int(bs) and oa["interleaved"]
+        assert oa["ms"] == pytest.approx(med(oa["ms_rounds"]), rel=1e-5)
+        # before / after in onnxruntime: the median of the per-round ratios, in the report and its ratios
+        want = med(x / y for x, y in zip(ob["ms_rounds"], oa["ms_rounds"]))
+        assert oa["speedup"] == pytest.approx(want, rel=1e-4) and r[f"latency_onnxruntime_b{bs}"] == oa["speedup"]
+        assert r[f"latency_per_mac_onnxruntime_b{bs}"] == pytest.approx(oa["speedup"] / r["macs"])
+        assert oa["speedup_over_torch"] == pytest.approx(med(x / y for x, y in zip(ta["ms_rounds"], oa["ms_rounds"])),
+                                                         rel=1e-4)
+        assert r[f"latency_b{bs}"] == ta["speedup"]  # PyTorch's ratio unchanged
+    # default: PyTorch only, no onnxruntime key anywhere
+    out2 = tmp_path / "o2"
+    assert main(["prune", str(src), "--ratio", "0.4", "-o", str(out2), "-q"]) == 0
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert "latency_onnxruntime" not in rep2["before"] and "latency_onnxruntime" not in rep2["after"]
+    assert set(rep2["before"]["latency"]) == {"1", "4"} and not any("onnxruntime" in k for k in rep2["ratios"])
+
+
+def test_prune_latency_runtime_bad_values_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from metaprune import create_model
+    from metaprune.io import save_model
+
+    src = save_model(create_model("cifar_resnet20", num_classes=10, in_chans=1).eval(), tmp_path / "src.safetensors")
+    out = tmp_path / "o"
+    for flags, says in ((["--latency-runtime", "tensorrt"], "tensorrt"),
+                        (["--latency-runtime", "torch,onnxruntime", "--no-latency"], "--no-latency")):
+        assert main(["prune", str(src), "--ratio", "0.4", *flags, "-o", str(out), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --latency-runtime") and says in err[0], err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["prune", str(src), "--ratio", "0.4", "--latency-runtime", "torch,onnxruntime", "-o", str(out),
+                 "-q"]) == 2
+    assert "pip install metaprune[export]" in capsys.readouterr().err
+    assert not out.exists()

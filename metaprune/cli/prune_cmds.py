@@ -63,6 +63,11 @@ def register(sub) -> None:
     p.add_argument("--eval-batches", type=int, help="evaluate accuracy on at most this many test batches (>= 1; "
                    "default: all)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--latency-runtime", default="torch", metavar="torch[,onnxruntime]",
+                   help="runtimes whose latency before/after the report holds: torch (default), or "
+                   "torch,onnxruntime: both models are also exported to ONNX and timed in onnxruntime (CPU provider; "
+                   "CUDA provider with --device cuda and onnxruntime-gpu) in the same interleaved rounds and "
+                   "threads as PyTorch (slower; needs pip install metaprune[export])")
     p.add_argument("--task", action="append", default=[], help="adapt the source to this task with spa: one pruned "
                    "adapter bundle per task; repeatable")
     p.add_argument("--method", default="splora", help="spa adapter method used with --task")
@@ -98,6 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.eval_batches is not None and args.eval_batches < 1:
         raise ConfigError(f"--eval-batches {args.eval_batches} must be >= 1 (leave it out to evaluate the whole test "
                           "split, or leave out --data for no accuracy)")
+    runtimes = _latency_runtimes(args)
     src = model_path(args)
     guard(args, [src], folders=[args.output] if args.task else (),
           files=() if args.task else output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
@@ -132,12 +138,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ft = train_config(args, epochs=args.finetune_epochs) if args.finetune_epochs else None
     status(args, f"prune: {src} ({cfg.target[0]} {cfg.target[1]:g}, criterion {cfg.criterion})")
     report = prune_file(src, Path(args.output), cfg, data=data, finetune=ft, device=args.device,
-                        latency=not args.no_latency, eval_batches=args.eval_batches, trust_pickle=args.trust_pickle)
+                        latency=runtimes, eval_batches=args.eval_batches, trust_pickle=args.trust_pickle)
     if args.json:
         print_json(report)
     else:
         print(format_table(report))
     return 0
+
+
+def _latency_runtimes(args: argparse.Namespace) -> tuple[str, ...] | bool:
+    """False with --no-latency, else the checked --latency-runtime (onnxruntime installed, a provider for
+    the device): refused before any work."""
+    from metaprune.pruning.report import check_runtimes, parse_runtimes
+
+    runtimes = parse_runtimes(args.latency_runtime)
+    if args.no_latency:
+        if runtimes != ("torch",):
+            raise ConfigError(f"--latency-runtime {args.latency_runtime} measures latency, --no-latency skips it; "
+                              "give one of them")
+        return False
+    if runtimes == ("torch",):
+        return runtimes
+    from metaprune.engine.runtime import resolve_device
+
+    return check_runtimes(runtimes, resolve_device(args.device))
 
 
 def cmd_curve(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ def _check_fits(model, data: DataSplits) -> None:
 
 
 def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: PruneConfig,
-               data: DataSplits | None = None, finetune=None, device: str = "auto", latency: bool = True,
+               data: DataSplits | None = None, finetune=None, device: str = "auto", latency: bool | str | tuple = True,
                eval_batches: int | None = None, trust_pickle: bool = False) -> dict:
     """Prune the model file ``source`` into ``out_dir`` (``model.safetensors`` + ``report.json``).
 
@@ -39,7 +39,8 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
             criterion draws its batches from ``data.train``, and finetuning uses it.
         finetune: a :class:`metaprune.engine.TrainConfig`; with ``epochs > 0`` the pruned model is
             finetuned (best epoch on the validation split).
-        latency: measure latency (batch 1 and 64) before and after.
+        latency: measure latency (batch 1 and 64) before and after: True (PyTorch), or the runtimes
+            (``"torch,onnxruntime"``: onnxruntime too, interleaved; see ``report.add_latency``).
 
     Returns the report dict that was written.
     """
@@ -82,7 +83,7 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     pruned.eval()
     after = model_summary(pruned, data, dev, latency=False, eval_batches=eval_batches)
     if latency:  # before and after measured together (interleaved rounds, fixed threads)
-        add_latency(before, after, model, pruned, shape, dev)
+        add_latency(before, after, model, pruned, shape, dev, runtimes=latency)
     extra = {"command": "prune", "source": str(source), "ratio": result.ratio, "speedup": result.speedup}
     path = save_model(pruned, out_dir, extra=extra, inputs=(source,))
     after["file_bytes"] = path.stat().st_size
