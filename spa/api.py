@@ -171,6 +171,11 @@ def load_task_data(task: str, cfg: AdaptConfig, source: nn.Module, source_extra:
             kw["num_classes"] = 4
     data = load_dataset(task, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                         train_subset=cfg.train_subset, **kw)
+    if isinstance(args.get("in_chans"), int) and args["in_chans"] > 1 and data.in_chans == 1:
+        from metaprune.data.datasets import repeat_channels  # grey images for a colour source: grey -> RGB
+
+        data = repeat_channels(data, args["in_chans"])
+        log.info("adapt: %s's 1-channel images repeated to the source's %d input channels", task, args["in_chans"])
     if args.get("in_chans") not in (None, data.in_chans):
         raise ConfigError(f"the source takes {args['in_chans']}-channel images but task {task} has {data.in_chans}")
     if task.startswith("imagefolder:"):

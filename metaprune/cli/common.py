@@ -239,8 +239,15 @@ def load_data_for(args: argparse.Namespace, model=None, name: str | None = None)
         spec = getattr(model, "metaprune_arch", {}).get("args", {}) if model is not None else {}
         kw = {"in_chans": spec.get("in_chans"), "num_classes": spec.get("num_classes"),
               "image_size": spec.get("image_size") or _image_size(model)}
-    return load_dataset(name, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+    data = load_dataset(name, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
                         download=args.download, train_subset=args.train_subset, **kw)
+    want = getattr(model, "metaprune_arch", {}).get("args", {}).get("in_chans") if model is not None else None
+    if isinstance(want, int) and want > 1 and data.in_chans == 1:  # grey images for a colour model: grey -> RGB
+        from metaprune.data.datasets import repeat_channels
+
+        data = repeat_channels(data, want)
+        status(args, f"{data.name}: 1-channel images repeated to the model's {want} input channels")
+    return data
 
 
 def _image_size(model) -> int:

@@ -274,3 +274,20 @@ def load_dataset(name: str, data_dir: str | None = None, *, val_fraction: float 
         train = train.subset(idx)
     tr, va = split_train_val(train, val_fraction, seed)
     return DataSplits(name, tr, va, test, nc, ch, size, synthetic)
+
+
+def repeat_channels(data: DataSplits, in_chans: int) -> DataSplits:
+    """``data`` (1-channel images held in memory, e.g. Fashion-MNIST) with each image's channel
+    repeated ``in_chans`` times, for a model that takes colour images (the usual grey -> RGB);
+    normalisation statistics repeated alike. Other data is refused with a :class:`DataError`."""
+    splits = (data.train, data.val, data.test)
+    if data.in_chans != 1 or not all(isinstance(s, TensorImageDataset) for s in splits):
+        raise DataError(f"{data.name} has {data.in_chans}-channel images that cannot be repeated to {in_chans} "
+                        "channels; use data with the model's number of channels")
+
+    def rep(ds: TensorImageDataset) -> TensorImageDataset:
+        return TensorImageDataset(ds.images.expand(-1, in_chans, -1, -1), ds.labels, ds.mean * in_chans,
+                                  ds.std * in_chans, ds.classes)
+
+    return DataSplits(data.name, rep(data.train), rep(data.val), rep(data.test), data.num_classes, in_chans,
+                      data.image_size, data.synthetic)
