@@ -17,19 +17,20 @@ and finetuned on its own zoo's data split.
 Arms:
   l2, functional, random    free criteria (`PruneConfig.criterion`)
   gate                      per-network ranking optimised on data (--gate-steps steps of --gate-batch)
-  metanet                   one forward pass of a score-mode metanetwork (--metanet CKPT); its scores
-                            rank the channels exactly as the gate's do (see _metanet_scores)
+  metanet                   one forward pass of a score-mode (ranking) metanetwork (--metanet CKPT,
+                            `PruneConfig(criterion="metanet", metanet=CKPT)`); its scores rank the channels
+                            exactly as the gate's do
   <arm>+rec                 with --reconstruct: the same pruned network, refitted by prune-time
                             reconstruction (`metaprune.pruning.reconstruct`)
 
-Seconds, per arm: `criterion_seconds` (gate: its training; metanet: loading + its forward pass; the free
+Seconds, per arm: `criterion_seconds` (gate: its training; metanet: graph + forward pass + group mapping; the free
 criteria are computed inside the pruning search and counted in `prune_seconds` only), `prune_seconds`
 (the whole `prune()` call, criterion and speed-up search included), `finetune_seconds`, `eval_seconds`
 (BN recalibration and the accuracy measurements), `seconds` (all together). Wall-clock seconds on a
 shared machine: compare them within one run.
 
 Fingerprints: every arm result carries the setup it was made with (protocol options; for `gate` the
-sha256 of metaprune/pruning/gate.py; for `metanet` the checkpoint's sha256). A rerun recomputes an arm
+sha256 of metaprune/pruning/gate.py; for `metanet` the checkpoint's sha256, file or folder). A rerun recomputes an arm
 whose fingerprint differs from the current one, so results of an older gate (or checkpoint) are never
 mixed with new ones (--keep-stale keeps them and leaves them out of the summary instead).
 --require-gate-sha SHA256 refuses to run the gate arm unless gate.py has that sha256.
@@ -83,6 +84,18 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist")
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -363,23 +376,6 @@ def _merge(files: list[str], out: Path) -> None:
     _save(out, res)
 
 
-# ----------------------------------------------------------------------------------------------- metanet
-
-def _metanet_scores(ckpt: str, model, data, example_input) -> dict:
-    """Attach the metanetwork's per-channel scores to ``model`` (as the gate's, ``criteria.SCORES_ATTR``).
-
-    Uses ``metaprune.metanet.scores.predict_scores(model, ckpt, example_input)`` (the score-mode API
-    described in /tmp/team/metanet_api.txt); returns ``{"seconds": ...}`` and whatever it reports.
-    """
-    try:
-        from metaprune.metanet import scores as ms  # noqa: F401  (written by the metanet helper)
-    except ImportError as e:
-        raise SystemExit(f"the metanet arm needs metaprune.metanet.scores (score-mode API): {e}") from None
-    t0 = time.perf_counter()
-    info = ms.attach_metanet_scores(model, ckpt, example_input) or {}
-    return dict(info, seconds=round(time.perf_counter() - t0, 3))
-
-
 # ----------------------------------------------------------------------------------------------- running
 
 def _finetune(model, data, epochs: int, steps: int, seed: int, lr: float):
@@ -463,7 +459,7 @@ def main() -> None:
     gate_sha = sha256_file(Path(gate_mod.__file__))  # the gate.py this process imported
     if "gate" in a.arms and a.require_gate_sha and gate_sha != a.require_gate_sha:
         raise SystemExit(f"metaprune/pruning/gate.py has sha256 {gate_sha}, not the required {a.require_gate_sha}")
-    metanet_sha = sha256_file(Path(a.metanet)) if a.metanet and Path(a.metanet).is_file() else None
+    metanet_sha = sha256_path(Path(a.metanet)) if a.metanet else None
     base_fp = {k: setup[k] for k in _SETUP_KEYS}
 
     def fingerprint(arm: str) -> dict:
@@ -514,7 +510,6 @@ def main() -> None:
         rec["flag"] = (f"unusable: base test {base_test:.2f} % < {a.min_base_acc:g} %"
                        if base_test < a.min_base_acc else None)
         shape = input_shape(model, data)
-        x_example = torch.zeros(1, *shape)
 
         def calib(data=data):
             return BatchLoader(data.train, a.gate_batch, shuffle=True, augment=False, seed=a.seed)
@@ -540,19 +535,17 @@ def main() -> None:
                 t0 = time.perf_counter()
                 torch.manual_seed(a.seed)
                 crit_seconds, extra = 0.0, {}
-                if crit == "metanet":  # its scores, attached to a copy, rank the channels as the gate's do
-                    src = copy.deepcopy(model)
-                    extra["metanet"] = _metanet_scores(a.metanet, src, data, x_example)
-                    crit_seconds = extra["metanet"]["seconds"]
-                    cfg = PruneConfig(speedup=s, criterion="gate", gate_steps=0, seed=a.seed, round_to=1)
-                    pr = _prune_with_scores(prune, src, cfg, shape)
+                # exact widths (round_to=1): the uniform protocol of the issue's audit, whatever the engine default
+                if crit == "metanet":  # one forward pass; its scores rank the channels as the gate's do
+                    cfg = PruneConfig(speedup=s, criterion="metanet", metanet=a.metanet, seed=a.seed, round_to=1)
+                    pr = prune(model, cfg, input_shape=shape)
                 else:
-                    # exact widths (round_to=1): the uniform protocol of the issue's audit, whatever the engine default
                     cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
                     pr = prune(model, cfg, input_shape=shape, calibration=calib())
-                if "gate" in pr.info:
-                    extra["gate"] = pr.info["gate"]
-                    crit_seconds = float(pr.info["gate"].get("seconds") or 0.0) if crit == "gate" else crit_seconds
+                for k in ("gate", "metanet"):
+                    if k in pr.info:
+                        extra[k] = pr.info[k]
+                        crit_seconds = float(pr.info[k].get("seconds") or 0.0)
                 prune_seconds = time.perf_counter() - t0
                 base_r = {"criterion": crit, "speedup": pr.speedup, "ratio": pr.ratio, "macs": pr.macs_after,
                           "params": pr.params_after, "criterion_seconds": round(crit_seconds, 2),
@@ -594,22 +587,6 @@ def main() -> None:
         _member_file(out, name).parent.mkdir(parents=True, exist_ok=True)
         write_json(mfile, rec)
     _save_summary(out, setup)
-
-
-def _prune_with_scores(prune, model, cfg, shape):
-    """Prune ``model`` whose scores are already attached (``SCORES_ATTR``) without learning the gate again.
-
-    ``prune(criterion='gate')`` learns scores itself; with ``gate_steps=0`` it would overwrite them with
-    its random initialisation, so the engine's learning step is bypassed by a stand-in that keeps them.
-    """
-    from metaprune.pruning import gate as gate_mod
-
-    original = gate_mod.learn_gate_scores
-    gate_mod.learn_gate_scores = lambda *args, **kw: {"steps": 0, "seconds": 0.0, "source": "metanet"}
-    try:
-        return prune(model, cfg, input_shape=shape, calibration=[], inplace=False)
-    finally:
-        gate_mod.learn_gate_scores = original
 
 
 if __name__ == "__main__":
