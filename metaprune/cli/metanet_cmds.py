@@ -17,6 +17,7 @@ from metaprune.cli.common import (
     status,
     train_config,
 )
+from metaprune.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -41,8 +42,24 @@ def register(sub) -> None:
                        "removed as uniform L2 pruning would remove them. Defaults: the shipped recipe (function-"
                        "preserving --edit scale); --edit residual --prune-aware 0 --bn-eval is the paper's loss. The checkpoint is chosen by the prunability score of the "
                        "validation members on validation data. Resumable; OUT/log.jsonl logs every epoch.")
-    p.add_argument("--zoo", required=True, help="zoo folder (from `metaprune zoo`)")
+    p.add_argument("--zoo", required=True, nargs="+", help="zoo folder (from `metaprune zoo`); with --output-mode "
+                   "score one or more zoos of training members")
     p.add_argument("-o", "--output", required=True, help="output folder (metanet.safetensors, config.json, log.jsonl)")
+    p.add_argument("--output-mode", choices=("edit", "score"), default="edit",
+                   help="edit: a metanetwork that edits weights (the loss above); score: one importance score per "
+                   "channel, trained with a ListNet ranking loss to reproduce each member's `gate` ranking (cached "
+                   "targets, see tools/gate_targets.py), used with `prune --criterion metanet --metanet OUT`")
+    p.add_argument("--val-zoo", nargs="+", default=[], help="score mode: zoos of validation members (ranking "
+                   "agreement logged, never trained on)")
+    p.add_argument("--steps", type=int, default=600, help="score mode: gradient steps (one member each)")
+    p.add_argument("--tau", type=float, default=1.0, help="score mode: temperature of the target ranking "
+                   "distribution (standardised gate scores; smaller focuses on the top)")
+    p.add_argument("--average-from", type=float, default=0.5,
+                   help="score mode: the saved weights average every step from this fraction of --steps on")
+    p.add_argument("--target-speedup", type=float, default=3.0, help="score mode: MAC speed-up of the gate targets")
+    p.add_argument("--targets", default="runs/gate_targets", help="score mode: gate-target cache folder")
+    p.add_argument("--compute-targets", action="store_true",
+                   help="score mode: compute missing or stale gate targets (needs the zoos' data; 1-4 CPU-min each)")
     p.add_argument("--data", help="dataset (default: the zoo's)")
     p.add_argument("--data-dir", help="folder holding the dataset files")
     p.add_argument("--epochs", type=int, default=12)
@@ -126,6 +143,12 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
     from metaprune.metanet.meta_train import meta_train
 
+    if args.output_mode == "score":
+        return _meta_train_score(args)
+    if len(args.zoo) != 1:
+        raise ConfigError("meta-train (edit mode) reads one --zoo folder; several are read with --output-mode score")
+    args.zoo = args.zoo[0]
+
     device = str(resolve_device(args.device))
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
@@ -149,6 +172,25 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         raise TrainingError(f"meta-train selected no epoch, so no metanetwork was written to {args.output}")
     status(args, f"meta-train: selected epoch {s['selected_epoch']} (validation prunability {s['val_score']:.2f}, "
            f"unedited {s['val_score_unedited']:.2f}) -> {weights}")
+    return 0
+
+
+def _meta_train_score(args: argparse.Namespace) -> int:
+    from metaprune.metanet.config import MetanetConfig
+    from metaprune.metanet.rank import RankTrainConfig, rank_meta_train
+
+    cfg = RankTrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, tau=args.tau,
+                          average_from=args.average_from, speedup=args.target_speedup, seed=args.seed)
+    ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, output="score", edge_chunk=args.edge_chunk,
+                         checkpoint=args.checkpointing)
+    guard(args, [*args.zoo, *args.val_zoo], folders=[args.output])
+    s = rank_meta_train(args.zoo, args.val_zoo, args.output, cfg, ncfg, cache=args.targets,
+                        compute_targets=args.compute_targets, resume=not args.no_resume,
+                        log=lambda m: status(args, m))
+    v = s["final"]
+    status(args, f"meta-train (score): {s['steps']} steps in {s['train_seconds']:.0f} s -> {args.output}"
+           + (f"; validation keep-set overlap with gate at {args.target_speedup:g}x: metanet {v['metanet_overlap']:.3f}, "
+              f"l2 {v['l2_overlap']:.3f}, functional {v['functional_overlap']:.3f}" if v else ""))
     return 0
 
 

@@ -21,10 +21,13 @@ from metaprune.errors import ConfigError
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="l2", choices=["l2", "l1", "bn", "taylor", "random", "functional", "gate"],
+    p.add_argument("--criterion", default="l2", choices=["l2", "l1", "bn", "taylor", "random", "functional", "gate",
+                                                             "metanet"],
                    help="channel importance: group L2/L1 magnitude, BatchNorm scale, Taylor (needs --data), random, "
                    "functional (||(gamma,beta)|| x ||next layer's input columns||, free), gate (one score per "
-                   "channel optimised on training batches with hard top-k gates; needs --data)")
+                   "channel optimised on training batches with hard top-k gates; needs --data), metanet (scores "
+                   "from one forward pass of a score metanetwork, --metanet)")
+    p.add_argument("--metanet", help="score-metanetwork folder of --criterion metanet (e.g. checkpoints/metanet_rank_fmnist)")
     p.add_argument("--gate-steps", type=int, default=250, help="training steps (batches of 128) of --criterion gate")
     p.add_argument("--reconstruct", action="store_true",
                    help="after pruning, refit the layers reading pruned channels by least squares so their outputs "
@@ -126,7 +129,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       criterion=args.criterion, global_pruning=args.global_pruning, round_to=args.round_to,
                       ignore=tuple(args.ignore), max_layer_ratio=args.max_layer_ratio,
                       prune_heads=not args.keep_heads, keep_output=args.keep_output, seed=args.seed,
-                      gate_steps=args.gate_steps, reconstruct=args.reconstruct, reconstruct_batches=args.reconstruct_batches)
+                      gate_steps=args.gate_steps, reconstruct=args.reconstruct, reconstruct_batches=args.reconstruct_batches,
+                      metanet=args.metanet)
     data = None
     if args.data:
         from metaprune.io import load_model
@@ -183,7 +187,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
                               batch_size=args.batch_size, device=device, seed=args.seed,
                               global_pruning=args.global_pruning, ignore=tuple(args.ignore),
                               gate_steps=args.gate_steps, reconstruct=args.reconstruct,
-                              reconstruct_batches=args.reconstruct_batches)
+                              reconstruct_batches=args.reconstruct_batches, metanet=args.metanet)
     curve.update(source=src, arch=info.arch, data=data.name)
     write_json(out / "curve.json", curve)
     plot_curve(curve, out / "curve.png", title=f"{info.arch} on {data.name}: AUC {curve['auc']:.2f}% to "

@@ -26,6 +26,11 @@ class MetanetConfig:
             BatchNorm undoes it, so the network computes the same function after BN
             re-estimation, but the L2 magnitudes the pruner ranks channels by change -- the
             metanetwork learns which channels the pruner should keep).
+            Ignored with ``output="score"``.
+        output: ``"edit"`` (default: the metanetwork returns edited node and edge features, see ``edit``)
+            or ``"score"`` (one importance score per node, a pruning criterion: trained to rank channels as
+            the per-network ``gate`` criterion does, see :mod:`metaprune.metanet.rank`). A score metanetwork
+            also reads hand-made per-channel magnitudes (:func:`metaprune.metanet.model.score_features`).
         node_dim: node feature size of the graphs it reads (set from the first graph).
         edge_dims: feature size of every edge group, by group name (set from the first graph).
         frozen_groups: edge groups that are never edited (identity shortcuts carry no weight).
@@ -52,6 +57,7 @@ class MetanetConfig:
     layers: int = 8
     rho: float | None = None
     edit: str = "residual"
+    output: str = "edit"
     node_dim: int = 0
     edge_dims: dict[str, int] = field(default_factory=dict)
     frozen_groups: tuple[str, ...] = ("id",)
@@ -79,6 +85,9 @@ class MetanetConfig:
             raise ConfigError(f"metanetwork edge_dims must map edge group names to sizes, got {self.edge_dims!r}")
         if self.edit not in ("residual", "scale"):
             raise ConfigError(f"unknown metanetwork edit {self.edit!r}: choose residual or scale")
+        if self.output not in ("edit", "score"):
+            raise ConfigError(f"unknown metanetwork output {self.output!r}: choose edit (weight edits) or score "
+                              "(per-channel importance scores)")
         if self.rho is None:
             self.rho = 1.0 if self.edit == "scale" else 0.05
         check_float("metanetwork rho", self.rho, above=0)

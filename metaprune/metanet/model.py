@@ -305,6 +305,56 @@ def _traced_keep(spec: dict, n: int, dev: torch.device) -> Tensor:
     return keep
 
 
+#: per-node magnitudes a score metanetwork reads besides the graph features (see :func:`score_features`)
+SCORE_FEATURES = ("log_in_norm", "log_out_norm", "log_norm_affine", "log_functional")
+
+
+def score_features(graph, frozen_groups=("id",)) -> Tensor:
+    """Hand-made per-channel magnitudes for the ``"score"`` output, z-scored within each graph layer: ``[N, 4]``.
+
+    Columns (:data:`SCORE_FEATURES`): ``log`` of the norm of a channel's incoming weights (its output row),
+    of its outgoing weights (the next layers' input columns), of its normalisation's ``(gamma, beta)``
+    (the incoming norm where it has none), and the sum of the last two (the ``functional`` criterion).
+    Only their relative size inside a layer is kept (depth- and width-agnostic); a layer where a
+    magnitude is missing or constant gets 0.
+    """
+    from metaprune.graph import NODE_SLOTS
+
+    x = graph.x.float()
+    n = x.shape[0]
+    dev = x.device
+    inn = torch.zeros(n, device=dev)
+    out = torch.zeros(n, device=dev)
+    for g, eg in graph.edges.items():
+        if g in frozen_groups or eg.index.shape[1] == 0:
+            continue
+        sq = eg.attr.float().pow(2).sum(1)
+        inn.index_add_(0, eg.index[1].to(dev), sq)
+        out.index_add_(0, eg.index[0].to(dev), sq)
+    inn, out = inn.sqrt(), out.sqrt()
+    bw, bb = NODE_SLOTS.index("bn_weight"), NODE_SLOTS.index("bn_bias")
+    lw, lb = NODE_SLOTS.index("ln_weight"), NODE_SLOTS.index("ln_bias")
+    m = graph.x_mask
+    aff = torch.where(m[:, bw], (x[:, bw] ** 2 + x[:, bb] ** 2).sqrt(),
+                      torch.where(m[:, lw], (x[:, lw] ** 2 + x[:, lb] ** 2).sqrt(), inn))
+    eps = 1e-8
+    cols = [inn, out, aff]
+    present = [c > eps for c in cols]
+    logs = [torch.where(p, c.clamp_min(eps).log(), torch.zeros_like(c)) for c, p in zip(cols, present)]
+    cols = logs + [logs[1] + logs[2]]
+    present = present + [present[1] & present[2]]
+    layer = graph.node_layer.long().to(dev)
+    nl = int(layer.max()) + 1 if n else 1
+    feats = []
+    for c, p in zip(cols, present):
+        pf = p.float()
+        cnt = torch.zeros(nl, device=dev).index_add_(0, layer, pf).clamp_min(1)
+        mean = torch.zeros(nl, device=dev).index_add_(0, layer, c * pf) / cnt
+        var = torch.zeros(nl, device=dev).index_add_(0, layer, (c - mean[layer]) ** 2 * pf) / cnt
+        feats.append(((c - mean[layer]) / var.sqrt().clamp_min(1e-3)[layer]) * pf)
+    return torch.stack(feats, 1)
+
+
 def _decoder(hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out))
 
@@ -322,12 +372,18 @@ class Metanet(nn.Module):
             raise ValueError("MetanetConfig.node_dim and edge_dims must be set (use Metanet.for_graph)")
         self.cfg = cfg
         h = cfg.hidden
-        self.node_enc = nn.Linear(2 * cfg.node_dim + 2 * cfg.depth_freqs + 1, h)
+        score = cfg.output == "score"
+        self.node_enc = nn.Linear(2 * cfg.node_dim + 2 * cfg.depth_freqs + 1 + (len(SCORE_FEATURES) if score else 0), h)
         self.node_role = nn.Embedding(cfg.node_roles, h)
         self.edge_role = nn.Embedding(cfg.edge_roles, h)
         self.edge_enc = nn.ModuleDict({g: nn.Linear(d, h) for g, d in sorted(cfg.edge_dims.items())})
         self.layers = nn.ModuleList(MetanetLayer(h, cfg.fused) for _ in range(cfg.layers))
-        if cfg.edit == "scale":
+        if score:  # score = prior . score_features + decoder(h); starts as the functional criterion
+            self.score_dec = _decoder(h, 1)
+            nn.init.zeros_(self.score_dec[-1].weight)
+            nn.init.zeros_(self.score_dec[-1].bias)
+            self.score_prior = nn.Parameter(torch.tensor([0.0] * (len(SCORE_FEATURES) - 1) + [1.0]))
+        elif cfg.edit == "scale":
             self.scale_dec = _decoder(h, 1)
             nn.init.zeros_(self.scale_dec[-1].weight)  # starts at s = 1 (the identity)
             nn.init.zeros_(self.scale_dec[-1].bias)
@@ -373,17 +429,23 @@ class Metanet(nn.Module):
                                   f"(it knows {self.cfg.edge_dims}); it was trained on another architecture family")
 
     def forward(self, graph, x: Tensor | None = None, edge_attr: dict[str, Tensor] | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Edited ``(x, {group: attr})`` of ``graph`` (features may be overridden by ``x`` / ``edge_attr``)."""
+                ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+        """Edited ``(x, {group: attr})`` of ``graph`` (features may be overridden by ``x`` / ``edge_attr``);
+        with ``cfg.output == "score"`` one importance score per node, ``[N]`` (float32)."""
         cfg = self.cfg
         self.check_graph(graph)
+        score = cfg.output == "score"
         x = graph.x if x is None else x
         attrs = {g: (eg.attr if edge_attr is None or g not in edge_attr else edge_attr[g])
                  for g, eg in graph.edges.items()}
         mask = graph.x_mask.to(x.dtype)
         st = node_stats(x, graph.x_mask, graph.node_layer)
         xn = (x - st.mean) / st.scale * mask
-        feats = torch.cat([xn, mask, self._depth_features(graph.node_depth)], dim=1)
+        parts = [xn, mask, self._depth_features(graph.node_depth)]
+        if score:
+            sf = score_features(graph, cfg.frozen_groups)
+            parts.append(sf.to(x.dtype))
+        feats = torch.cat(parts, dim=1)
         h = self.node_enc(feats) + self.node_role(graph.node_role.clamp_max(cfg.node_roles - 1))
         groups = [g for g in sorted(graph.edges) if graph.edges[g].index.shape[1] > 0]
         scales, e_parts, idx_parts, sizes = {}, [], [], []
@@ -402,7 +464,8 @@ class Metanet(nn.Module):
         e = e.index_select(0, perm)
         chunked = cfg.edge_chunk is not None
         for i, layer in enumerate(self.layers):
-            edges = cfg.edit != "scale" or i < len(self.layers) - 1  # the scale edit reads nodes only
+            # the scale edit and the scores read nodes only
+            edges = (cfg.edit != "scale" and not score) or i < len(self.layers) - 1
             if cfg.checkpoint and torch.is_grad_enabled():  # per layer (nested with per-chunk recompute)
                 h, e = checkpoint(layer, h, e, plan, chunked, edges, use_reentrant=False)
             else:
@@ -410,6 +473,8 @@ class Metanet(nn.Module):
             if chunked or cfg.checkpoint:  # keep RSS near what is live (see metanet.memory)
                 release_memory()
                 e = release_in_backward(e)
+        if score:
+            return (sf.float() @ self.score_prior.float() + self.score_dec(h).squeeze(1).float())
         if cfg.edit == "scale":
             return self._scale_edit(graph, x, attrs, h)
         x_out = x + mask * self.slot_mask(x) * cfg.rho * self.node_dec(h) * st.scale

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from metaprune.errors import ConfigError
 
-CRITERIA = ("l2", "l1", "bn", "taylor", "random", "functional", "gate")
+CRITERIA = ("l2", "l1", "bn", "taylor", "random", "functional", "gate", "metanet")
 
 
 @dataclass
@@ -50,6 +50,8 @@ class PruneConfig:
             outputs match the unpruned network's on calibration batches, then recalibrate BatchNorm
             (:mod:`metaprune.pruning.reconstruct`; needs calibration batches).
         reconstruct_batches: calibration batches used by ``reconstruct``.
+        metanet: folder of a score metanetwork (``criterion="metanet"``: one forward pass of it on the model's
+            graph gives every channel's score; see :mod:`metaprune.metanet.rank`).
     """
 
     ratio: float | None = None
@@ -71,6 +73,7 @@ class PruneConfig:
     gate_lr: float = 0.05
     reconstruct: bool = False
     reconstruct_batches: int = 8
+    metanet: str | None = None
 
     def __post_init__(self) -> None:
         self.ignore = tuple(self.ignore)
@@ -100,6 +103,11 @@ class PruneConfig:
             raise ConfigError("search_iters, global_steps and taylor_batches must be >= 1")
         if self.gate_steps < 1 or not self.gate_lr > 0:
             raise ConfigError(f"--gate-steps {self.gate_steps} must be >= 1 and the gate learning rate > 0")
+        if (self.criterion == "metanet") != (self.metanet is not None):
+            raise ConfigError("criterion 'metanet' needs a score metanetwork (--metanet FOLDER, e.g. "
+                              "checkpoints/metanet_rank_fmnist), and --metanet is used only with --criterion metanet")
+        if self.metanet is not None:
+            self.metanet = str(self.metanet)
         if self.reconstruct_batches < 1:
             raise ConfigError(f"--reconstruct-batches {self.reconstruct_batches} must be >= 1")
 

@@ -56,7 +56,12 @@ def make_importance(name: str, model: nn.Module | None = None) -> tp.importance.
             raise PruningError("criterion 'gate' needs learned scores: call prune() with calibration batches "
                                "(the CLI: --data)")
         return ScoreImportance(model)
-    raise ConfigError(f"unknown criterion {name!r}; valid: l2, l1, bn, taylor, random, functional, gate")
+    if name == "metanet":  # scores of one score-metanetwork pass (metaprune.metanet.rank)
+        if model is None or getattr(model, SCORES_ATTR, None) is None:
+            raise PruningError("criterion 'metanet' needs the metanetwork's scores: call prune() with "
+                               "PruneConfig(criterion='metanet', metanet=CHECKPOINT)")
+        return ScoreImportance(model)
+    raise ConfigError(f"unknown criterion {name!r}; valid: l2, l1, bn, taylor, random, functional, gate, metanet")
 
 
 def check_criterion(name: str, model: nn.Module, has_calibration: bool) -> None:

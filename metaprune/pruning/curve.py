@@ -68,7 +68,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
                       criterion: str = "l2", val_batches: int | None = 4, calib_batches: int = 8,
                       batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
                       global_pruning: bool = False, ignore: tuple[str, ...] = (), gate_steps: int = 250,
-                      reconstruct: bool = False, reconstruct_batches: int = 8) -> dict:
+                      reconstruct: bool = False, reconstruct_batches: int = 8, metanet: str | None = None) -> dict:
     """Accuracy-vs-speed-up curve of ``model`` pruned without finetuning, and its normalised AUC.
 
     Args:
@@ -80,6 +80,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
             reach ``max_speedup`` (more points are added if it does not, up to a 90% ratio).
         criterion: channel importance (see :class:`PruneConfig`); ``gate`` is learned once (``gate_steps``
             batches of 128 of ``data.train``, removal ratios drawn over the curve's range) and ranks every point.
+        metanet: score-metanetwork folder of ``criterion="metanet"`` (run once, its scores rank every point).
         reconstruct: refit each point's pruned consumers on ``reconstruct_batches`` training batches of 128
             (:mod:`metaprune.pruning.reconstruct`) before the BatchNorm recalibration.
 
@@ -103,7 +104,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
         calib = BatchLoader(data.train, batch_size, shuffle=False, augment=False, device=device)
         grads = accumulate_gradients(base, calib, calib_batches) > 0
     cfg = PruneConfig(ratio=0.5, criterion=criterion, global_pruning=global_pruning, ignore=tuple(ignore), seed=seed,
-                      gate_steps=gate_steps)
+                      gate_steps=gate_steps, metanet=metanet)
     p_end = min(0.9, 1 - max_speedup ** -0.5)
     ratios = [p_end * (k + 1) / steps for k in range(steps)]
     extra: dict = {"reconstruct": bool(reconstruct)}
@@ -112,6 +113,10 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
         from metaprune.pruning.gate import learn_gate_scores
 
         extra["gate"] = learn_gate_scores(base, cfg, x, fit_batches, ratio_range=(0.5 * p_end / steps, p_end))
+    if criterion == "metanet":  # one metanetwork pass for the whole curve
+        from metaprune.metanet.rank import attach_metanet_scores
+
+        extra["metanet"] = attach_metanet_scores(base, metanet, cfg, x)
     out = {"speedups": [1.0], "accs": [base_acc], "ratios": [0.0], "macs": [macs0]}
     i = 0
     while i < len(ratios):

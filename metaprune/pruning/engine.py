@@ -267,6 +267,11 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     widths0 = _prunable_widths(model, config)
     _check_round_to(config, widths0)
     groups0 = _group_widths(model, config, x)
+    if config.criterion == "metanet":  # one metanetwork pass ranks every trial's copy
+        from metaprune.metanet.rank import attach_metanet_scores
+
+        base = model if inplace else copy.deepcopy(model)
+        info["metanet"] = attach_metanet_scores(base, config.metanet, config, x if isinstance(x, torch.Tensor) else None)
 
     if kind == "ratio":
         m, macs1, params1 = trial(value, final=True)

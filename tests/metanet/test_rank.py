@@ -1,0 +1,162 @@
+"""Ranking (score) metanetwork: learns a planted ranking, checkpoint round trip, the ``metanet`` pruning
+criterion prunes what the scores say, clear errors, the gate-target cache's fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from metaprune.errors import ConfigError, ModelFileError
+from metaprune.graph import NODE_SLOTS, to_graph
+from metaprune.metanet.checkpoint import load_metanet, save_metanet
+from metaprune.metanet.config import MetanetConfig
+from metaprune.metanet.model import Metanet
+from metaprune.metanet.rank import (
+    RankMember,
+    RankTrainConfig,
+    group_nodes,
+    group_scores,
+    predict_scores,
+    rank_train,
+    spearman,
+)
+from metaprune.models import create_model
+from metaprune.pruning import PruneConfig, prune
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    m = create_model("cifar_resnet20", num_classes=4, in_chans=1)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 1.0)
+            mod.running_var.data.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _planted(seed: int) -> RankMember:
+    """A member whose target ranks each group's channels by their mean BatchNorm bias (not by magnitude)."""
+    m = _model(seed)
+    g = to_graph(m)
+    groups = [x for x in group_nodes(m, g) if x.fallback is None]
+    bias = g.x[:, NODE_SLOTS.index("bn_bias")].float()
+    targets = group_scores(bias, groups)
+    return RankMember(path=f"planted{seed}", graph=g, groups=groups, targets=targets, baselines={})
+
+
+def _score_net(g, seed=0):
+    torch.manual_seed(seed)
+    return Metanet.for_graph(g, MetanetConfig(hidden=16, layers=1, output="score"))
+
+
+def test_learns_a_planted_ranking_that_transfers(tmp_path):
+    train, held = [_planted(0), _planted(1)], _planted(2)
+    torch.manual_seed(0)
+    before = Metanet.for_graph(held.graph, MetanetConfig(hidden=16, layers=1, output="score"))
+    rho0 = spearman(group_scores(before(held.graph).detach(), held.groups), held.targets)
+    s = rank_train(train, [], tmp_path / "r", RankTrainConfig(steps=40, lr=1e-2, log_every=1000, save_every=1000),
+                   MetanetConfig(hidden=16, layers=1), log=lambda m: None)
+    net, meta = load_metanet(tmp_path / "r")
+    assert net.cfg.output == "score" and meta["summary"]["steps"] == 40
+    rho = spearman(group_scores(net(held.graph).detach(), held.groups), held.targets)
+    assert rho > 0.6 and rho > rho0 + 0.3, (rho0, rho)
+    assert s["train_seconds"] > 0
+
+
+def test_score_checkpoint_round_trip_and_edit_checkpoint_unchanged(tmp_path):
+    m = _model()
+    g = to_graph(m)
+    net = _score_net(g)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_metanet(net, tmp_path / "s")
+    net2, meta = load_metanet(tmp_path / "s")
+    assert meta["metanet"]["output"] == "score"
+    with torch.no_grad():
+        assert torch.equal(net(g), net2(g))
+    # an edit metanetwork written without the `output` field loads as an edit network, as before
+    edit = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=1))
+    save_metanet(edit, tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    del cfg["metanet"]["output"]
+    (tmp_path / "e" / "config.json").write_text(json.dumps(cfg))
+    e2, _ = load_metanet(tmp_path / "e")
+    assert e2.cfg.output == "edit"
+    with torch.no_grad():
+        x1, _ = edit(g)
+        x2, _ = e2(g)
+    assert torch.equal(x1, x2)
+
+
+def test_metanet_criterion_prunes_the_lowest_scored_channels(tmp_path):
+    m = _model()
+    g = to_graph(m)
+    net = _score_net(g)
+    with torch.no_grad():  # a non-trivial ranking, unlike any magnitude criterion
+        net.score_prior.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0]))
+        net.score_dec[-1].weight.normal_(0, 1.0)
+    save_metanet(net, tmp_path / "s")
+    scores, _ = predict_scores(net, m)
+    with torch.no_grad():  # a single-layer group's scores are its layer's node scores, channel by channel
+        node = net(g)
+    lid = next(e["id"] for e in g.spec["layers"] if e["name"] == "layer2.1.conv1")
+    assert torch.allclose(scores["layer2.1.conv1:out"], node[g.node_layer == lid])
+    res = prune(m, PruneConfig(ratio=0.5, criterion="metanet", metanet=str(tmp_path / "s"), round_to=1))
+    assert res.info["metanet"]["seconds"] > 0 and res.info["metanet"]["groups"] == len(scores)
+    for name, mod in (("layer2.1.conv1:out", "bn1"), ("layer1.2.conv1:out", "bn1")):
+        kept = getattr(res.model.get_submodule(name.split(".conv")[0]), mod).weight  # the group's BatchNorm
+        want = torch.topk(scores[name], kept.shape[0]).indices.sort().values
+        assert torch.equal(kept, getattr(m.get_submodule(name.split(".conv")[0]), mod).weight[want])
+    l2 = prune(m, PruneConfig(ratio=0.5, round_to=1)).model.layer2[1].bn1.weight
+    assert not torch.equal(l2, res.model.layer2[1].bn1.weight)  # the scores, not magnitude, chose
+
+
+def test_metanet_criterion_errors(tmp_path, capsys):
+    m = _model()
+    edit = Metanet.for_graph(to_graph(m), MetanetConfig(hidden=8, layers=1))
+    save_metanet(edit, tmp_path / "edit")
+    with pytest.raises(ModelFileError, match="outputs weight edits"):
+        prune(m, PruneConfig(ratio=0.5, criterion="metanet", metanet=str(tmp_path / "edit")))
+    with pytest.raises(ModelFileError, match="does not exist"):
+        prune(m, PruneConfig(ratio=0.5, criterion="metanet", metanet=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="needs a score metanetwork"):
+        PruneConfig(ratio=0.5, criterion="metanet")
+    from metaprune.cli import main
+    from metaprune.io import save_model
+
+    save_model(m, tmp_path / "m.safetensors")
+    rc = main(["prune", str(tmp_path / "m.safetensors"), "--ratio", "0.5", "--criterion", "metanet", "--metanet",
+               str(tmp_path / "edit"), "-o", str(tmp_path / "out"), "--no-latency", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "outputs weight edits" in err and "Traceback" not in err
+
+
+def test_gate_target_cache_is_keyed_by_fingerprint(tmp_path, monkeypatch):
+    from metaprune.fingerprint import fingerprint
+    from metaprune.io import save_model
+    from metaprune.metanet import targets
+
+    zoo = tmp_path / "zoo"
+    (zoo / "member_000").mkdir(parents=True)
+    (zoo / "zoo.json").write_text(json.dumps({"config": {"data": "fashion-mnist", "val_fraction": 0.1,
+                                                         "data_seed": 1, "train_subset": 100}}))
+    member = zoo / "member_000"
+    save_model(_model(), member / "model.safetensors")
+    cache = tmp_path / "cache"
+    st, js = targets.cache_paths(cache, member, 3.0)
+    st.parent.mkdir(parents=True)
+    save_file({"conv1:out": torch.arange(16.0)}, str(st))
+    js.write_text(json.dumps({"fingerprint": fingerprint(targets.target_fingerprint(member, 3.0))}))
+    hit = targets.load_cached(cache, member, 3.0)
+    assert hit is not None and torch.equal(hit["conv1:out"], torch.arange(16.0))
+    assert targets.load_cached(cache, member, 3.0, seed=1) is None  # other gate settings
+    monkeypatch.setattr(targets, "gate_source_sha256", lambda: "0" * 64)  # gate.py changed
+    assert targets.load_cached(cache, member, 3.0) is None
+    monkeypatch.undo()
+    save_model(_model(seed=5), member / "model.safetensors")  # another member file
+    assert targets.load_cached(cache, member, 3.0) is None
