@@ -1,9 +1,11 @@
 """Model, checkpoint and JSON files: safe loading (no pickle), atomic writes.
 
 Model file format (``format_version`` 1): a ``.safetensors`` file whose metadata entry
-``metaprune`` is a JSON object ``{"format_version", "arch", "arch_args", "widths",
+``metaprune`` is a JSON object ``{"format_version", "arch", "arch_args", "widths", "input_size",
 "metaprune_version", "extra"}``. ``widths`` holds the structural attributes of every layer (see
-:mod:`metaprune.models.widths`), so a pruned model reloads without pickle.
+:mod:`metaprune.models.widths`), so a pruned model reloads without pickle. ``input_size`` (optional;
+files written before it existed load without it) is the input height = width in pixels the model
+was trained / pruned at: the default size for MACs, latency, export and the graph converter.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -31,7 +34,13 @@ from torch import nn
 from metaprune import __version__
 from metaprune.errors import ConfigError, MetapruneError, ModelFileError, OutputError
 from metaprune.models import apply_widths, arch_spec, create_model, get_widths, list_models
-from metaprune.models.registry import ARCH_ATTR, get_entry
+from metaprune.models.registry import (
+    ARCH_ATTR,
+    MAX_INPUT_SIZE,
+    get_entry,
+    recorded_input_size,
+    set_input_size,
+)
 
 FORMAT_VERSION = 1
 META_KEY = "metaprune"
@@ -246,11 +255,14 @@ class ModelInfo:
 
 
 def model_spec(model: nn.Module, extra: dict | None = None, arch: str | None = None,
-               arch_args: dict | None = None) -> dict:
+               arch_args: dict | None = None, input_size: int | None = None) -> dict:
     """The JSON spec written next to a model's weights (``arch`` names a model built outside
-    :func:`create_model`; see :func:`save_model`)."""
+    :func:`create_model`; see :func:`save_model`). ``input_size`` defaults to the size recorded
+    with the model (:func:`metaprune.models.registry.set_input_size`), if any."""
     spec = arch_spec(model) if arch is None else named_spec(model, arch, arch_args)
-    return {
+    if input_size is None:
+        input_size = (getattr(model, ARCH_ATTR, None) or {}).get("input_size")
+    out = {
         "format_version": FORMAT_VERSION,
         "arch": spec["arch"],
         "arch_args": spec["args"],
@@ -258,6 +270,15 @@ def model_spec(model: nn.Module, extra: dict | None = None, arch: str | None = N
         "metaprune_version": __version__,
         "extra": extra or {},
     }
+    if input_size is not None:
+        out["input_size"] = _check_input_size(input_size, "input_size", ConfigError)
+    return out
+
+
+def _check_input_size(v: Any, what: str, error: type[MetapruneError] = ModelFileError) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_INPUT_SIZE:
+        raise error(f"{what} must be an integer in 1..{MAX_INPUT_SIZE} (pixels), not {v!r}")
+    return v
 
 
 def _meta_model(arch: str, args: dict, label: str = "") -> nn.Module:
@@ -287,20 +308,22 @@ def named_spec(model: nn.Module, arch: str, arch_args: dict | None = None) -> di
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None,
-               inputs: tuple = (), arch: str | None = None, arch_args: dict | None = None) -> Path:
+               inputs: tuple = (), arch: str | None = None, arch_args: dict | None = None,
+               input_size: int | None = None) -> Path:
     """Write ``model`` as ``.safetensors`` with its architecture spec and widths in the metadata.
 
     ``path`` may be a folder (``model.safetensors`` is written inside). The write is atomic, and
     ``inputs`` lists files that must not be overwritten. A module built outside
     :func:`create_model` (e.g. ``torchvision.models.mobilenet_v2(num_classes=10)``, pruned or not)
     is saved by naming its architecture: ``arch="torchvision:mobilenet_v2", arch_args={"num_classes":
-    10, "image_size": 64}``.
+    10, "image_size": 64}``. ``input_size`` is the input height = width the model was trained / pruned
+    at (default: the size recorded with the model, e.g. by :func:`load_model`; none for a fresh one).
     """
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / MODEL_FILENAME
     check_output(p, inputs)
-    spec = model_spec(model, extra, arch, arch_args)
+    spec = model_spec(model, extra, arch, arch_args, input_size)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(p) as tmp:
         save_file(sd, str(tmp), metadata={META_KEY: json.dumps(_jsonable(spec)), "format": "pt"})
@@ -417,7 +440,7 @@ def load_safetensors(path: str | os.PathLike, what: str | None = None,
 
 
 _SPEC_KEYS = {"format_version": int, "arch": str}
-_SPEC_OPTIONAL = {"arch_args": dict, "widths": dict, "metaprune_version": str, "extra": dict}
+_SPEC_OPTIONAL = {"arch_args": dict, "widths": dict, "metaprune_version": str, "extra": dict, "input_size": int}
 _ARG_TYPES = (int, float, str, bool, type(None))
 
 
@@ -431,6 +454,8 @@ def validate_model_spec(spec: Any, path: str = "<memory>") -> dict:
                              "upgrade metaprune")
     if fv < 1:
         raise ModelFileError(f"{what}: format_version {fv} is not a valid version (1..{FORMAT_VERSION})")
+    if "input_size" in spec:
+        _check_input_size(spec["input_size"], f"{what}: 'input_size'")
     try:
         entry = get_entry(spec["arch"])
     except MetapruneError as e:
@@ -442,8 +467,6 @@ def validate_model_spec(spec: Any, path: str = "<memory>") -> dict:
         if k in ("num_classes", "in_chans", "image_size") and (isinstance(v, bool) or not isinstance(v, int)
                                                                 or not 1 <= v <= 1 << 20):
             raise ModelFileError(f"{what}: arch_args[{k!r}] must be a positive integer, not {v!r}")
-    import inspect
-
     params = inspect.signature(entry.builder).parameters
     unknown = [k for k in args if k not in params]
     if unknown:
@@ -470,6 +493,13 @@ def build_from_spec(spec: dict, state_dict: dict[str, torch.Tensor], path: str =
     """
     validate_model_spec(spec, path)
     check_tensors(state_dict, f"{path}: the weights")
+    return _take_over(_meta_from_spec(spec, state_dict, path), spec, state_dict, path)
+
+
+def _meta_from_spec(spec: dict, shapes: dict[str, torch.Tensor], path: str) -> nn.Module:
+    """The architecture of a validated ``spec`` built on the meta device at its widths, checked against
+    ``shapes`` (tensors or meta placeholders: only names and shapes are read): every tensor name and
+    shape, and a meta forward pass (consecutive layers connect). No tensor data is needed."""
     arch = spec["arch"]
     try:
         with torch.device("meta"):
@@ -479,16 +509,16 @@ def build_from_spec(spec: dict, state_dict: dict[str, torch.Tensor], path: str =
     except (TypeError, ValueError, RuntimeError, AssertionError) as e:
         raise ModelFileError(f"{path}: architecture {arch!r} cannot be built with arch_args "
                              f"{spec.get('arch_args', {})} ({str(e)[:160]}); the metadata is corrupt") from None
-    apply_widths(model, spec.get("widths", {}), state_dict, where=path)
+    apply_widths(model, spec.get("widths", {}), shapes, where=path)
     ref = model.state_dict(keep_vars=True)
-    missing = sorted(set(ref) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(ref))
+    missing = sorted(set(ref) - set(shapes))
+    unexpected = sorted(set(shapes) - set(ref))
     if missing or unexpected:
         raise ModelFileError(f"{path}: the weights do not fit architecture {arch!r} (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the file is damaged or belongs to another model")
     for k, t in ref.items():
-        if tuple(t.shape) != tuple(state_dict[k].shape):
-            raise ModelFileError(f"{path}: tensor {k} has shape {tuple(state_dict[k].shape)}, architecture {arch!r} "
+        if tuple(t.shape) != tuple(shapes[k].shape):
+            raise ModelFileError(f"{path}: tensor {k} has shape {tuple(shapes[k].shape)}, architecture {arch!r} "
                                  f"needs {tuple(t.shape)}")
     try:
         with torch.no_grad():
@@ -497,15 +527,92 @@ def build_from_spec(spec: dict, state_dict: dict[str, torch.Tensor], path: str =
         raise ModelFileError(f"{path}: the layer shapes do not connect into a working {arch!r} "
                              f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); the widths or "
                              "tensor shapes are corrupt") from None
+    return model
+
+
+def _take_over(model: nn.Module, spec: dict, state_dict: dict[str, torch.Tensor], path: str) -> nn.Module:
+    """``model`` (from :func:`_meta_from_spec`) holding the checked ``state_dict``'s tensors, with the
+    spec's recorded input size."""
+    ref = model.state_dict(keep_vars=True)
     sd = _with_versions(model, {k: v.to(ref[k].dtype) if v.dtype != ref[k].dtype else v
                                 for k, v in state_dict.items()})
     model.load_state_dict(sd, strict=True, assign=True)
     left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
     if left:  # a buffer outside the state dict (non-persistent): build the ordinary way
-        model = create_model(arch, **spec.get("arch_args", {}))
+        model = create_model(spec["arch"], **spec.get("arch_args", {}))
         apply_widths(model, spec.get("widths", {}), state_dict, where=path)
         model.load_state_dict(_with_versions(model, sd), strict=True)
-    return model
+    return set_input_size(model, spec.get("input_size") or _legacy_input_size(spec))
+
+
+#: the image size of the built-in datasets, for files written before ``input_size`` was recorded
+_DATA_SIZES = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32}
+
+
+def _legacy_input_size(spec: dict) -> int | None:
+    """The input size of a file without ``input_size``: that of the built-in dataset (or task) its
+    ``extra.data`` names, if any; else None (the architecture's default applies)."""
+    data = (spec.get("extra") or {}).get("data")
+    if not isinstance(data, str):
+        return None
+    if data in _DATA_SIZES:
+        return _DATA_SIZES[data]
+    try:
+        from metaprune.data.tasks import get_task
+
+        return _DATA_SIZES.get(get_task(data).base)
+    except Exception:  # noqa: BLE001 - not a registered task: unknown
+        return None
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def safetensors_header(path: str | os.PathLike, what: str | None = None,
+                       error: type[MetapruneError] = ModelFileError) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and, for every tensor, a meta-device placeholder of its shape and dtype, read from a
+    ``.safetensors`` header only (no tensor data is read), so a file's structure is validated before
+    anything is materialised. A damaged header raises ``error``."""
+    what = what or str(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            out = {}
+            for k in f.keys():  # noqa: SIM118 - safe_open has no items()
+                sl = f.get_slice(k)
+                out[k] = torch.empty(tuple(sl.get_shape()), dtype=_ST_DTYPES.get(sl.get_dtype(), torch.float32),
+                                     device="meta")
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:
+        raise error(f"{what} is not a readable safetensors file ({str(e).splitlines()[0][:200] if str(e) else e!r}); "
+                    "it may be truncated or corrupt") from None
+    return meta, out
+
+
+def runs_at(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """Why ``model`` cannot take one input of ``input_shape`` (C, H, W), or None when it can: a forward
+    on the meta device (nothing is computed or changed), and when that is inconclusive (code that
+    needs values) a real one in eval mode."""
+    from torch.func import functional_call
+
+    state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            functional_call(model, state, (torch.zeros(1, *input_shape, device="meta"),))
+        return None
+    except Exception:  # noqa: BLE001 - data-dependent code cannot run on meta; try for real
+        pass
+    training = model.training
+    try:
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=dev))
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure: the model does not take this input
+        return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    finally:
+        model.train(training)
 
 
 def _with_versions(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -607,6 +714,9 @@ def load_state_dict_as(state_dict: dict[str, torch.Tensor], arch: str, arch_args
 
     sd = _prefix_normalised(state_dict)
     args = {k: v for k, v in (arch_args or {}).items() if v is not None}
+    size = args.get("image_size")
+    if size is not None and "image_size" not in inspect.signature(get_entry(arch).builder).parameters:
+        del args["image_size"]  # a builder without it (cifar_resnet20): only the recorded input size
     try:
         facts = model_facts(arch)
     except MetapruneError:
@@ -635,6 +745,8 @@ def load_state_dict_as(state_dict: dict[str, torch.Tensor], arch: str, arch_args
         raise ModelFileError(f"{path}: the tensors have the names of {arch!r} but shapes that do not fit it "
                              f"({str(e)[:160]}); pass the --arch the weights were saved from") from None
     spec = {"format_version": FORMAT_VERSION, "arch": arch, "arch_args": arch_spec(base)["args"], "widths": widths}
+    if size is not None:
+        spec["input_size"] = size
     full = {**{k: torch.zeros((), dtype=torch.long) for k in ref if k.endswith("num_batches_tracked")}, **sd}
     return build_from_spec(spec, full, path)
 
@@ -782,32 +894,66 @@ def match_architecture(state_dict: dict[str, torch.Tensor], path: str = "<state 
 _ARCH_HINT: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("metaprune_arch", default=None)
 
 
+_INPUT_SIZE_HINT: contextvars.ContextVar[int | None] = contextvars.ContextVar("metaprune_input_size", default=None)
+
+
 @contextlib.contextmanager
-def arch_for_state_dicts(arch: str | None, arch_args: dict | None = None) -> Iterator[None]:
-    """Within the block, :func:`load_model` builds bare state dicts as ``arch`` (the CLI's ``--arch``)."""
+def arch_for_state_dicts(arch: str | None, arch_args: dict | None = None,
+                         input_size: int | None = None) -> Iterator[None]:
+    """Within the block, :func:`load_model` builds bare state dicts as ``arch`` (the CLI's ``--arch``)
+    and gives every model it loads ``input_size`` (the CLI's ``--input-size``) when that is given."""
     tok = _ARCH_HINT.set((arch, dict(arch_args or {})) if arch else None)
+    tok2 = _INPUT_SIZE_HINT.set(input_size)
     try:
         yield
     finally:
+        _INPUT_SIZE_HINT.reset(tok2)
         _ARCH_HINT.reset(tok)
 
 
 def load_model(path: str | os.PathLike, trust_pickle: bool = False,
                map_location: str | torch.device = "cpu", arch: str | None = None,
-               arch_args: dict | None = None) -> tuple[nn.Module, ModelInfo]:
+               arch_args: dict | None = None, input_size: int | None = None) -> tuple[nn.Module, ModelInfo]:
     """Load a model file: metaprune ``.safetensors`` (spec + widths), a bare state dict in
     ``.safetensors``/``.pt`` (matched to a registered or torchvision architecture by keys and shapes,
     or built as ``arch`` with ``arch_args`` when given), or with ``trust_pickle`` a pickled module.
-    A metaprune file's own metadata wins over ``arch``. Returns ``(model, info)``; eval mode."""
+    A metaprune file's own metadata wins over ``arch``. ``input_size`` (pixels; the CLI's
+    ``--input-size``) replaces the input size the file records (the size used for MACs, latency,
+    export and graphs when no data is given); the model must run at it. Returns ``(model, info)``;
+    eval mode.
+
+    A metaprune ``.safetensors`` file is validated from its header first (metadata, tensor names and
+    shapes against the architecture at its widths); tensor data is read only when all of that fits.
+    """
     if arch is None and _ARCH_HINT.get() is not None:
         arch, arch_args = _ARCH_HINT.get()
+    if input_size is None:
+        input_size = _INPUT_SIZE_HINT.get()
     p = _resolve(path)
+    model, info = _load_model(p, trust_pickle, arch, arch_args)
+    if input_size is not None and input_size != recorded_input_size(model):
+        _check_input_size(input_size, "--input-size", ConfigError)
+        shape = (info.arch_args.get("in_chans", 3), input_size, input_size)
+        why = runs_at(model, shape)
+        if why is not None:
+            raise ConfigError(f"{p}: the model does not run at --input-size {input_size} ({why}); leave --input-size "
+                              f"out (it records {recorded_input_size(model)} px) or give a size it takes")
+        set_input_size(model, input_size)
+    return model.eval().to(map_location), info
+
+
+def _load_model(p: Path, trust_pickle: bool, arch: str | None, arch_args: dict | None) -> tuple[nn.Module, ModelInfo]:
     spec = read_spec(p) if p.suffix == ".safetensors" else None
+    if spec is not None:  # the header first: nothing is read or built from tensor data until it fits
+        validate_model_spec(spec, str(p))
+        _, shapes = safetensors_header(p)
+        model = _meta_from_spec(spec, shapes, str(p))
+        obj, fmt = load_state_dict_file(p, trust_pickle)
+        check_tensors(obj, f"{p}: the weights")
+        model = _take_over(model, spec, obj, str(p))
+        return model, ModelInfo(str(p), spec["arch"], arch_spec(model)["args"], spec.get("extra", {}), fmt)
     obj, fmt = load_state_dict_file(p, trust_pickle)
-    if spec is not None:
-        model = build_from_spec(spec, obj, str(p))
-        extra = spec.get("extra", {})
-    elif isinstance(obj, nn.Module):
+    if isinstance(obj, nn.Module):
         model = obj
         check_finite(model.state_dict(), str(p))
         try:
@@ -820,10 +966,9 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False,
         if isinstance(obj, dict) and "metaprune" in obj and "model" in obj:
             spec = obj["metaprune"]
             model = build_from_spec(spec, obj["model"], str(p))
-            return model.eval().to(map_location), ModelInfo(
-                str(p), spec["arch"], spec.get("arch_args", {}), spec.get("extra", {}), fmt)
+            return model, ModelInfo(str(p), spec["arch"], spec.get("arch_args", {}), spec.get("extra", {}), fmt)
         sd = _unwrap_checkpoint(obj)
         model = load_state_dict_as(sd, arch, arch_args, str(p)) if arch else match_architecture(sd, str(p))
         extra = {}
     spec_now = arch_spec(model)
-    return model.eval().to(map_location), ModelInfo(str(p), spec_now["arch"], spec_now["args"], extra, fmt)
+    return model, ModelInfo(str(p), spec_now["arch"], spec_now["args"], extra, fmt)

@@ -68,6 +68,7 @@ class AdaptConfig:
     seed: int = 0
     device: str = "auto"
     latency: bool = False
+    repeat_channels: bool = False
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -171,13 +172,15 @@ def load_task_data(task: str, cfg: AdaptConfig, source: nn.Module, source_extra:
             kw["num_classes"] = 4
     data = load_dataset(task, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
                         train_subset=cfg.train_subset, **kw)
-    if isinstance(args.get("in_chans"), int) and args["in_chans"] > 1 and data.in_chans == 1:
+    if cfg.repeat_channels and isinstance(args.get("in_chans"), int) and args["in_chans"] != data.in_chans:
         from metaprune.data.datasets import repeat_channels  # grey images for a colour source: grey -> RGB
 
         data = repeat_channels(data, args["in_chans"])
         log.info("adapt: %s's 1-channel images repeated to the source's %d input channels", task, args["in_chans"])
     if args.get("in_chans") not in (None, data.in_chans):
-        raise ConfigError(f"the source takes {args['in_chans']}-channel images but task {task} has {data.in_chans}")
+        hint = " (repeat_channels=True, --repeat-channels, repeats its grey images)" if data.in_chans == 1 else ""
+        raise ConfigError(f"the source takes {args['in_chans']}-channel images but task {task} has "
+                          f"{data.in_chans}{hint}")
     if task.startswith("imagefolder:"):
         norm = source_normalisation(source_extra)
         if norm is not None and len(norm[0]) == data.in_chans:
@@ -344,7 +347,7 @@ def _finish(model: nn.Module, source: nn.Module, source_path: str, src_hash: str
 
 
 _PRUNE_CLI_CARRY = ("seed", "device", "data_dir", "val_fraction", "train_subset", "batch_size", "max_steps_per_epoch",
-                    "no_augment")
+                    "no_augment", "repeat_channels")
 
 
 def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, output_dir: str | Path,
@@ -354,7 +357,7 @@ def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, o
     ``args_namespace_or_config`` is an :class:`AdaptConfig`, a dict whose matching names fill one
     (``epochs`` maps to ``recovery_epochs``), or the parsed options of ``metaprune prune``: of
     those only the data and runtime options carry over (seed, device, data folder, validation
-    share, training subset, batch size, steps per epoch, augmentation) and ``--epochs N`` (N > 0)
+    share, training subset, batch size, steps per epoch, augmentation, --repeat-channels) and ``--epochs N`` (N > 0)
     as the recovery epochs — prune's finetuning defaults (``--epochs 0``, ``--lr 0.01``,
     one-cycle) are not an adaptation schedule, so the rest of the schedule is
     :class:`AdaptConfig`'s default, exactly as ``metaprune adapt`` runs it. ``method`` and

@@ -46,7 +46,7 @@ from torch import nn
 
 from metaprune import __version__
 from metaprune.errors import BundleError, MetapruneError
-from metaprune.io import atomic_path, state_dict_sha256
+from metaprune.io import atomic_path, runs_at, state_dict_sha256
 from spa.adapt import _NORMS, adapt_model, fuse_model
 from spa.methods import MethodConfig, get_method
 from spa.methods.base import AdaptedLayer
@@ -365,7 +365,7 @@ def load_bundle(path: str | os.PathLike, source: nn.Module) -> nn.Module:
     if in_chans is not None and cfg["input_shape"][0] != in_chans:
         raise BundleError(f"bundle {path} takes {cfg['input_shape'][0]}-channel inputs but the source takes {in_chans}")
     if size is not None and list(cfg["input_shape"][1:]) != [size, size]:
-        why = _cannot_run_at(source, cfg["input_shape"])  # a convolutional source runs at any size; a ViT does not
+        why = runs_at(source, tuple(cfg["input_shape"]))  # a convolutional source runs at any size; a ViT does not
         if why is not None:
             raise BundleError(f"bundle {path} takes {cfg['input_shape'][1]}x{cfg['input_shape'][2]} images but the "
                               f"source takes {size}x{size} and does not run at the bundle's size ({why})")
@@ -379,29 +379,6 @@ def load_bundle(path: str | os.PathLike, source: nn.Module) -> nn.Module:
     model.eval()
     model.spa_config = cfg
     return model
-
-
-@torch.no_grad()
-def _cannot_run_at(model: nn.Module, input_shape) -> str | None:
-    """Why ``model`` cannot take one input of ``input_shape`` (C, H, W), or None when it can: a forward on
-    the meta device (no memory, nothing changed), and when that is inconclusive a real one in eval mode."""
-    from torch.func import functional_call
-
-    state = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
-    try:
-        functional_call(model, state, (torch.zeros(1, *input_shape, device="meta"),))
-        return None
-    except Exception:  # noqa: BLE001 - data-dependent code cannot run on meta; try for real
-        pass
-    training = model.training
-    try:
-        dev = next(model.parameters()).device
-        model.eval()(torch.zeros(1, *input_shape, device=dev))
-        return None
-    except Exception as e:  # noqa: BLE001 - any failure: the model does not take this input
-        return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-    finally:
-        model.train(training)
 
 
 @torch.no_grad()
@@ -497,4 +474,6 @@ def merge(bundle: str | os.PathLike, source: nn.Module) -> nn.Module:
             delattr(model, attr)
     plain = fuse_model(model)
     assert find_head(plain)
-    return plain.eval()
+    from metaprune.models.registry import set_input_size
+
+    return set_input_size(plain, int(cfg["input_shape"][-1])).eval()  # the size the bundle was trained at

@@ -227,3 +227,95 @@ def test_outputs_get_umask_permissions(tmp_path, tiny_resnet):
     finally:
         os.umask(old)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- input size (issue 13 follow-up)
+def test_input_size_is_recorded_and_reloaded(tmp_path, tiny_resnet):
+    from metaprune.engine.report import input_shape
+    from metaprune.io import read_spec
+
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors", input_size=28)
+    assert read_spec(p)["input_size"] == 28
+    m, _ = load_model(p)
+    assert input_shape(m) == (1, 28, 28)
+    q = save_model(m, tmp_path / "again.safetensors")  # a loaded model keeps its size when saved again
+    assert read_spec(q)["input_size"] == 28
+    m20, _ = load_model(p, input_size=20)  # the caller's size wins (the CLI's --input-size)
+    assert input_shape(m20) == (1, 20, 20)
+
+
+@pytest.mark.parametrize("value", ["28", True, 0, -3, 2.5, 1 << 17, None, [28]])
+def test_input_size_metadata_is_validated(tmp_path, tiny_resnet, value):
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors")
+    bad = _respec(p, tmp_path / "bad.safetensors", lambda s: s.update(input_size=value))
+    with pytest.raises(ModelFileError, match="input_size"):
+        load_model(bad)
+
+
+def test_files_without_input_size_still_load(tmp_path, tiny_resnet):
+    """Files written before the field existed: the size of the built-in dataset they name in
+    ``extra.data``, else the architecture's default (32 px for the CIFAR ResNets)."""
+    from metaprune.engine.report import input_shape
+
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors", extra={"data": "fashion-mnist"})
+    old = _respec(p, tmp_path / "old.safetensors", lambda s: s.pop("input_size", None))
+    m, _ = load_model(old)
+    assert input_shape(m) == (1, 28, 28) and _same(m, tiny_resnet)
+    plain = _respec(p, tmp_path / "plain.safetensors", lambda s: (s.pop("input_size", None), s.update(extra={})))
+    m, _ = load_model(plain)
+    assert input_shape(m) == (1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- header first, tensors after
+@pytest.mark.parametrize("what", ["widths", "tensor-name", "tensor-shape", "arch", "input_size"])
+def test_model_metadata_is_validated_before_tensors_are_read(tmp_path, tiny_resnet, monkeypatch, what):
+    """A file whose metadata or tensor names / shapes do not fit is refused from its header alone:
+    no tensor data is materialised."""
+    import metaprune.io as mio
+
+    p = save_model(tiny_resnet, tmp_path / "m.safetensors")
+    edit, tensors = {
+        "widths": (lambda s: s["widths"]["conv1"].update(out_channels=8), None),
+        "tensor-name": (None, {"extra.weight": torch.zeros(3)}),
+        "tensor-shape": (None, {"fc.weight": torch.zeros(10, 63)}),
+        "arch": (lambda s: s.update(arch="no_such_model"), None),
+        "input_size": (lambda s: s.update(input_size=0), None),
+    }[what]
+    bad = _respec(p, tmp_path / "bad.safetensors", edit, tensors)
+    reads = []
+
+    def spy(*a, **k):
+        reads.append(a)
+        raise AssertionError("tensor data read before the metadata was validated")
+
+    monkeypatch.setattr(mio, "load_state_dict_file", spy)
+    monkeypatch.setattr(mio, "load_file", spy)
+    with pytest.raises(ModelFileError):
+        load_model(bad)
+    assert reads == []
+
+
+def test_graph_header_is_validated_before_tensors_are_read(tmp_path, tiny_resnet, monkeypatch):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import metaprune.graph.graph as gg
+    from metaprune.graph import Graph, GraphFileError, to_graph
+
+    p = to_graph(tiny_resnet).save(tmp_path / "g.safetensors")
+    with safe_open(str(p), "pt") as f:
+        meta = dict(f.metadata())
+    head = json.loads(meta[gg.GRAPH_META_KEY])
+    head["spec"]["layout"][0]["count"] = 10 ** 9  # a layout range past the node tensor
+    tensors = load_file(str(p))
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, gg.GRAPH_META_KEY: json.dumps(head)})
+    calls = []
+    real = gg.load_file
+    monkeypatch.setattr(gg, "load_file", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with pytest.raises(GraphFileError):
+        Graph.load(tmp_path / "bad.safetensors")
+    assert calls == []
+    g = Graph.load(p)  # a good file: read once, after its header was checked
+    assert len(calls) == 1 and torch.equal(g.x, to_graph(tiny_resnet).x)

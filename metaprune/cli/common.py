@@ -34,6 +34,14 @@ def add_data(p: argparse.ArgumentParser, required: bool = False, default: str | 
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs a network)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training data held out for selection")
     p.add_argument("--train-subset", type=int, help="use only this many training images (short runs)")
+    add_repeat_channels(p)
+
+
+def add_repeat_channels(p: argparse.ArgumentParser) -> None:
+    """--repeat-channels: grey images for a colour model."""
+    p.add_argument("--repeat-channels", action="store_true",
+                   help="repeat 1-channel images (Fashion-MNIST) to the model's input channels, grey -> RGB, for a "
+                   "model that takes colour images (e.g. a torchvision or timm state dict)")
 
 
 def add_train(p: argparse.ArgumentParser, epochs: int = 30, lr: float = 0.1) -> None:
@@ -169,8 +177,10 @@ def add_arch(p: argparse.ArgumentParser) -> None:
                    "names (registered and torchvision models). See `metaprune list-models --all`")
     g.add_argument("--num-classes", type=int, help="classifier outputs (default: read from the weights)")
     g.add_argument("--in-chans", type=int, help="input channels (default: read from the weights)")
-    g.add_argument("--input-size", type=int, help="input height = width in pixels, stored in the output model "
-                   "(default: the architecture's own, 224 for most torchvision/timm models)")
+    g.add_argument("--input-size", type=int, help="input height = width in pixels the model is used at: MACs, "
+                   "latency, export and graphs without --data, synthetic data; recorded in the output model (default: "
+                   "the size the model file records (trained / pruned at), else the architecture's own, 224 for "
+                   "most torchvision/timm models)")
     g.add_argument("--trust-code", action="store_true", help="allow --arch pkg.module:factory (and model files "
                    "naming one): this IMPORTS AND RUNS that Python module, so only use code you trust")
 
@@ -190,14 +200,14 @@ def arch_context(args: argparse.Namespace):
     for k, v in kw.items():
         if v is not None and v < 1:
             raise ConfigError(f"--{k.replace('_', '-').replace('image-size', 'input-size')} must be >= 1, not {v}")
-    if arch is None and any(v is not None for v in kw.values()):
-        raise ConfigError("--num-classes, --in-chans and --input-size describe a bare state dict's architecture: "
-                          "give --arch too")
+    if arch is None and (kw["num_classes"] is not None or kw["in_chans"] is not None):
+        raise ConfigError("--num-classes and --in-chans describe a bare state dict's architecture: give --arch too")
     if arch is not None:
         from metaprune.models import get_entry
 
         get_entry(arch)  # an unknown name, missing timm or untrusted code fails here, before any work
-    stack.enter_context(arch_for_state_dicts(arch, {k: v for k, v in kw.items() if v is not None}))
+    stack.enter_context(arch_for_state_dicts(arch, {k: v for k, v in kw.items() if v is not None},
+                                             input_size=kw["image_size"]))
     return stack
 
 
@@ -237,13 +247,14 @@ def load_data_for(args: argparse.Namespace, model=None, name: str | None = None)
     kw = {}
     if name == "synthetic" or (name or "").startswith("imagefolder:"):
         spec = getattr(model, "metaprune_arch", {}).get("args", {}) if model is not None else {}
+        recorded = (getattr(model, "metaprune_arch", None) or {}).get("input_size") if model is not None else None
         kw = {"in_chans": spec.get("in_chans"), "num_classes": spec.get("num_classes"),
-              "image_size": spec.get("image_size") or _image_size(model)}
+              "image_size": recorded or spec.get("image_size") or _image_size(model)}
     data = load_dataset(name, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
                         download=args.download, train_subset=args.train_subset, **kw)
     want = getattr(model, "metaprune_arch", {}).get("args", {}).get("in_chans") if model is not None else None
-    if isinstance(want, int) and want > 1 and data.in_chans == 1:  # grey images for a colour model: grey -> RGB
-        from metaprune.data.datasets import repeat_channels
+    if getattr(args, "repeat_channels", False) and isinstance(want, int) and want != data.in_chans:
+        from metaprune.data.datasets import repeat_channels  # grey images for a colour model: grey -> RGB
 
         data = repeat_channels(data, want)
         status(args, f"{data.name}: 1-channel images repeated to the model's {want} input channels")
@@ -263,8 +274,10 @@ def check_fits(model, data) -> None:
     """Refuse a dataset whose channels or classes don't fit the model."""
     args = getattr(model, "metaprune_arch", {}).get("args", {})
     if args.get("in_chans") not in (None, data.in_chans):
+        hint = " (or pass --repeat-channels to repeat its grey images)" if data.in_chans == 1 else ""
         raise ConfigError(f"the model takes {args['in_chans']}-channel images but {data.name} has {data.in_chans}; "
-                          f"build the model with in_chans={data.in_chans}")
+                          f"use data with {args['in_chans']} channels{hint}, or build the model with "
+                          f"in_chans={data.in_chans}")
     if args.get("num_classes") not in (None, data.num_classes):
         raise ConfigError(f"the model has {args['num_classes']} classes but {data.name} has {data.num_classes}")
 

@@ -62,7 +62,8 @@ def _load(args: argparse.Namespace, src: str):
     from metaprune.errors import ConfigError
     from metaprune.io import load_model
 
-    if Path(src).is_dir():
+    model_folder = (Path(src) / "model.safetensors").is_file() and not (Path(src) / "adapter_config.json").exists()
+    if Path(src).is_dir() and not model_folder:  # a folder holding model.safetensors loads as that model
         from spa.bundle import CONFIG_NAME, merge, read_bundle
 
         if not (Path(src) / CONFIG_NAME).exists():

@@ -6,6 +6,7 @@ import argparse
 
 from metaprune.cli.common import (
     add_common,
+    add_repeat_channels,
     guard,
     model_output_file,
     model_path,
@@ -57,6 +58,7 @@ def register(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"])
     p.add_argument("--train-subset", type=int, help="use only this many training images (short runs)")
     p.add_argument("--latency", action="store_true", help="also measure CPU latency of source and merged model")
+    add_repeat_channels(p)
     p.add_argument("-o", "--output", required=True, help="bundle folder")
     add_common(p)
     p.set_defaults(func=cmd_adapt)

@@ -76,6 +76,7 @@ def _fit_and_save(args, cfg, model, data, out: Path, command: str, source: str |
     from metaprune.engine.report import model_summary, write_report
     from metaprune.engine.runtime import is_main, resolve_device
     from metaprune.io import check_output, save_model
+    from metaprune.models.registry import set_input_size
 
     check_output(out / "model.safetensors", (source,))
     regularizer = None
@@ -89,6 +90,7 @@ def _fit_and_save(args, cfg, model, data, out: Path, command: str, source: str |
     if not is_main():
         return 0
     device = resolve_device(args.device)
+    set_input_size(res.model, data.image_size)  # recorded in the file: MACs / latency / export default to it
     summary = model_summary(res.model, data, device, split="test")
     val_acc = res.best_val_acc
     path = save_model(res.model, out, extra={"data": data.name, "val_acc": val_acc, "test_acc": summary["test_acc"],

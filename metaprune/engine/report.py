@@ -17,14 +17,14 @@ from metaprune.io import write_json
 
 
 def input_shape(model: nn.Module, data: DataSplits | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the model is used with: the data's shape, else the registry's default size."""
+    """(C, H, W) the model is used with: the data's shape, else the input size recorded with the model (the
+    size it was trained / pruned at), its image_size argument or the registry's default size."""
     if data is not None:
         return (data.in_chans, data.image_size, data.image_size)
-    from metaprune.models import get_entry
+    from metaprune.models.registry import recorded_input_size  # the size it was trained / pruned at
 
-    spec = getattr(model, "metaprune_arch", {"arch": None, "args": {}})
-    args = spec["args"]
-    size = args.get("image_size") or (get_entry(spec["arch"]).default_image_size if spec["arch"] else 32)
+    args = getattr(model, "metaprune_arch", {"arch": None, "args": {}})["args"]
+    size = recorded_input_size(model)
     return (args.get("in_chans", 3), size, size)
 
 

@@ -21,13 +21,15 @@ from metaprune.graph.builder import single_thread
 from metaprune.graph.graph import GRAPH_FORMAT_VERSION, NODE_NEUTRAL, EdgeGroup, Graph, dtype_from_name
 from metaprune.graph.trace import trace
 from metaprune.models import apply_widths, create_model, get_entry, get_widths
-from metaprune.models.registry import ARCH_ATTR
+from metaprune.models.registry import ARCH_ATTR, recorded_input_size, set_input_size
 
 
-def _input_shape(arch: dict) -> tuple[int, int, int, int]:
-    args = arch.get("args", {})
-    size = args.get("image_size") or get_entry(arch["arch"]).default_image_size
-    return (1, int(args.get("in_chans", 3)), int(size), int(size))
+def _input_shape(model: nn.Module, arch: dict) -> tuple[int, int, int, int]:
+    """One input at the size the model records (trained / pruned at), else its image_size, else its
+    architecture's default."""
+    get_entry(arch["arch"])  # an architecture that is not known (or not trusted) fails here
+    size = recorded_input_size(model)
+    return (1, int(arch.get("args", {}).get("in_chans", 3)), int(size), int(size))
 
 
 @dataclass
@@ -151,7 +153,7 @@ def to_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None, cache
                          "(or build it with metaprune.models.create_model / load it with metaprune.io.load_model)")
     else:
         try:
-            shape = _input_shape(arch)
+            shape = _input_shape(model, arch)
         except MetapruneError as e:
             raise GraphError(f"the input shape of architecture {arch['arch']!r} is not known ({e}); pass input_shape, "
                              "e.g. to_graph(model, input_shape=(1, 3, 224, 224))") from None
@@ -257,6 +259,12 @@ def build_module(spec: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
     if left:
         raise GraphError(f"the graph spec leaves {left[:3]} unset; the graph is incomplete")
+    shape = spec.get("input_shape")
+    if isinstance(shape, list) and len(shape) == 4 and shape[-1] == shape[-2]:  # the size it was converted at
+        try:
+            set_input_size(model, shape[-1])
+        except MetapruneError as e:
+            raise GraphError(f"the graph's input_shape {shape} is not valid ({e})") from None
     return model.train(bool(spec.get("training", False)))
 
 

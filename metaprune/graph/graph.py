@@ -219,16 +219,12 @@ class Graph:
     def load(cls, path: str | os.PathLike) -> Graph:
         """Read a graph written by :meth:`save` (no pickle). Everything is validated first (see
         :func:`validate_graph`); a bad file raises :class:`GraphFileError`."""
+        from metaprune.io import safetensors_header
+
         p = Path(path)
         if not p.is_file():
             raise GraphFileError(f"graph file {p} does not exist" if not p.exists() else f"{p} is not a file")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(p))
-        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError, OverflowError) as e:
-            raise GraphFileError(f"{p} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e!r})"
-                                 "; it may be truncated or corrupt") from None
+        meta, shapes = safetensors_header(p, error=GraphFileError)  # the header: no tensor data read yet
         if GRAPH_META_KEY not in meta:
             raise GraphFileError(f"{p} is not a metaprune graph (no '{GRAPH_META_KEY}' metadata); "
                                  "write graphs with `metaprune convert MODEL -o graph.safetensors`")
@@ -236,6 +232,15 @@ class Graph:
             head = json.loads(meta[GRAPH_META_KEY])
         except (ValueError, RecursionError):
             raise GraphFileError(f"{p}: the graph metadata is not valid JSON; the file is corrupt") from None
+        try:
+            validate_graph(head, shapes, values=False)  # names, dtypes, shapes and the spec, from the header
+        except GraphError as e:
+            raise GraphFileError(f"{p}: {e}") from None
+        try:
+            tensors = load_file(str(p))
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError, OverflowError) as e:
+            raise GraphFileError(f"{p} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e!r})"
+                                 "; it may be truncated or corrupt") from None
         try:
             validate_graph(head, tensors)
         except GraphError as e:
@@ -342,10 +347,12 @@ def _validate_spec(spec: Any, groups: dict[str, tuple[int, int]], n_nodes: int) 
               and set(keys) == seen, "spec.keys must list every tensor of spec.layout once")
 
 
-def validate_graph(head: Any, tensors: dict[str, torch.Tensor]) -> None:
+def validate_graph(head: Any, tensors: dict[str, torch.Tensor], values: bool = True) -> None:
     """Check a graph file's header (``{"format_version", "groups", "spec"}``) and tensors: dtypes,
     shapes, index ranges, finite features, and the spec (:func:`_validate_spec`). Raises
-    :class:`~metaprune.errors.GraphError` naming the first problem."""
+    :class:`~metaprune.errors.GraphError` naming the first problem. ``values=False`` checks
+    everything but the tensors' values (index ranges, finiteness), so ``tensors`` may be meta
+    placeholders read from a file's header."""
     _need(isinstance(head, dict), "the graph metadata must be a JSON object")
     ver = head.get("format_version")
     _need(_is_int(ver) and ver >= 1, f"format_version must be a positive integer, not {ver!r}")
@@ -364,14 +371,14 @@ def validate_graph(head: Any, tensors: dict[str, torch.Tensor]) -> None:
     _need(x.ndim == 2 and x.shape[1] == NUM_NODE_FEATURES,
           f"node features x must have shape [nodes, {NUM_NODE_FEATURES}], not {list(x.shape)}")
     n = int(x.shape[0])
-    _need(bool(torch.isfinite(x).all()), "node features x hold NaN or infinite values")
+    _need(not values or bool(torch.isfinite(x).all()), "node features x hold NaN or infinite values")
     _need(tensors["x_mask"].dtype == torch.bool and tensors["x_mask"].shape == x.shape,
           f"x_mask must be bool of shape {list(x.shape)}")
 
     def ids(name: str, length: int, hi: int | None) -> None:
         t = tensors[name]
         _need(t.dtype == torch.int64 and t.shape == (length,), f"{name} must be int64 of shape [{length}]")
-        if length:
+        if length and values:
             _need(int(t.min()) >= 0 and (hi is None or int(t.max()) < hi),
                   f"{name} holds values outside 0..{'' if hi is None else hi - 1}")
 
@@ -384,12 +391,12 @@ def validate_graph(head: Any, tensors: dict[str, torch.Tensor]) -> None:
         _need(index.dtype == torch.int64 and index.ndim == 2 and index.shape[0] == 2,
               f"edges.{g}.index must be int64 of shape [2, edges], not {index.dtype} {list(index.shape)}")
         e = int(index.shape[1])
-        if e:
+        if e and values:
             _need(int(index.min()) >= 0 and int(index.max()) < n,
                   f"edges.{g}.index refers to nodes outside 0..{n - 1}")
         _need(attr.dtype == x.dtype and attr.ndim == 2 and attr.shape[0] == e and attr.shape[1] >= 1,
               f"edges.{g}.attr must be {x.dtype} of shape [{e}, features], not {attr.dtype} {list(attr.shape)}")
-        _need(bool(torch.isfinite(attr).all()), f"edges.{g}.attr holds NaN or infinite values")
+        _need(not values or bool(torch.isfinite(attr).all()), f"edges.{g}.attr holds NaN or infinite values")
         ids(f"edges.{g}.role", e, len(EDGE_ROLES))
         ids(f"edges.{g}.layer", e, None)
         groups[g] = (e, int(attr.shape[1]))

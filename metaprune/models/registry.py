@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from metaprune.errors import ConfigError, UnknownNameError
+from metaprune.errors import ConfigError, MetapruneError, UnknownNameError
 
 ARCH_ATTR = "metaprune_arch"
 
@@ -96,6 +96,37 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
         kwargs["image_size"] = entry.default_image_size
     model = entry.builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
     setattr(model, ARCH_ATTR, {"arch": name, "args": {"num_classes": num_classes, "in_chans": in_chans, **kwargs}})
+    return model
+
+
+#: the largest input height / width (pixels) a model file may record
+MAX_INPUT_SIZE = 1 << 16
+
+
+def recorded_input_size(model: nn.Module) -> int:
+    """The input height = width (pixels) ``model`` is used at when no data says otherwise: the size it
+    was trained / pruned at (``input_size``, recorded in model files), else its ``image_size``
+    argument, else its architecture's default (32 for a module without a spec)."""
+    spec = getattr(model, ARCH_ATTR, None)
+    if not isinstance(spec, dict):
+        return 32
+    for size in (spec.get("input_size"), (spec.get("args") or {}).get("image_size")):
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+            return size
+    try:
+        return get_entry(spec["arch"]).default_image_size
+    except (MetapruneError, KeyError, TypeError):  # a module loaded from a pickle under its class name
+        return 32
+
+
+def set_input_size(model: nn.Module, size: int | None) -> nn.Module:
+    """Record the input size ``model`` was trained / pruned at (written to its model file by
+    :func:`metaprune.io.save_model`); ``None`` leaves it as it is. Returns ``model``."""
+    spec = getattr(model, ARCH_ATTR, None)
+    if size is not None and isinstance(spec, dict):
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_INPUT_SIZE:
+            raise ConfigError(f"the input size must be an integer in 1..{MAX_INPUT_SIZE} pixels, not {size!r}")
+        spec["input_size"] = size
     return model
 
 

@@ -85,7 +85,7 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     if latency:  # before and after measured together (interleaved rounds, fixed threads)
         add_latency(before, after, model, pruned, shape, dev, runtimes=latency)
     extra = {"command": "prune", "source": str(source), "ratio": result.ratio, "speedup": result.speedup}
-    path = save_model(pruned, out_dir, extra=extra, inputs=(source,))
+    path = save_model(pruned, out_dir, extra=extra, inputs=(source,), input_size=shape[-1])
     after["file_bytes"] = path.stat().st_size
     report = {"command": "prune", "source": str(source), "output": str(path), "arch": info.arch,
               "config": asdict(config), "result": result.summary(), "before": before, "after": after,
