@@ -34,6 +34,7 @@ _ATTRS_BY_NAME: dict[str, tuple[str, ...]] = {
     "timm.layers.attention.Attention": ("num_heads", "head_dim"),
     "torchvision.models.swin_transformer.ShiftedWindowAttention": ("num_heads",),
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("num_heads",),
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": ("n_heads", "head_dim"),
 }
 # model-level attributes some architectures read in forward (torchvision ViT)
 _MODEL_ATTRS = ("hidden_dim",)

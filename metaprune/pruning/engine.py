@@ -31,13 +31,16 @@ from metaprune.pruning.criteria import (
 from metaprune.pruning.structure import (
     attention_layers,
     call,
+    channel_groups,
     check_outputs,
+    customized_pruners,
     first_sample,
     ignored_layers,
     output_layers,
     output_signature,
     resolve_ignored,
     sync_attributes,
+    traceable,
     unwrapped_parameters,
 )
 
@@ -140,13 +143,15 @@ def prune_once(model: nn.Module, config: PruneConfig, ratio: float, example_inpu
     importance = make_importance(config.criterion, model)
     with warnings.catch_warnings(), _traced(model):
         warnings.simplefilter("ignore")
-        pruner = rounding.pruner_class(config.round_to)(
-            model, example_input, importance, pruning_ratio=ratio,
-            global_pruning=config.global_pruning, iterative_steps=steps,
-            max_pruning_ratio=config.max_layer_ratio if config.global_pruning else 1.0,
-            ignored_layers=ignored, round_to=rounding.tp_round_to(config.round_to), num_heads=heads, prune_num_heads=bool(heads),
-            prune_head_dims=not heads, head_pruning_ratio=head_ratio,
-            unwrapped_parameters=unwrapped_parameters(model))
+        with traceable(model):  # the dependency graph is traced here, once
+            pruner = rounding.pruner_class(config.round_to)(
+                model, example_input, importance, pruning_ratio=ratio,
+                global_pruning=config.global_pruning, iterative_steps=steps,
+                max_pruning_ratio=config.max_layer_ratio if config.global_pruning else 1.0,
+                ignored_layers=ignored, round_to=rounding.tp_round_to(config.round_to), num_heads=heads,
+                prune_num_heads=bool(heads), prune_head_dims=not heads, head_pruning_ratio=head_ratio,
+                out_channel_groups=channel_groups(model), customized_pruners=customized_pruners(model),
+                unwrapped_parameters=unwrapped_parameters(model))
         if isinstance(importance, ScoreImportance):  # learned scores follow the removed channels
             importance.bind(pruner)
         for _ in range(steps):
@@ -233,6 +238,12 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     multiple, round_info = rounding.resolve(config.round_to, model)  # "auto": the device/dtype table
     config = replace(config, round_to=multiple if multiple > 1 else None)
     check_criterion(config.criterion, model, calibration is not None)
+    if customized_pruners(model) and (config.criterion == "gate" or config.reconstruct):
+        what = "criterion 'gate'" if config.criterion == "gate" else "--reconstruct"
+        raise PruningError(f"{what} is not available for {type(model).__name__}: it builds its own torch-pruning "
+                           "dependency graph, which cannot follow torchvision's Swin window attention (it runs out "
+                           "of memory); prune with another criterion (l2, l1, taylor, functional) and without "
+                           "--reconstruct")
     resolve_ignored(model, config.ignore, classifier=not config.keep_output)  # validate names before any work
     signature = output_signature(_run_eval(model, x))  # what the pruned model's outputs must still look like
     if config.keep_output:  # protect the layers producing the outputs instead of guessing a classifier
@@ -256,6 +267,11 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
 
         base = model if inplace else copy.deepcopy(model)
         info["gate"] = learn_gate_scores(base, config, x, calibration)
+    if config.criterion == "metanet":  # one metanetwork pass ranks every trial's copy
+        from metaprune.metanet.rank import attach_metanet_scores
+
+        base = model if inplace else copy.deepcopy(model)
+        info["metanet"] = attach_metanet_scores(base, config.metanet, config, x if isinstance(x, torch.Tensor) else None)
     kind, value = config.target
 
     def trial(ratio: float, final: bool = False, keep_grads: bool = False) -> tuple[nn.Module, int, int]:
@@ -267,11 +283,6 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     widths0 = _prunable_widths(model, config)
     _check_round_to(config, widths0)
     groups0 = _group_widths(model, config, x)
-    if config.criterion == "metanet":  # one metanetwork pass ranks every trial's copy
-        from metaprune.metanet.rank import attach_metanet_scores
-
-        base = model if inplace else copy.deepcopy(model)
-        info["metanet"] = attach_metanet_scores(base, config.metanet, config, x if isinstance(x, torch.Tensor) else None)
 
     if kind == "ratio":
         m, macs1, params1 = trial(value, final=True)
@@ -421,7 +432,9 @@ def _group_widths(model: nn.Module, config: PruneConfig, x: torch.Tensor) -> dic
     names = {m: n for n, m in model.named_modules()}
     with warnings.catch_warnings(), _traced(model):
         warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, x, unwrapped_parameters=unwrapped_parameters(model))
+        with traceable(model):
+            dg = tp.DependencyGraph().build_dependency(model, x, unwrapped_parameters=unwrapped_parameters(model),
+                                                       customized_pruners=customized_pruners(model))
         out = {}
         for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
             root = group[0].dep.target.module

@@ -3,7 +3,9 @@ bare parameters, and the attributes to write back after channels were removed.""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,18 +54,183 @@ def resolve_ignored(model: nn.Module, names: tuple[str, ...] | list[str], classi
 def ignored_layers(model: nn.Module, config) -> list[nn.Module]:
     """The layers a :class:`~metaprune.pruning.config.PruneConfig` leaves whole: ``config.ignore``, the
     classifier (unless ``keep_output``, whose output layers ``prune()`` adds to ``ignore``) and, with
-    ``prune_heads=False``, the attention ``qkv`` layers."""
+    ``prune_heads=False``, the attention ``qkv`` layers and every ``nn.MultiheadAttention`` (its embedding
+    width is its head count times its head size)."""
     ignored = resolve_ignored(model, config.ignore, classifier=not config.keep_output)
     if not config.prune_heads:  # attention keeps its heads and head size
-        ignored += [a.qkv for a in attention_layers(model)]
+        ignored += [a.qkv for a in attention_layers(model)] + mha_layers(model) + \
+            [m for m in model.modules() if _whole_attention(m) is not None]
     return ignored
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """Attention modules whose heads can be removed whole: a fused ``qkv`` Linear plus an integer
-    ``num_heads`` (``metaprune.models.SelfAttention`` and timm-style attention)."""
+    ``num_heads`` (``metaprune.models.SelfAttention`` and timm-style attention); not torchvision's Swin
+    window attention, which is pruned as one layer (head size only, :class:`WholeAttentionPruner`)."""
     return [m for m in model.modules()
-            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)]
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+            and _whole_attention(m) is None]
+
+
+def mha_layers(model: nn.Module) -> list[nn.MultiheadAttention]:
+    """``torch.nn.MultiheadAttention`` modules (torchvision's ViT): their ``embed_dim`` is the residual width
+    *and* ``num_heads x head_dim``, so torch-pruning can shrink only the head size, the same in every head."""
+    return [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def channel_groups(model: nn.Module) -> dict[nn.Module, int]:
+    """torch-pruning's ``out_channel_groups`` for layers whose channels come in equal groups it does not
+    detect itself: every ``nn.MultiheadAttention`` splits its embedding into ``num_heads`` heads, so its
+    group (the ViT residual stream) loses the same head-size positions in every head and ``embed_dim``
+    stays ``num_heads x head_dim``; torch-pruning alone removes any channels, leaving an ``embed_dim``
+    that is not a multiple of ``num_heads``."""
+    return {m: int(m.num_heads) for m in mha_layers(model) if m.num_heads > 1}
+
+
+# ------------------------------------------------------------------------- torchvision's Swin and MaxViT
+#: attention layers pruned as one layer: class path -> (fused q/k/v Linear, output Linear, head count, head size)
+#: attribute names (head size None: computed from the width in forward)
+_WHOLE_ATTENTION = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj", "num_heads", None),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj", "num_heads", None),
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": ("to_qkv", "merge", "n_heads", "head_dim"),
+}
+
+
+def _class_path(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _whole_attention(m: nn.Module) -> tuple[str, str, str, str | None] | None:
+    return _WHOLE_ATTENTION.get(_class_path(m))
+
+
+class WholeAttentionPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning pruner for an attention layer whose q/k/v width is its input width, as one layer:
+    torchvision's Swin ``ShiftedWindowAttention`` (V1, V2; it splits q/k/v by ``C // num_heads`` of its
+    input and calls ``F.linear`` on its weights) and MaxViT's ``RelativePositionalMultiHeadAttention``
+    (it reshapes the heads' output back to its input width).
+
+    Removing residual channel ``i`` removes rows ``i, C+i, 2C+i`` and column ``i`` of the q/k/v layer and
+    row and column ``i`` of the output layer. The channels come in ``heads`` equal groups (torch-pruning
+    removes the same head-size positions in every head), so the head count and everything per head (the
+    relative position bias, Swin V2's ``logit_scale`` and ``cpb_mlp``) are unchanged; a stored head size
+    (MaxViT's ``head_dim``) is updated."""
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        qkv_name, out_name, heads, head_dim = _whole_attention(layer)
+        qkv, out = getattr(layer, qkv_name), getattr(layer, out_name)
+        c = qkv.in_features
+        keep = sorted(set(range(c)) - set(idxs))
+        keep3 = [k + j * c for j in range(3) for k in keep]
+        qkv.weight = self._prune_parameter_and_grad(qkv.weight, keep3, 0)
+        qkv.weight = self._prune_parameter_and_grad(qkv.weight, keep, 1)
+        if qkv.bias is not None:
+            qkv.bias = self._prune_parameter_and_grad(qkv.bias, keep3, 0)
+        qkv.in_features, qkv.out_features = len(keep), 3 * len(keep)
+        out.weight = self._prune_parameter_and_grad(out.weight, keep, 0)
+        out.weight = self._prune_parameter_and_grad(out.weight, keep, 1)
+        if out.bias is not None:
+            out.bias = self._prune_parameter_and_grad(out.bias, keep, 0)
+        out.in_features = out.out_features = len(keep)
+        if head_dim is not None:
+            setattr(layer, head_dim, len(keep) // getattr(layer, heads))
+        return layer
+
+    prune_in_channels = prune_out_channels  # one set of channels: in and out are pruned together
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, _whole_attention(layer)[0]).in_features
+
+    get_in_channels = get_out_channels
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return int(getattr(layer, _whole_attention(layer)[2]))
+
+    get_in_channel_groups = get_out_channel_groups
+
+
+def _whole_attention_types(model: nn.Module) -> tuple[type, ...]:
+    return tuple(dict.fromkeys(type(m) for m in model.modules() if _whole_attention(m) is not None))
+
+
+def customized_pruners(model: nn.Module) -> dict[type, tp.pruner.function.BasePruningFunc]:
+    """torch-pruning ``customized_pruners`` for the attention layers metaprune prunes as one layer
+    (torchvision's Swin and MaxViT); give them together with :func:`traceable` when building a
+    dependency graph."""
+    pruner = WholeAttentionPruner()
+    return {t: pruner for t in _whole_attention_types(model)}
+
+
+def _attention_stand_in(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.0  # what the graph needs of the attention: C channels in, the same C out
+
+
+def _merging_stand_in(m: nn.Module):
+    """Swin's patch merging for tracing: the 2x2 neighbours are concatenated on the channels
+    (``[x0, x1, x2, x3]``, ``4C``), here as a concatenation on dim 1 with the channels moved there, which
+    torch-pruning's index mapping follows (it maps neither the strided spatial slices nor a last-dim
+    concatenation). One row is taken (``select``) and no reshape is used: torch-pruning reads a reshape
+    that feeds a wider layer as a flatten and would spread each channel over four. The stand-in's spatial
+    size is of no concern (the attention stand-ins ignore it)."""
+    v2 = type(m).__name__.endswith("V2")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x.select(1, 0).transpose(1, 2)  # (B, C, W)
+        y = torch.cat([y, y, y, y], 1).transpose(1, 2)  # (B, W, 4C)
+        y = m.norm(m.reduction(y)) if v2 else m.reduction(m.norm(y))
+        return y.unsqueeze(1)  # (B, 1, W, 2C)
+
+    return forward
+
+
+def _partition_stand_in(m: nn.Module):
+    """MaxViT's ``PartitionAttentionLayer`` for tracing: the window / grid partition (reshapes that fold
+    the spatial size into the batch) becomes a permute to channels-last and back; attention and MLP with
+    their residuals as in the real forward."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 2, 3, 1)
+        y = y + m.attn_layer(y)
+        y = y + m.mlp_layer(y)
+        return y.permute(0, 3, 1, 2)
+
+    return forward
+
+
+_STAND_INS = {
+    "torchvision.models.swin_transformer.PatchMerging": _merging_stand_in,
+    "torchvision.models.swin_transformer.PatchMergingV2": _merging_stand_in,
+    "torchvision.models.maxvit.PartitionAttentionLayer": _partition_stand_in,
+}
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with stand-in forwards that torch-pruning's tracer can follow, while a dependency graph is
+    built (nothing else may run the model in between: the stand-ins keep the channel structure only).
+
+    torchvision's Swin window attention and MaxViT's partitioned attention fold channels and spatial
+    dimensions together in reshapes (and Swin calls ``F.linear`` on its weights), which send
+    torch-pruning's index mapping into ever longer index lists (MemoryError) or a TypeError. Their
+    attention becomes one layer (:class:`WholeAttentionPruner`), Swin's patch merging a channel
+    concatenation torch-pruning maps, MaxViT's partition a permute. Restores the real forwards on exit."""
+    patched = []
+    for m in model.modules():
+        if _whole_attention(m) is not None:
+            m.forward = _attention_stand_in
+        elif _class_path(m) in _STAND_INS:
+            m.forward = _STAND_INS[_class_path(m)](m)
+        else:
+            continue
+        patched.append(m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
 
 
 def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -77,7 +244,8 @@ def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     wrapped: set[int] = set()
     for m in model.modules():
         kind = tp.ops.module2type(m)
-        if kind in box and kind != tp.ops.OPTYPE.ELEMENTWISE:
+        # a whole-attention layer's own parameters are its pruner's (per-head tables stay as they are)
+        if (kind in box and kind != tp.ops.OPTYPE.ELEMENTWISE) or _whole_attention(m) is not None:
             wrapped |= {id(p) for p in m.parameters()}
     out, seen = [], set()
     for p in model.parameters():
@@ -185,10 +353,16 @@ def output_layers(model: nn.Module, x: Any) -> list[str]:
 
 
 def sync_attributes(model: nn.Module, num_heads: dict[nn.Module, int]) -> None:
-    """Write the structure back after pruning: attention head counts and the ViT residual width."""
+    """Write the structure back after pruning: attention head counts, ``nn.MultiheadAttention``'s head size
+    and the ViT residual width (torchvision's ``VisionTransformer`` reshapes by ``hidden_dim``)."""
     for attn in attention_layers(model):
         if attn.qkv in num_heads:
             attn.num_heads = int(num_heads[attn.qkv])
+    for mha in mha_layers(model):
+        if mha.embed_dim % mha.num_heads:  # channel_groups() keeps this from happening
+            raise PruningError(f"nn.MultiheadAttention embed width pruned to {mha.embed_dim}, not a multiple of its "
+                               f"{mha.num_heads} heads; this is a bug, please report it with the architecture")
+        mha.head_dim = mha.embed_dim // mha.num_heads
     conv_proj = getattr(model, "conv_proj", None)
     if isinstance(getattr(model, "hidden_dim", None), int) and isinstance(conv_proj, nn.Conv2d):
         model.hidden_dim = conv_proj.out_channels
