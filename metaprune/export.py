@@ -101,7 +101,13 @@ class OrtModule(nn.Module):
     """An onnxruntime session behind the ``nn.Module`` call interface (``module(x) -> tensor``), so
     that :func:`metaprune.engine.measure.compare_latency` can time it interleaved with PyTorch.
     CPU tensors go in and out through numpy without copies; on CUDA the input and the output are
-    bound on the device (IOBinding)."""
+    bound on the device (IOBinding).
+
+    With ``threads`` the session gets that many intra-op threads (as PyTorch gets), runs sequentially, and
+    its worker threads do not spin-wait between runs (``session.intra_op.allow_spinning = 0``): spinning
+    threads would keep the cores busy after a run and slow whatever is timed next (the PyTorch model in
+    an interleaved round, or other jobs on a shared machine). The graph optimisation level is
+    onnxruntime's default, ORT_ENABLE_ALL (which includes the NCHWc layout transformer on the CPU)."""
 
     def __init__(self, path: str | os.PathLike, provider: str = "CPUExecutionProvider", threads: int | None = None):
         super().__init__()
@@ -112,6 +118,7 @@ class OrtModule(nn.Module):
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if provider not in ort.get_available_providers():
             raise ConfigError(f"onnxruntime here has no {provider} (available: {ort.get_available_providers()}); "
                               "for CUDA install onnxruntime-gpu")

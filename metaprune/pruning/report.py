@@ -90,7 +90,7 @@ def _onnxruntime_pair(model_before, model_after, input_shape, device, threads: i
 
     dev = torch.device(device)
     provider = _provider(dev)
-    info = {"provider": provider}
+    info = {"provider": provider, "graph_optimization": "ORT_ENABLE_ALL", "intra_op_spinning": False}
     with tempfile.TemporaryDirectory(prefix="metaprune-latency-") as d:
         sessions = {}
         for name, m in (("before", model_before), ("after", model_after)):
