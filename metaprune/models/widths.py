@@ -36,6 +36,13 @@ _ATTRS_BY_NAME: dict[str, tuple[str, ...]] = {
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("num_heads",),
     "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": ("n_heads", "head_dim"),
 }
+# attention layers whose q/k/v width is their input width (pruned as one layer by metaprune.pruning.structure):
+# class path -> (q/k/v Linear, output Linear, head count, head size or None) attribute names
+WHOLE_ATTENTION: dict[str, tuple[str, str, str, str | None]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj", "num_heads", None),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj", "num_heads", None),
+    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": ("to_qkv", "merge", "n_heads", "head_dim"),
+}
 # model-level attributes some architectures read in forward (torchvision ViT)
 _MODEL_ATTRS = ("hidden_dim",)
 _MAX_WIDTH = 1 << 24  # far above any real layer; keeps a hostile file from asking for absurd sizes
@@ -209,6 +216,15 @@ def check_layer_shapes(model: nn.Module, where: str = "the model file") -> None:
                 raise bad(name, f"qkv has {q} outputs, not 3 x num_heads ({m.num_heads}) x a head size")
             if m.proj.in_features != q // 3:
                 raise bad(name, f"proj takes {m.proj.in_features} inputs, qkv gives {q // 3}")
+        whole = WHOLE_ATTENTION.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        if whole is not None:  # Swin / MaxViT attention: q/k/v width = input width = heads x head size
+            qkv, out = getattr(m, whole[0]), getattr(m, whole[1])
+            c, h = qkv.in_features, getattr(m, whole[2])
+            if qkv.out_features != 3 * c or c % h or (out.in_features, out.out_features) != (c, c):
+                raise bad(name, f"{whole[0]} is {c} -> {qkv.out_features} and {whole[1]} {out.in_features} -> "
+                          f"{out.out_features} with {h} heads; expected C -> 3C and C -> C, C a multiple of the heads")
+            if whole[3] is not None and getattr(m, whole[3]) * h != c:
+                raise bad(name, f"{whole[3]}={getattr(m, whole[3])} x {h} heads is not the width {c}")
         hd = getattr(m, "hidden_dim", None) if "hidden_dim" in _model_attrs(m) else None
         if hd is not None:
             for t, dim in ((getattr(m, "class_token", None), -1),

@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from metaprune.errors import ConfigError, PruningError
+from metaprune.models.widths import WHOLE_ATTENTION
 
 #: layers whose output channels are their own (a model output they produce keeps its width only if they do)
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
@@ -88,21 +89,12 @@ def channel_groups(model: nn.Module) -> dict[nn.Module, int]:
 
 
 # ------------------------------------------------------------------------- torchvision's Swin and MaxViT
-#: attention layers pruned as one layer: class path -> (fused q/k/v Linear, output Linear, head count, head size)
-#: attribute names (head size None: computed from the width in forward)
-_WHOLE_ATTENTION = {
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj", "num_heads", None),
-    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj", "num_heads", None),
-    "torchvision.models.maxvit.RelativePositionalMultiHeadAttention": ("to_qkv", "merge", "n_heads", "head_dim"),
-}
-
-
 def _class_path(m: nn.Module) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def _whole_attention(m: nn.Module) -> tuple[str, str, str, str | None] | None:
-    return _WHOLE_ATTENTION.get(_class_path(m))
+    return WHOLE_ATTENTION.get(_class_path(m))
 
 
 class WholeAttentionPruner(tp.pruner.function.BasePruningFunc):

@@ -162,3 +162,20 @@ def test_swin_search_target_and_gate_refused():
     calib = [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(PruningError, match="criterion 'gate' is not available for SwinTransformer"):
         prune(model, PruneConfig(ratio=0.3, criterion="gate"), calibration=calib)
+
+
+def test_edited_attention_widths_are_refused():
+    """A file whose MaxViT head size (or Swin q/k/v width) disagrees with the tensors: one ModelFileError."""
+    from metaprune.errors import ModelFileError
+    from metaprune.models.widths import check_layer_shapes
+
+    model = _build("tiny_maxvit")
+    check_layer_shapes(model)
+    attn = model.blocks[0].layers[0].layers.window_attention.attn_layer[1]
+    attn.head_dim = 8
+    with pytest.raises(ModelFileError, match="head_dim=8 x 2 heads is not the width 32"):
+        check_layer_shapes(model)
+    swin = _build("tiny_swin")
+    swin.features[1][0].attn.num_heads = 5
+    with pytest.raises(ModelFileError, match="C a multiple of the heads"):
+        check_layer_shapes(swin)
