@@ -340,7 +340,7 @@ def rank_train(train: list[RankMember], val: list[RankMember], out_dir: str | Pa
     """Train a score metanetwork on ``train`` members; write ``OUT/metanet.safetensors`` + ``config.json``
     (the averaged weights), ``OUT/log.jsonl`` and a resume checkpoint ``OUT/last.pt`` (tensors and plain
     values, loaded with ``weights_only=True``; a rerun with another fingerprint is refused)."""
-    from metaprune.fingerprint import check_resume
+    from metaprune.fingerprint import canonical, check_resume, dumps
     from metaprune.io import atomic_path
     from metaprune.metanet.checkpoint import save_metanet
     from metaprune.metanet.config import MetanetConfig
@@ -369,8 +369,7 @@ def rank_train(train: list[RankMember], val: list[RankMember], out_dir: str | Pa
         except Exception as e:  # noqa: BLE001 - any unreadable file: one clear error
             raise ModelFileError(f"{last} is not a readable resume checkpoint ({str(e)[:200]}); pass --no-resume "
                                  "to start afresh") from None
-        check_resume(last, st.get("fingerprint") if isinstance(st, dict) else None, json.loads(json.dumps(fp)),
-                     "rank-training run")
+        check_resume(last, st.get("fingerprint") if isinstance(st, dict) else None, canonical(fp), "rank-training run")
         net.load_state_dict(st["net"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -412,7 +411,7 @@ def rank_train(train: list[RankMember], val: list[RankMember], out_dir: str | Pa
             history.append(rec)
             log(json.dumps(rec))
         if done % cfg.save_every == 0 or done == cfg.steps:
-            st = {"fingerprint": json.loads(json.dumps(fp)), "net": net.state_dict(), "opt": opt.state_dict(),
+            st = {"fingerprint": dumps(fp), "net": net.state_dict(), "opt": opt.state_dict(),
                   "sched": sched.state_dict(), "step": done, "avg": avg or {}, "n_avg": n_avg, "history": history,
                   "seconds": time.perf_counter() - t0}
             with atomic_path(last, track=False) as tmp:

@@ -160,3 +160,43 @@ def test_gate_target_cache_is_keyed_by_fingerprint(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_model(_model(seed=5), member / "model.safetensors")  # another member file
     assert targets.load_cached(cache, member, 3.0) is None
+
+
+def test_rank_train_resumes_exactly_and_refuses_another_run(tmp_path):
+    train = [_planted(0), _planted(1)]
+    cfg = dict(steps=6, lr=1e-2, log_every=3, save_every=1, average_from=0.5)
+    ncfg = dict(hidden=8, layers=1)
+    rank_train(train, [], tmp_path / "a", RankTrainConfig(**cfg), MetanetConfig(**ncfg), log=lambda m: None)
+
+    def crash(msg):
+        if '"step": 3' in msg:
+            raise KeyboardInterrupt  # interrupted after step 3's update, before its checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        rank_train(train, [], tmp_path / "b", RankTrainConfig(**cfg), MetanetConfig(**ncfg), log=crash)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 2
+    lines = []
+    rank_train(train, [], tmp_path / "b", RankTrainConfig(**cfg), MetanetConfig(**ncfg), log=lines.append)
+    assert lines[0] == "resumed at step 2"
+    a, _ = load_metanet(tmp_path / "a")
+    b, _ = load_metanet(tmp_path / "b")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+    with pytest.raises(ConfigError, match="differ|another"):
+        rank_train(train, [], tmp_path / "b", RankTrainConfig(**{**cfg, "tau": 2.0}), MetanetConfig(**ncfg),
+                   log=lambda m: None)
+
+
+def test_meta_train_score_cli_needs_up_to_date_targets(tmp_path, capsys):
+    from metaprune.cli import main
+    from metaprune.io import save_model
+
+    zoo = tmp_path / "zoo"
+    (zoo / "member_000").mkdir(parents=True)
+    (zoo / "zoo.json").write_text(json.dumps({"config": {"data": "fashion-mnist", "val_fraction": 0.1,
+                                                         "data_seed": 1, "train_subset": 100}}))
+    save_model(_model(), zoo / "member_000" / "model.safetensors")
+    rc = main(["meta-train", "--output-mode", "score", "--zoo", str(zoo), "--targets", str(tmp_path / "cache"),
+               "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "no up-to-date gate target" in err
+    assert not (tmp_path / "out" / "metanet.safetensors").exists()
