@@ -50,10 +50,12 @@ def register(sub) -> None:
     tgt.add_argument("--speedup", type=float, help="prune until base MACs / pruned MACs reaches S (within 2%%)")
     tgt.add_argument("--params-ratio", type=float, help="prune until base params / pruned params reaches P")
     _add_prune_options(p)
-    p.add_argument("--round-to", default="auto", metavar="auto|N",
+    p.add_argument("--round-to", default="auto", metavar="auto|block|N",
                    help="widths the hardware can use: 'auto' (default) keeps a multiple that suits the device and "
                    "dtype (CPU fp32 AVX2/AVX-512: 8, CUDA fp16/bf16: 8, CUDA fp32: 4; smaller for narrow layers; "
-                   "heads stay whole); N: torch-pruning's round_to=N; 1: exact, unrounded widths")
+                   "heads stay whole); 'block': the CPU's whole convolution block (AVX-512: 16, AVX2: 8; a layer "
+                   "one block wide may keep half; nearest multiples), for onnxruntime, which pads widths up to "
+                   "the block; N: torch-pruning's round_to=N; 1: exact, unrounded widths")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="largest share any layer may lose")
     p.add_argument("--keep-heads", action="store_true", help="do not remove attention heads (ViTs)")
     p.add_argument("--keep-output", action="store_true",

@@ -51,6 +51,14 @@ def test_auto_resolves_from_the_models_device_and_dtype(cap, resnet20):
     cap("AVX2")
     m, info = rounding.resolve("auto", resnet20)
     assert isinstance(m, rounding.AutoMultiple) and m == 8 and info["cpu_capability"] == "AVX2"
+    assert not isinstance(m, rounding.BlockMultiple)
+    m, info = rounding.resolve("block", resnet20)  # opt-in: the CPU's convolution block, with the block rule
+    assert isinstance(m, rounding.BlockMultiple) and m == 8 and info["requested"] == "block"
+    cap("AVX512_VNNI")
+    m, info = rounding.resolve("block", resnet20)
+    assert isinstance(m, rounding.BlockMultiple) and m == 16 and "block rule" in info["rule"] and "16" in info["reason"]
+    assert rounding.resolve("auto", resnet20)[0] == 8
+    cap("AVX2")
     m, info = rounding.resolve("auto", resnet20.to(torch.bfloat16))
     assert m == 16 and info["dtype"] == "bfloat16"
     assert rounding.resolve(1, resnet20)[0] == 1 and rounding.resolve("8", resnet20)[0] == 8
@@ -58,12 +66,26 @@ def test_auto_resolves_from_the_models_device_and_dtype(cap, resnet20):
 
 
 def test_per_layer_multiple_never_empties_or_oversizes_a_layer():
-    assert [rounding.layer_multiple(w, 8) for w in (1, 3, 4, 6, 7, 8, 12, 64)] == [1, 1, 2, 2, 2, 8, 8, 8]
-    assert rounding.kept_channels(16, 6, 8) == 8     # rounds down to 0 -> one multiple (torch-pruning: keeps 16)
-    assert rounding.kept_channels(64, 41, 8) == 40
-    assert rounding.kept_channels(12, 9, 8) == 8
-    assert rounding.kept_channels(6, 3, 8) == 2      # narrower than the multiple: a power of two <= width/2
-    assert rounding.kept_channels(3, 2, 8) == 2      # 1-3 channels: not rounded
+    m8 = rounding.AutoMultiple(8)
+    assert [rounding.layer_multiple(w, m8) for w in (1, 3, 4, 6, 7, 8, 12, 64)] == [1, 1, 2, 2, 2, 8, 8, 8]
+    assert rounding.kept_channels(16, 6, m8) == 8     # rounds down to 0 -> one multiple (torch-pruning: keeps 16)
+    assert rounding.kept_channels(64, 41, m8) == 40
+    assert rounding.kept_channels(64, 47, m8) == 40   # down, not nearest
+    assert rounding.kept_channels(12, 9, m8) == 8
+    assert rounding.kept_channels(6, 3, m8) == 2      # narrower than the multiple: a power of two <= width/2
+    assert rounding.kept_channels(3, 2, m8) == 2      # 1-3 channels: not rounded
+
+
+def test_block_rule_halves_one_block_layers_and_keeps_the_nearest_multiple():
+    """AVX-512's 16: a 16-wide layer may keep 8 (onnxruntime reads narrower inputs unpadded), and wider layers
+    keep the nearest multiple of 16, so that a small ratio does not halve every 32-wide layer at once."""
+    b16 = rounding.BlockMultiple(16)
+    assert [rounding.layer_multiple(w, b16) for w in (8, 16, 17, 32, 64)] == [4, 8, 16, 16, 16]
+    assert rounding.layer_multiple(16, rounding.AutoMultiple(16)) == 16  # the plain rule keeps one whole multiple
+    assert [rounding.kept_channels(32, k, b16) for k in (31, 25, 24, 23, 9, 1)] == [32, 32, 32, 16, 16, 16]
+    assert [rounding.kept_channels(64, k, b16) for k in (41, 39, 55, 57)] == [48, 32, 48, 64]
+    assert [rounding.kept_channels(16, k, b16) for k in (15, 12, 11, 3)] == [16, 16, 8, 8]
+    assert rounding.finer(b16) == 8 and type(rounding.finer(b16)) is rounding.AutoMultiple  # then the plain rule
 
 
 def test_default_is_auto_in_library_and_cli():
@@ -73,21 +95,27 @@ def test_default_is_auto_in_library_and_cli():
     assert args.round_to == "auto"
 
 
-@pytest.mark.parametrize("target,multiple", [(2.2, 8), (2.0, 4)])
-def test_kept_widths_are_multiples_and_the_mac_target_is_met(cap, resnet20, target, multiple):
-    """2.2x: the table's 8 meets it. 2.0x: with 8 the closest reachable is 1.957x (2.1 % off), so auto falls
-    back to 4 and says so."""
+@pytest.mark.parametrize("rt,target,multiple,missed", [("auto", 2.2, 8, []), ("auto", 2.0, 4, [8]),
+                                                         ("block", 2.0, 16, []), ("block", 2.2, 8, [16])])
+def test_kept_widths_are_multiples_and_the_mac_target_is_met(cap, resnet20, rt, target, multiple, missed):
+    """auto, 2.2x: the table's 8 meets it; 2.0x: with 8 the closest reachable is 1.957x (2.1 % off), so auto
+    falls back to 4 and says so. block (AVX-512: 16), 2.0x: met with 16 (16-wide layers keep 8 or 16, wider
+    ones multiples of 16); 2.2x: with 16 the closest reachable is 2.03x: 8, plain rule."""
     cap("AVX512")
     before = _convs(resnet20)
-    res = prune(resnet20, PruneConfig(speedup=target), input_shape=SHAPE)
+    res = prune(resnet20, PruneConfig(speedup=target, round_to=rt), input_shape=SHAPE)
     after = _convs(res.model)
     assert any(w != before[n] for n, w in after.items()), "nothing was pruned"
-    # every conv is at least 8 wide here (16/32/64): all kept widths are multiples of the multiple used
     assert res.info["round_to"]["multiple"] == multiple
-    assert all(w % multiple == 0 for w in after.values()), after
+    assert [m["multiple"] for m in res.info["round_to"].get("missed", [])] == missed
+    # every conv is at least 8 wide here (16/32/64): all kept widths are multiples of the multiple used
+    # (block rule: 16-wide layers a multiple of 8)
+    assert all(w % (8 if multiple == 16 and before[n] == 16 else multiple) == 0 for n, w in after.items()), after
     assert res.target_met and abs(res.speedup / target - 1) <= 0.02, res.speedup
+    if multiple == 16:
+        assert any(w == 8 for w in after.values()) and any(w > 16 and w % 16 == 0 and w < before[n]
+                                                           for n, w in after.items())
     if multiple == 4:
-        assert [m["multiple"] for m in res.info["round_to"]["missed"]] == [8]
         assert any(w % 8 for w in after.values())  # 4 was really used
 
 
@@ -129,16 +157,17 @@ def test_vgg_widths_are_multiples(cap):
 def test_report_records_the_multiple_and_latency_per_mac(cap, resnet20, tmp_path, capsys):
     cap("AVX2")
     src = save_model(resnet20, tmp_path / "src.safetensors")
-    for flag, mult in (([], 8), (["--round-to", "1"], 1)):
-        out = tmp_path / f"o{mult}"
+    for flag, mult, cfg in (([], 8, "auto"), (["--round-to", "1"], 1, 1), (["--round-to", "BLOCK"], 8, "block")):
+        out = tmp_path / f"o{cfg}"
         assert main(["prune", str(src), "--speedup", "2.2", *flag, "--no-latency", "-o", str(out), "-q"]) == 0
         rep = json.loads((out / "report.json").read_text())
         rt = rep["result"]["round_to"]
-        assert rt["multiple"] == mult and rt["reason"] and rep["config"]["round_to"] == ("auto" if not flag else 1)
+        assert rt["multiple"] == mult and rt["reason"] and rep["config"]["round_to"] == cfg
+        assert rt.get("requested") == cfg and ("block rule" in rt.get("rule", "")) == (cfg == "block")
         assert "missed" not in rt and rep["result"]["target_met"]
         convs = [w for k, w in rep["widths"]["after"].items() if k != "fc"]
         assert all(w % mult == 0 for w in convs) and (mult == 8 or any(w % 8 for w in convs)), convs
-        if not flag:
+        if cfg == "auto":
             assert rt["cpu_capability"] == "AVX2" and rt["requested"] == "auto" and "AVX2" in rt["reason"]
     r = compare({"macs": 250, "latency": {"64": {"ms": 2.0}}}, {"macs": 100, "latency": {"64": {"ms": 1.0, "speedup": 2.1}}})
     assert r["latency_per_mac_b64"] == pytest.approx(2.1 / 2.5)
