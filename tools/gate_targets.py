@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +65,7 @@ def main() -> None:
     if a.one:
         one(a.one[0], float(a.one[1]), a.cache, a.seed)
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed worker still removes its lock
     for z in a.zoos:
         if Path(z).name in FORBIDDEN:
             raise SystemExit(f"{z} is held out for the final evaluation; the metanetwork never sees it")

@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--bn-batches", type=int, default=8)
     p.add_argument("--stale-gate-ok", action="store_true", help="development only: use a cached gate target even "
                    "when its fingerprint does not match (e.g. computed by an earlier gate.py); recorded in the JSON")
+    p.add_argument("--accept-gate-sha", nargs="*", default=[], help="earlier gate.py hashes (>= 8 hex digits) whose "
+                   "cached targets are accepted (recorded in the output)")
     p.add_argument("-o", "--output", required=True)
     a = p.parse_args()
     for m in a.members:
@@ -62,7 +64,11 @@ def main() -> None:
         data = load_zoo_data(mp.parent)
         shape = input_shape(model, data)
         rec["base_val_acc"] = float(metrics["val_acc"])
-        gate = load_cached(Path(a.cache), mp, a.speedup) if "gate" in a.criteria else None
+        gate = load_cached(Path(a.cache), mp, a.speedup, 0, tuple(a.accept_gate_sha)) if "gate" in a.criteria else None
+        if gate is not None:
+            from metaprune.metanet.targets import cached_identity
+
+            rec["gate_target_gate_py_sha256"] = cached_identity(Path(a.cache), mp, a.speedup).get("gate_py_sha256")
         if gate is None and "gate" in a.criteria and a.stale_gate_ok:
             from safetensors.torch import load_file
 

@@ -58,6 +58,9 @@ def register(sub) -> None:
                    help="score mode: the saved weights average every step from this fraction of --steps on")
     p.add_argument("--target-speedup", type=float, default=3.0, help="score mode: MAC speed-up of the gate targets")
     p.add_argument("--targets", default="runs/gate_targets", help="score mode: gate-target cache folder")
+    p.add_argument("--accept-gate-sha", nargs="+", default=[], metavar="SHA",
+                   help="score mode: also accept cached targets computed by these earlier gate.py versions (sha256 "
+                   "prefixes of >= 8 hex digits; recorded in the checkpoint)")
     p.add_argument("--compute-targets", action="store_true",
                    help="score mode: compute missing or stale gate targets (needs the zoos' data; 1-4 CPU-min each)")
     p.add_argument("--data", help="dataset (default: the zoo's)")
@@ -186,7 +189,7 @@ def _meta_train_score(args: argparse.Namespace) -> int:
     guard(args, [*args.zoo, *args.val_zoo], folders=[args.output])
     s = rank_meta_train(args.zoo, args.val_zoo, args.output, cfg, ncfg, cache=args.targets,
                         compute_targets=args.compute_targets, resume=not args.no_resume,
-                        log=lambda m: status(args, m))
+                        log=lambda m: status(args, m), accept_gate_sha=tuple(args.accept_gate_sha))
     v = s["final"]
     status(args, f"meta-train (score): {s['steps']} steps in {s['train_seconds']:.0f} s -> {args.output}"
            + (f"; validation keep-set overlap with gate at {args.target_speedup:g}x: metanet {v['metanet_overlap']:.3f}, "

@@ -441,19 +441,23 @@ def zoo_members(zoos: list[str | Path]) -> list[Path]:
 
 def rank_meta_train(train_zoos: list[str | Path], val_zoos: list[str | Path], out_dir: str | Path,
                     cfg: RankTrainConfig, net_cfg=None, cache: str | Path = "runs/gate_targets",
-                    compute_targets: bool = False, resume: bool = True, log=print) -> dict:
+                    compute_targets: bool = False, resume: bool = True, log=print,
+                    accept_gate_sha: tuple[str, ...] = ()) -> dict:
     """Train a score metanetwork on the members of ``train_zoos`` against their cached ``gate`` targets
     (:mod:`metaprune.metanet.targets`; computed here with ``compute_targets``, else a missing or stale target
-    is an error), monitoring the ranking agreement on ``val_zoos``. See :func:`rank_train`."""
+    is an error; ``accept_gate_sha`` names earlier gate.py hashes whose entries are accepted, see
+    :func:`metaprune.metanet.targets.load_cached`), monitoring the ranking agreement on ``val_zoos``.
+    The identity of every target used (its gate.py hash included) goes into the run's fingerprint and the
+    checkpoint's ``config.json``. See :func:`rank_train`."""
+    from metaprune.metanet.targets import cached_identity, load_cached
     from metaprune.metanet.targets import compute_targets as compute
-    from metaprune.metanet.targets import load_cached, target_fingerprint
 
     cache = Path(cache)
 
     def members(zoos, what):
         out, ident = [], {}
         for p in zoo_members(zoos):
-            t = load_cached(cache, p, cfg.speedup, cfg.seed)
+            t = load_cached(cache, p, cfg.speedup, cfg.seed, accept_gate_sha)
             if t is None:
                 if not compute_targets:
                     raise ConfigError(f"{p} has no up-to-date gate target at {cfg.speedup:g}x in {cache} (missing, or "
@@ -461,7 +465,7 @@ def rank_meta_train(train_zoos: list[str | Path], val_zoos: list[str | Path], ou
                                       "tools/gate_targets.py or pass --compute-targets")
                 log(f"computing the gate target of {p} ({what})")
                 t, _ = compute(p, cfg.speedup, cfg.seed, cache=cache)
-            ident[str(p)] = fingerprint(target_fingerprint(p, cfg.speedup, cfg.seed))
+            ident[str(p)] = cached_identity(cache, p, cfg.speedup, cfg.seed)
             out.append(load_rank_member(p, t))
         return out, ident
 

@@ -58,23 +58,39 @@ def target_fingerprint(member: Path, speedup: float, seed: int = 0) -> dict:
             "gate_py_sha256": gate_source_sha256(), "torch_pruning": getattr(tp, "__version__", "?"), "data": data}
 
 
-def cache_paths(cache: Path, member: Path, speedup: float) -> tuple[Path, Path]:
-    stem = cache / member.parent.name / member.name / f"gate_s{speedup:g}"
+def cache_paths(cache: Path, member: Path, speedup: float, seed: int = 0) -> tuple[Path, Path]:
+    stem = cache / member.parent.name / member.name / (f"gate_s{speedup:g}" + (f"_seed{seed}" if seed else ""))
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def load_cached(cache: Path, member: Path, speedup: float, seed: int = 0) -> dict[str, torch.Tensor] | None:
-    """The cached gate scores of ``member`` if their fingerprint matches the current one, else None."""
-    st, js = cache_paths(cache, member, speedup)
+def load_cached(cache: Path, member: Path, speedup: float, seed: int = 0,
+                accept_gate_sha: tuple[str, ...] = ()) -> dict[str, torch.Tensor] | None:
+    """The cached gate scores of ``member`` if their fingerprint matches the current one, else None.
+
+    ``accept_gate_sha``: explicitly named earlier ``gate.py`` hashes (full or a prefix of >= 8 hex digits)
+    whose entries are accepted when everything else matches (e.g. a refactor that leaves the scores
+    unchanged); the caller records which one it used (:func:`cached_identity`).
+    """
+    st, js = cache_paths(cache, member, speedup, seed)
     if not (st.exists() and js.exists()):
         return None
     try:
         meta = read_json(js)
     except ModelFileError:
         return None
-    if meta.get("fingerprint") != fingerprint(target_fingerprint(member, speedup, seed)):
-        return None
+    now = target_fingerprint(member, speedup, seed)
+    if meta.get("fingerprint") != fingerprint(now):
+        old = meta.get("identity")
+        sha = old.get("gate_py_sha256", "") if isinstance(old, dict) else ""
+        ok = [a for a in accept_gate_sha if len(a) >= 8 and sha.startswith(a)]
+        if not ok or meta.get("fingerprint") != fingerprint({**now, "gate_py_sha256": sha}):
+            return None
     return load_file(str(st))
+
+
+def cached_identity(cache: Path, member: Path, speedup: float, seed: int = 0) -> dict:
+    """The stored identity (fingerprint inputs) of a cache entry."""
+    return read_json(cache_paths(cache, member, speedup, seed)[1]).get("identity", {})
 
 
 def compute_targets(member: Path, speedup: float, seed: int = 0, cache: Path | None = None,
@@ -94,7 +110,7 @@ def compute_targets(member: Path, speedup: float, seed: int = 0, cache: Path | N
     if cache is not None:
         hit = load_cached(cache, member, speedup, seed)
         if hit is not None:
-            return hit, read_json(cache_paths(cache, member, speedup)[1])
+            return hit, read_json(cache_paths(cache, member, speedup, seed)[1])
     fp = target_fingerprint(member, speedup, seed)
     model, _ = load_member(member)
     data = data if data is not None else load_zoo_data(member.parent)
@@ -108,7 +124,7 @@ def compute_targets(member: Path, speedup: float, seed: int = 0, cache: Path | N
     meta = {"fingerprint": fingerprint(fp), "identity": fp, "member": str(member), "info": info,
             "cpu_seconds": round(time.perf_counter() - t0, 2)}
     if cache is not None:
-        st, js = cache_paths(cache, member, speedup)
+        st, js = cache_paths(cache, member, speedup, seed)
         with atomic_path(st, track=False) as tmp:
             save_file(scores, str(tmp))
         write_json(js, meta)

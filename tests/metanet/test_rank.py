@@ -151,12 +151,17 @@ def test_gate_target_cache_is_keyed_by_fingerprint(tmp_path, monkeypatch):
     st, js = targets.cache_paths(cache, member, 3.0)
     st.parent.mkdir(parents=True)
     save_file({"conv1:out": torch.arange(16.0)}, str(st))
-    js.write_text(json.dumps({"fingerprint": fingerprint(targets.target_fingerprint(member, 3.0))}))
+    ident = targets.target_fingerprint(member, 3.0)
+    js.write_text(json.dumps({"fingerprint": fingerprint(ident), "identity": ident}))
     hit = targets.load_cached(cache, member, 3.0)
     assert hit is not None and torch.equal(hit["conv1:out"], torch.arange(16.0))
+    assert targets.cache_paths(cache, member, 3.0, seed=1)[0] != st  # one entry per seed
     assert targets.load_cached(cache, member, 3.0, seed=1) is None  # other gate settings
+    real = targets.gate_source_sha256()
     monkeypatch.setattr(targets, "gate_source_sha256", lambda: "0" * 64)  # gate.py changed
     assert targets.load_cached(cache, member, 3.0) is None
+    assert targets.load_cached(cache, member, 3.0, accept_gate_sha=(real[:8],)) is not None  # named explicitly
+    assert targets.load_cached(cache, member, 3.0, accept_gate_sha=("f" * 8,)) is None
     monkeypatch.undo()
     save_model(_model(seed=5), member / "model.safetensors")  # another member file
     assert targets.load_cached(cache, member, 3.0) is None
