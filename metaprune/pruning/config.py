@@ -23,7 +23,8 @@ class PruneConfig:
         criterion: channel importance: ``l2`` / ``l1`` group magnitude, ``bn`` (BatchNorm scale),
             ``taylor`` (|w * dL/dw|, needs calibration batches), ``random``, ``functional``
             (||(gamma, beta)|| x ||next layer's input columns||, free) or ``gate`` (one score per channel
-            optimised on training batches with hard top-k gates; see :mod:`metaprune.pruning.gate`).
+            optimised on training batches with hard top-k gates to match the unpruned network's predictions;
+            see :mod:`metaprune.pruning.gate`).
         global_pruning: rank all groups against one threshold (non-uniform widths) instead of
             removing the same share from each group.
         round_to: ``"auto"`` (default): keep widths that suit the device and dtype the model is on (a multiple
@@ -45,7 +46,7 @@ class PruneConfig:
         taylor_batches: batches used to accumulate gradients for the ``taylor`` criterion.
         seed: seed of the ``random`` criterion and of ``gate`` training.
         gate_steps: Adam steps of the ``gate`` criterion (one training batch each).
-        gate_lr: Adam learning rate of the ``gate`` scores.
+        gate_lr: peak Adam learning rate of the ``gate`` scores (it decays to 0 on a cosine over ``gate_steps``).
         reconstruct: after pruning, refit each pruned group's consumer layer by ridge least squares so its
             outputs match the unpruned network's on calibration batches, then recalibrate BatchNorm
             (:mod:`metaprune.pruning.reconstruct`; needs calibration batches).

@@ -193,6 +193,14 @@ class ScoreImportance(tp.importance.Importance):
             raise PruningError(f"gate scores of {key} hold {len(s)} channels but the layer has {n}; the model "
                                "changed after the scores were learned")
         s = s.clone().float()
+        if not self.state.get("global", True) and n > 0:
+            # scores learned per group (uniform top-k) are comparable only inside their group: a global
+            # ranking (the engine's refine stage after the uniform search) compares the share of the group's
+            # initial channels that would be gone, so it removes where a channel is the smallest share
+            initial = self.state["initial"][key]
+            rank = torch.empty(n).scatter_(0, torch.argsort(s, stable=True), torch.arange(n, dtype=torch.float))
+            z = (s - s.mean()) / s.std().clamp_min(1e-12) if n > 1 else torch.zeros(n)
+            s = (initial - n + rank + 0.5) / initial + 1e-4 * torch.sigmoid(z)  # ties: the group's own scale
         cap = self.pruner.max_pruning_ratio if (self.pruner is not None and self.pruner.global_pruning) else None
         if cap is not None and cap < 1.0:  # protect the best ceil((1 - cap) * initial) channels of the group
             keep_min = min(n, max(1, math.ceil((1 - cap) * self.state["initial"][key] - 1e-9)))

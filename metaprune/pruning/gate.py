@@ -2,12 +2,23 @@
 
 The weights stay frozen. Every torch-pruning group (the channels DepGraph removes together; an attention
 layer's heads when heads are pruned) gets one learnable score per channel (per head). Each step draws a
-removal ratio ``u`` uniformly from the range the pruning target implies, keeps the top
-``int((1 - u) * C)`` channels of every group by score (hard 0/1 gates in the forward pass, applied to the
-inputs of the group's consumers, which equals removing the channels), and takes an Adam step on the
-cross-entropy of a training batch, with the straight-through gradient of ``sigmoid(score)``. BatchNorm
-uses batch statistics (running statistics untouched), which mirrors the recalibration after pruning.
-The learned scores then rank channels inside torch-pruning (:class:`metaprune.pruning.criteria.ScoreImportance`).
+removal ratio ``u`` uniformly from a narrow band around the per-group ratio the engine will use
+(:func:`gate_ratio_range`), keeps the top ``int((1 - u) * C)`` channels of every group by score (hard 0/1
+gates in the forward pass, applied to the inputs of the group's consumers, which equals removing the
+channels: :class:`GatedForward`), and takes an Adam step on the KL divergence from the unpruned network's
+predictions on the training batch (distillation; ``distill=False``: cross-entropy on the labels), with the
+straight-through gradient of ``sigmoid(score)``; the learning rate decays to 0 on a cosine. BatchNorm uses
+batch statistics (running statistics untouched), which mirrors the recalibration after pruning. The learned
+scores then rank channels inside torch-pruning (:class:`metaprune.pruning.criteria.ScoreImportance`); where
+the engine's target search ends with its global refine stage, the per-group scores are compared by the share
+of their group a channel would take away (they are comparable only within their group).
+
+Why these choices (ResNet-20 zoo members, 3x MACs, no finetuning, validation accuracy, 250 steps of 128):
+the former ratio band ``[0.5 r, 1.2 r]``, cross-entropy and a constant learning rate gave 67.3 / 60.1 %
+on runs/zoo_h7 member_000 / 001 and a ranking that flickered from step to step (member_000 after 25 / 50 /
+100 / 200 steps: 69.6 / 55.9 / 65.8 / 69.9 %); distillation alone 67.6 / 65.5, distillation + the narrow
+band 71.1 / 58.3, distillation + narrow band + cosine decay 71.6 / 71.9. Comparing raw scores across groups
+in the refine stage had cost 3.9 points (67.4 vs 71.3 % for the same scores).
 
 With ``--global`` the top-k of each step is one global top-k over the scores of all groups (attention
 heads: one global top-k over all heads), so channels of different layers compete for the same budget
@@ -44,6 +55,73 @@ class _Group:
     consumers: list[tuple[str, torch.Tensor, torch.Tensor]]  # (layer name, its input positions, root positions)
     is_heads: bool
     fixed: torch.Tensor | None = None  # groups no consumer can gate: functional scores, not learned
+
+
+class GatedForward:
+    """Context: ``model``'s forward with per-group channel gates on the consumers' inputs (what the gate optimises).
+
+    Inside, the parameters are frozen and BatchNorm uses batch statistics (running statistics untouched),
+    as after pruning + recalibration; :meth:`set` takes one gate vector per group (length ``units``:
+    0/1 hard masks, or straight-through ones). A channel whose gates are 0 in every consumer contributes
+    nothing to the output, exactly as if torch-pruning had removed it. Everything is restored on exit.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[_Group]):
+        self.model, self.groups = model, groups
+        self.device = next(model.parameters()).device
+        self.modules = dict(model.named_modules())
+        self.by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for gi, g in enumerate(groups):
+            for name, pos, root in g.consumers:
+                self.by_layer.setdefault(name, []).append((gi, pos.to(self.device),
+                                                           g.unit_of_root[root].to(self.device)))
+        self.current: dict[str, torch.Tensor] = {}
+
+    def set(self, gates: list[torch.Tensor]) -> None:
+        self.current.clear()
+        for name, parts in self.by_layer.items():
+            mod = self.modules[name]
+            size = mod.in_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.in_features
+            m = torch.ones(size, device=self.device)
+            for gi, pos, units in parts:
+                m = m.scatter(0, pos, gates[gi][units].to(m.dtype))
+            self.current[name] = m
+
+    def _hook(self, name):
+        def pre(mod, args):
+            m = self.current.get(name)
+            if m is None:
+                return None
+            x = args[0]
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                m = m.view(1, -1, *([1] * (x.dim() - 2)))
+            return (x * m,) + tuple(args[1:])
+        return pre
+
+    def __enter__(self) -> GatedForward:
+        self.handles = [self.modules[n].register_forward_pre_hook(self._hook(n)) for n in self.by_layer]
+        self.saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bn_state = [(m, copy.deepcopy(m.state_dict()), m.momentum) for m in bns]
+        self.was = self.model.training
+        self.model.eval()
+        for m in bns:  # batch statistics, running statistics untouched (momentum 0)
+            m.train()
+            m.momentum = 0.0
+        for p, _ in self.saved_grad:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, flag in self.saved_grad:
+            p.requires_grad_(flag)
+        for m, sd, mom in self.bn_state:
+            m.load_state_dict(sd)
+            m.momentum = mom
+        self.model.train(self.was)
+        self.current.clear()
 
 
 def make_pruner(model: nn.Module, config: PruneConfig, example_input: torch.Tensor, ratio: float = 0.5,
@@ -99,14 +177,18 @@ def gate_groups(model: nn.Module, config: PruneConfig, example_input: torch.Tens
 
 
 def gate_ratio_range(config: PruneConfig) -> tuple[float, float]:
-    """Removal ratios drawn during gate training: around the channel ratio the target implies
-    (``1 - S ** -0.5`` for a MAC / params reduction S, the engine's first guess): ``[0.5 r, 1.2 r]``
-    capped at ``max_layer_ratio``; for an explicit ratio ``[0.5 r, r]``."""
+    """Removal ratios drawn during gate training: a narrow band around the per-group ratio the engine ends at.
+
+    For a MAC / params reduction S the engine's first guess is ``r = 1 - S ** -0.5`` and its uniform
+    search ends close to it (ResNet-20 at 3x: r = 0.423, the search ends at 0.40-0.42), so the band is
+    ``[0.95 r, 1.06 r]`` (capped at ``max_layer_ratio``); for an explicit ratio r, ``[0.95 r, r]``. A wide
+    band (the former ``[0.5 r, 1.2 r]``) optimises the ranking for widths the engine never builds and
+    gave 4-12 points less at 3x on ResNet-20 (validation, see the module docstring)."""
     kind, value = config.target
     if kind == "ratio":
-        return 0.5 * value, value
+        return 0.95 * value, value
     r = 1.0 - value ** -0.5
-    return 0.5 * r, min(config.max_layer_ratio, 1.2 * r)
+    return 0.95 * r, min(config.max_layer_ratio, 1.06 * r)
 
 
 def _cycle(batches: Iterable) -> Iterator:
@@ -155,7 +237,7 @@ def _hard_keep(groups: list[_Group], scores: list[torch.Tensor], u: float, globa
 def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torch.Tensor,
                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                       ratio_range: tuple[float, float] | None = None, lr: float | None = None,
-                      desc: str = "gate") -> dict:
+                      desc: str = "gate", distill: bool = True, cosine: bool = True) -> dict:
     """Learn the ``gate`` scores of ``model`` (frozen) and attach them to it for :class:`ScoreImportance`.
 
     Args:
@@ -163,6 +245,10 @@ def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torc
             ``max_layer_ratio`` are used.
         batches: ``(x, y)`` training batches (cycled; a :class:`BatchLoader` gets ``set_epoch`` per pass).
         ratio_range: removal ratios drawn per step (default :func:`gate_ratio_range`).
+        lr: Adam learning rate (default ``config.gate_lr``).
+        distill: the objective is the KL divergence from the unpruned network's predictions on the batch
+            (knowledge distillation; labels unused) instead of the cross-entropy on the labels.
+        cosine: the learning rate decays to 0 on a cosine over the steps (the final ranking is settled).
 
     Returns ``{"steps", "seconds", "loss_first", "loss_last", "ratio_range", "global", "groups"}``.
     """
@@ -180,41 +266,17 @@ def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torc
               for g in groups]
     learn = [s for s, g in zip(scores, groups) if g.fixed is None]
     opt = torch.optim.Adam(learn, lr=lr) if learn else None
-    modules = dict(model.named_modules())
-    by_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for gi, g in enumerate(groups):
-        for name, pos, root in g.consumers:
-            by_layer.setdefault(name, []).append((gi, pos.to(device), g.unit_of_root[root].to(device)))
-    current: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def pre(mod, args):
-            m = current.get(name)
-            if m is None:
-                return None
-            x = args[0]
-            if isinstance(mod, nn.modules.conv._ConvNd):
-                m = m.view(1, -1, *([1] * (x.dim() - 2)))
-            return (x * m,) + tuple(args[1:])
-        return pre
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in by_layer]
-    saved_grad = [(p, p.requires_grad) for p in model.parameters()]
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    bn_state = [(m, copy.deepcopy(m.state_dict()), m.momentum) for m in bns]
-    was = model.training
-    model.eval()
-    for m in bns:  # batch statistics, running statistics untouched (momentum 0)
-        m.train()
-        m.momentum = 0.0
-    for p, _ in saved_grad:
-        p.requires_grad_(False)
+    gated = GatedForward(model, groups)
+    ones = [torch.ones(g.units, device=device) for g in groups]
     from metaprune.engine.runtime import progress
 
     losses = []
     stream = _cycle(batches)
-    try:
-        for _ in progress(range(int(config.gate_steps)), desc=desc, total=int(config.gate_steps)):
+    with gated:
+        for step in progress(range(int(config.gate_steps)), desc=desc, total=int(config.gate_steps)):
+            if cosine and opt is not None:  # the ranking settles instead of flickering at the top-k boundary
+                for pg in opt.param_groups:
+                    pg["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / int(config.gate_steps)))
             x, y = next(stream)
             x, y = x.to(device), y.to(device)
             u = lo + (hi - lo) * float(torch.rand((), generator=gen))
@@ -225,30 +287,22 @@ def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torc
             for s, h in zip(scores, hard):
                 sig = torch.sigmoid(s)
                 gates.append(h + sig - sig.detach())  # forward: hard 0/1; backward: d sigmoid
-            current.clear()
-            for name, parts in by_layer.items():
-                mod = modules[name]
-                size = mod.in_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.in_features
-                m = torch.ones(size, device=device)
-                for gi, pos, units in parts:
-                    m = m.scatter(0, pos, gates[gi][units])
-                current[name] = m
-            loss = F.cross_entropy(model(x), y)
+            if distill:  # the unpruned network's logits on the same batch (same BatchNorm mode)
+                gated.set(ones)
+                with torch.no_grad():
+                    teacher = F.log_softmax(model(x), 1)
+            gated.set(gates)
+            out = model(x)
+            if distill:
+                loss = F.kl_div(F.log_softmax(out, 1), teacher, log_target=True, reduction="batchmean")
+            else:
+                loss = F.cross_entropy(out, y)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             losses.append(float(loss.detach()))
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved_grad:
-            p.requires_grad_(flag)
-        for m, sd, mom in bn_state:
-            m.load_state_dict(sd)
-            m.momentum = mom
-        model.train(was)
-    state = {"scores": {}, "initial": {}}
+    state = {"scores": {}, "initial": {}, "global": bool(config.global_pruning)}
     for g, s in zip(groups, scores):
         val = (g.fixed if g.fixed is not None else s.detach()).float().cpu()
         state["scores"][g.key] = val[g.unit_of_root] if g.fixed is None else val
@@ -258,7 +312,8 @@ def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torc
     return {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
             "loss_first": sum(losses[:k]) / k if losses else None,
             "loss_last": sum(losses[-k:]) / k if losses else None, "ratio_range": [lo, hi],
-            "global": bool(config.global_pruning), "lr": lr, "groups": len(groups)}
+            "global": bool(config.global_pruning), "lr": lr, "groups": len(groups),
+            "objective": "distill" if distill else "cross-entropy", "cosine": bool(cosine)}
 
 
 def clear_scores(model: nn.Module) -> None:

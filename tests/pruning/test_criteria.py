@@ -129,10 +129,12 @@ def test_gate_learns_which_units_matter_where_l2_fails():
                 calibration=batches)
     assert {3, 4} <= _kept_hidden(m, res.model)
     info = res.info["gate"]
-    assert info["steps"] == 40 and info["seconds"] > 0 and info["loss_last"] < info["loss_first"]
+    # the objective is the divergence from the unpruned net's predictions: near 0 once the label units are kept
+    assert info["steps"] == 40 and info["seconds"] > 0 and info["loss_last"] < 0.1
+    assert info["objective"] == "distill" and info["cosine"]
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     acc = lambda net: float((net(x).argmax(1) == y).float().mean())  # noqa: E731
-    assert acc(res.model) > 0.95 > acc(l2.model)
+    assert acc(res.model) >= acc(m) - 0.005 and acc(m) - 0.05 > acc(l2.model)  # the unpruned net's accuracy (0.92)
     assert not hasattr(res.model, "_metaprune_gate_scores") and not hasattr(m, "_metaprune_gate_scores")
 
 
