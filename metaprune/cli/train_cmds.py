@@ -98,7 +98,9 @@ def _fit_and_save(args, cfg, model, data, out: Path, command: str, source: str |
     write_report(out, {"command": command, "source": source, "data": data.name, "config": asdict(cfg),
                        "best_epoch": res.best_epoch, "val_acc": val_acc, "seconds": res.seconds,
                        "model": summary, "history": res.history})
-    status(args, f"{command}: best epoch {res.best_epoch + 1} (val {val_acc:.2f}%), test {summary['test_acc']:.2f}%, "
+    best = (f"best epoch {res.best_epoch + 1}" if res.best_epoch >= 0 else  # -1: the starting weights won on val
+            "no epoch beat the starting weights, kept")
+    status(args, f"{command}: {best} (val {val_acc:.2f}%), test {summary['test_acc']:.2f}%, "
            f"{summary['params']:,} params, {summary['macs'] / 1e6:.1f} M MACs -> {path}")
     return 0
 
