@@ -82,3 +82,19 @@ def test_uniform_scores_compare_by_share_in_a_global_ranking():
     assert float(a.min()) < float(b.sort().values[2])  # but a's next channel goes before b's third
     state["global"] = True  # learned with a global top-k: raw scores compare directly
     assert torch.equal(call("a:out"), state["scores"]["a:out"])
+
+
+def test_gate_composes_with_reconstruction(tiny_resnet):
+    """``--reconstruct`` refits the network the gate ranking chose: same widths and kept channels as without it,
+    and the refitted layers' outputs come closer to the unpruned network's."""
+    from metaprune.pruning import prune
+
+    batches = _batches(2, 32)
+    cfg = PruneConfig(round_to=1, ratio=0.4, criterion="gate", gate_steps=3, seed=1)
+    plain = prune(tiny_resnet, cfg, input_shape=(1, 16, 16), calibration=batches)
+    rec = prune(tiny_resnet, PruneConfig(round_to=1, ratio=0.4, criterion="gate", gate_steps=3, seed=1, reconstruct=True,
+                                         reconstruct_batches=2), input_shape=(1, 16, 16), calibration=batches)
+    assert rec.history == plain.history  # the same gate ranking, hence the same channels removed
+    assert rec.info["gate"]["steps"] == 3 and rec.info["reconstruct"]["layers"] > 0
+    assert rec.info["reconstruct"]["rel_err_after"] < rec.info["reconstruct"]["rel_err_before"]
+    assert not torch.equal(rec.model.layer1[0].conv2.weight, plain.model.layer1[0].conv2.weight)
