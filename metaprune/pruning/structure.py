@@ -225,6 +225,20 @@ def traceable(model: nn.Module) -> Iterator[nn.Module]:
             m.__dict__.pop("forward", None)
 
 
+def graph_kwargs(model: nn.Module) -> dict[str, Any]:
+    """What every torch-pruning dependency graph / pruner of ``model`` needs besides the model and input:
+    ``unwrapped_parameters``, ``customized_pruners`` (Swin / MaxViT attention as one layer). Build it
+    inside :func:`traceable`; a pruner also takes :func:`channel_groups` as ``out_channel_groups``."""
+    return {"unwrapped_parameters": unwrapped_parameters(model), "customized_pruners": customized_pruners(model)}
+
+
+def dependency_graph(model: nn.Module, example_input: Any) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model``, traced with the stand-ins of :func:`traceable` and the
+    arguments of :func:`graph_kwargs` (what a graph of a torchvision Swin / MaxViT needs to be built at all)."""
+    with traceable(model):
+        return tp.DependencyGraph().build_dependency(model, example_input, **graph_kwargs(model))
+
+
 def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     """Bare parameters (class token, position embedding, ConvNeXt's ``layer_scale``...) as
     torch-pruning's ``(param, dim)`` list, by torch-pruning's own rule: every parameter not held by a

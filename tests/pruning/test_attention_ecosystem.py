@@ -98,6 +98,16 @@ def test_multihead_attention_keeps_heads_and_prunes_the_same_positions_in_each(t
     _reload_same(pruned, tmp_path)
 
 
+def test_width_rounding_is_per_head():
+    """torch-pruning rounds a grouped width with the per-group count against the whole width (64 wide, 4 heads,
+    ratio 0.3, round_to 8: 5 of 16 per head asked, rounded to 8 per head -> 32 kept). Per head with multiple
+    8 / gcd(8, 4) = 2: 10 of 16 kept per head, 40 in all, a multiple of 8."""
+    pruned = _prune(_build("tiny_vit"), ratio=0.3, round_to=8)
+    a = pruned.encoder.layers[0].self_attention
+    assert (a.embed_dim, a.head_dim, pruned.hidden_dim) == (40, 10, 40)
+    assert pruned.encoder.layers[0].mlp[0].out_features == 64  # 96 -> 67 -> 64: ungrouped layers as before
+
+
 def test_multihead_attention_untouched_without_prune_heads():
     model = _build("tiny_vit")
     pruned = _prune(model, ratio=0.3, prune_heads=False, round_to=1)
