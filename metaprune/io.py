@@ -730,6 +730,10 @@ def load_state_dict_as(state_dict: dict[str, torch.Tensor], arch: str, arch_args
                                  f"--num-classes {args['num_classes']}; leave --num-classes out or fix it")
         args.setdefault("num_classes", int(head.shape[0]))
     if first is not None and first.dim() == 4:
+        if "in_chans" in args and args["in_chans"] != first.shape[1]:
+            raise ModelFileError(f"{path}: the first convolution {facts.first_conv} takes {first.shape[1]} input "
+                                 f"channels, not --in-chans {args['in_chans']}; leave --in-chans out or fix it (grey "
+                                 "data for a colour model: --repeat-channels)")
         args.setdefault("in_chans", int(first.shape[1]))
     base = _meta_model(arch, args)
     ref = base.state_dict()
@@ -851,8 +855,10 @@ def _widths_from_shapes(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[s
         elif isinstance(m, nn.MultiheadAttention) and pre + "in_proj_weight" in sd:
             e = int(sd[pre + "in_proj_weight"].shape[1])
             widths[name].update(embed_dim=e, kdim=e, vdim=e, head_dim=max(1, e // m.num_heads))
-        elif hasattr(m, "num_heads") and pre + "qkv.weight" in sd:
+        elif hasattr(m, "num_heads") and hasattr(m, "head_dim") and pre + "qkv.weight" in sd:  # (Swin: heads kept)
             widths[name].update(num_heads=max(1, int(sd[pre + "qkv.weight"].shape[0]) // (3 * m.head_dim)))
+        elif hasattr(m, "n_heads") and pre + "to_qkv.weight" in sd:  # MaxViT: the head size follows the width
+            widths[name].update(head_dim=max(1, int(sd[pre + "to_qkv.weight"].shape[1]) // m.n_heads))
         if "hidden_dim" in widths.get(name, {}) and "conv_proj.weight" in sd:
             widths[name]["hidden_dim"] = int(sd["conv_proj.weight"].shape[0])
     return widths

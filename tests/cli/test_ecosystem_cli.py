@@ -211,3 +211,13 @@ def test_colour_model_on_fashion_mnist_needs_repeat_channels(user_pkg, tmp_path,
                         "--no-latency", "--json")
     assert rc == 0, err
     assert "repeated to the model's 3 input channels" in err and json.loads(out)["data"] == "fashion-mnist"
+
+
+def test_in_chans_that_contradicts_the_weights(flow, capsys):
+    """--in-chans 1 for a colour state dict: one error naming the first convolution (it used to say the
+    layer shapes were corrupt)."""
+    d, _ = flow
+    rc, _, err = _cli(capsys, "eval", d / "tiny.pt", "--arch", ARCH, "--trust-code", "--in-chans", "1",
+                      "--data", "synthetic", "--no-latency")
+    assert rc == 2 and err.count("error:") == 1, err
+    assert "first convolution features.0 takes 3 input channels, not --in-chans 1" in err
