@@ -26,8 +26,9 @@ Arms:
 Seconds, per arm: `criterion_seconds` (gate: its training; metanet: graph + forward pass + group mapping; the free
 criteria are computed inside the pruning search and counted in `prune_seconds` only), `prune_seconds`
 (the whole `prune()` call, criterion and speed-up search included), `finetune_seconds`, `eval_seconds`
-(BN recalibration and the accuracy measurements), `seconds` (all together). Wall-clock seconds on a
-shared machine: compare them within one run.
+(BN recalibration and the accuracy measurements), `seconds` (all together): wall-clock seconds, which on a
+shared machine depend on its load; `prune_cpu_seconds` / `finetune_cpu_seconds`: the process's CPU time
+(time.process_time) for the same two steps, less load-dependent.
 
 Fingerprints: every arm result carries the setup it was made with (protocol options; for `gate` the
 sha256 of metaprune/pruning/gate.py; for `metanet` the checkpoint's sha256, file or folder). A rerun recomputes an arm
@@ -158,6 +159,9 @@ def summarize(members: list[dict], arms: list[str], speedups: list[float]) -> di
                                  for k in ("criterion_seconds", "prune_seconds", "eval_seconds", "finetune_seconds",
                                            "seconds")}
             per["seconds"][a]["n"] = len(rs)
+            for k in ("prune_cpu_seconds", "finetune_cpu_seconds"):  # CPU time (recorded since 06:40 UTC)
+                v = [float(r[k]) for r in rs if r.get(k) is not None]
+                per["seconds"][a][k] = {"n": len(v), "mean": statistics.mean(v)} if v else None
             per["achieved_speedup"][a] = statistics.mean(float(r["speedup"]) for r in rs)
         # share of the L2 -> gate no-finetune gap closed by the metanet
         gap: dict = {}
@@ -226,11 +230,14 @@ def _methods_table(res: dict) -> str:
             lines.append("")
         lines += ["### seconds per arm (mean per member; wall-clock on a shared 2-core machine)", "",
                   "| arm | n | achieved speed-up | criterion s | prune s (incl. criterion, search) | BN + eval s | "
-                  "finetune s | total s |", "|---|---|---|---|---|---|---|---|"]
+                  "finetune s | total s | prune CPU s (n) | finetune CPU s (n) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for a, sec in per["seconds"].items():
             crit = f"{sec['criterion_seconds']:.1f}" if a in ("gate", "metanet") else "(in prune)"
             lines.append(f"| {a} | {sec['n']} | {per['achieved_speedup'][a]:.3f} | {crit} | {sec['prune_seconds']:.1f} "
-                         f"| {sec['eval_seconds']:.1f} | {sec['finetune_seconds']:.1f} | {sec['seconds']:.1f} |")
+                         f"| {sec['eval_seconds']:.1f} | {sec['finetune_seconds']:.1f} | {sec['seconds']:.1f} | "
+                         + " | ".join(f"{sec[k]['mean']:.1f} ({sec[k]['n']})" if sec.get(k) else "-"
+                                      for k in ("prune_cpu_seconds", "finetune_cpu_seconds")) + " |")
         lines.append("")
         gap = per.get("metanet_gap_share")
         if gap:
@@ -532,7 +539,7 @@ def main() -> None:
                     want.append(arm)
                 if not want:
                     continue
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 torch.manual_seed(a.seed)
                 crit_seconds, extra = 0.0, {}
                 # exact widths (round_to=1): the uniform protocol of the audit, whatever the engine default
@@ -547,9 +554,10 @@ def main() -> None:
                         extra[k] = pr.info[k]
                         crit_seconds = float(pr.info[k].get("seconds") or 0.0)
                 prune_seconds = time.perf_counter() - t0
+                prune_cpu = time.process_time() - c0
                 base_r = {"criterion": crit, "speedup": pr.speedup, "ratio": pr.ratio, "macs": pr.macs_after,
                           "params": pr.params_after, "criterion_seconds": round(crit_seconds, 2),
-                          "prune_seconds": round(prune_seconds, 2), **extra}
+                          "prune_seconds": round(prune_seconds, 2), "prune_cpu_seconds": round(prune_cpu, 2), **extra}
                 for arm in want:
                     t1 = time.perf_counter()
                     m = copy.deepcopy(pr.model)
@@ -564,10 +572,11 @@ def main() -> None:
                     r["eval_seconds"] = round(time.perf_counter() - t2, 2)
                     r["finetune_seconds"] = 0.0
                     if a.finetune_steps:
-                        t3 = time.perf_counter()
+                        t3, c3 = time.perf_counter(), time.process_time()
                         ftr = _finetune(copy.deepcopy(m), data, a.finetune_epochs, a.finetune_steps, a.seed,
                                         a.finetune_lr)
                         r["finetune_seconds"] = round(time.perf_counter() - t3, 2)
+                        r["finetune_cpu_seconds"] = round(time.process_time() - c3, 2)
                         t4 = time.perf_counter()
                         r.update(ft_test_acc=evaluate(ftr.model, data.test)["acc"], ft_best_epoch=ftr.best_epoch,
                                  ft_val_acc=ftr.best_val_acc)
