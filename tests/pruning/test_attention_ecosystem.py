@@ -189,3 +189,16 @@ def test_edited_attention_widths_are_refused():
     swin.features[1][0].attn.num_heads = 5
     with pytest.raises(ModelFileError, match="C a multiple of the heads"):
         check_layer_shapes(swin)
+
+
+@pytest.mark.parametrize("factory", ["tiny_swin", "tiny_maxvit"])
+def test_pruned_bare_state_dict_reloads_with_arch(tmp_path, factory):
+    """A torch.save'd state dict (no widths stored): Swin keeps its heads (no head_dim attribute to read),
+    MaxViT's head_dim comes from the q/k/v width (MaxViT builds for one input size: it is given)."""
+    pruned = _prune(_build(factory), ratio=0.3, round_to=1)
+    torch.save(pruned.state_dict(), tmp_path / "p.pt")
+    with trusted_code():
+        loaded, _ = load_model(tmp_path / "p.pt", arch=f"{__name__}:{factory}", arch_args={"image_size": 32})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), loaded(x), rtol=1e-5, atol=1e-6)
