@@ -1,8 +1,10 @@
 """The whole pipeline in one go, on the shipped checkpoints (``metaprune demo``).
 
-convert -> transform (metanetwork) -> prunability curves of original vs edited -> prune at 2x and
-3x MACs -> short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table
-and ``report.json``. Every number in the table is read back from the per-output reports.
+convert -> transform (metanetwork) -> prunability curves of original vs edited -> channel choice
+at the largest speed-up by L2 magnitude vs the per-network ``gate`` ranking vs the ranking
+metanetwork (no finetuning, BN recalibrated, seconds side by side) -> prune at 2x and 3x MACs ->
+short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
+``report.json``. Every number in the table is read back from the per-output reports.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DemoConfig:
 
     source: str = ""
     metanet: str = ""
+    rank_metanet: str = ""  # ranking (score) metanetwork for the criteria comparison; "" = leave that arm out
     output: str = "demo_out"
     data: str = "fashion-mnist"
     data_dir: str | None = None
@@ -44,6 +47,7 @@ class DemoConfig:
     curve_steps: int = 5
     curve_val_batches: int = 4
     adapt_prune_steps: int = 2
+    gate_steps: int = 250
     latency_repeats: int = 30  # timed runs per model (10 interleaved rounds of 3); cheap, also with --fast
     stages: list[str] = field(default_factory=list)
 
@@ -56,6 +60,7 @@ class DemoConfig:
             self.curve_steps = 2
             self.curve_val_batches = 1
             self.adapt_prune_steps = 1
+            self.gate_steps = 10
 
 
 def _row(name: str, kind: str, path: Path, report: Path, acc: float | None, params: int, macs: int,
@@ -156,7 +161,13 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     stage("curve", t0, "prunability AUC original {:.1f} vs edited {:.1f} -> {}".format(
         curves["original"]["auc"], curves["edited"]["auc"], cpath))
 
-    # 5. prune the edited network at each speed-up, then finetune briefly
+    # 5. channel choice at the largest speed-up: L2 vs the gate ranking vs the ranking metanetwork
+    t0 = time.time()
+    criteria = compare_criteria(source, data, cfg, device)
+    stage("criteria", t0, f"{max(cfg.speedups):g}x, no finetune: " + ", ".join(
+        f"{k} {v['test_acc']:.2f}% ({v['seconds']:.1f} s)" for k, v in criteria.items()))
+
+    # 6. prune the edited network at each speed-up, then finetune briefly
     for sp in cfg.speedups:
         t0 = time.time()
         res = prune(edited.cpu(), PruneConfig(speedup=sp, seed=cfg.seed), input_shape=(data.in_chans, 28, 28))
@@ -175,7 +186,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
                          None, ppath.stat().st_size, tag))
         stage(f"prune {sp:g}x", t0, f"{s['macs'] / p['macs']:.2f}x fewer MACs, {p['test_acc']:.2f}% test after finetune")
 
-    # 6. adapt to tasks (SPLoRA bundles) and merge to dense models
+    # 7. adapt to tasks (SPLoRA bundles) and merge to dense models
     tasks = list(cfg.tasks) if not data.synthetic else ["synthetic", "synthetic"]
     for i, task in enumerate(tasks):
         t0 = time.time()
@@ -193,7 +204,7 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         stage(f"adapt {bdir.name}", t0, f"{r['test_acc']:.2f}% test, bundle {nbytes / 1024:.1f} KiB vs dense "
               f"{r['dense_pruned_bytes'] / 1024:.1f} KiB, merged -> {merged_path.name}")
 
-    # 7. latency of every model of the table, measured together: interleaved rounds, fixed threads, one input
+    # 8. latency of every model of the table, measured together: interleaved rounds, fixed threads, one input
     t0 = time.time()
     rounds, per_round = _latency_rounds(cfg)
     lat = compare_latency({k: m.to(device) for k, m in timed.items()}, (data.in_chans, 28, 28), 1, device, warmup=5,
@@ -212,10 +223,39 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     report = {"command": "demo", "fast": cfg.fast, "data": tag, "source": cfg.source, "metanet": cfg.metanet,
               "rows": rows, "latency": latency, "curves": {k: {kk: v[kk] for kk in ("speedups", "accs", "auc", "auc_rel", "base_acc")}
                                        for k, v in curves.items()},
-              "stages_seconds": stages, "seconds": round(time.time() - t_all, 1),
+              "criteria": criteria, "stages_seconds": stages, "seconds": round(time.time() - t_all, 1),
               "eval": "test split" + (f", first {cfg.eval_batches} batches of 512" if cfg.eval_batches else "")}
     write_report(out, report, device=device)
     return report
+
+
+def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[str, dict]:
+    """Prune ``source`` to the largest speed-up with each channel ranking (``l2``; ``gate``, learned on
+    training batches; ``metanet``, one pass of the ranking metanetwork when ``cfg.rank_metanet`` is set),
+    recalibrate BatchNorm on 8 training batches and measure test accuracy without finetuning.
+    ``seconds`` is the whole prune call (ranking + target search)."""
+    from metaprune.data.loader import BatchLoader
+    from metaprune.engine import evaluate
+    from metaprune.pruning import PruneConfig, prune
+    from metaprune.pruning.curve import recalibrate_bn
+
+    sp = max(cfg.speedups)
+    arms = {"l2": {}, "gate": {"gate_steps": cfg.gate_steps}}
+    if cfg.rank_metanet:
+        arms["metanet"] = {"metanet": cfg.rank_metanet}
+    out = {}
+    for name, extra in arms.items():
+        t0 = time.time()
+        calib = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=cfg.seed, device=device)
+        res = prune(source.to(device), PruneConfig(speedup=sp, criterion=name, seed=cfg.seed, **extra),
+                    input_shape=(data.in_chans, 28, 28), calibration=calib if name == "gate" else None)
+        seconds = time.time() - t0
+        m = res.model
+        recalibrate_bn(m, data.train, 8, 128, device)
+        acc = evaluate(m.eval(), data.test, device=device, max_batches=cfg.eval_batches, desc=f"eval {name}")["acc"]
+        out[name] = {"test_acc": acc, "seconds": round(seconds, 2), "mac_speedup": res.macs_before / res.macs_after,
+                     "macs": res.macs_after, "params": res.params_after}
+    return out
 
 
 def _merge_bundle(bundle: Path, source: nn.Module, path: Path) -> Path:
@@ -245,5 +285,9 @@ def format_summary(report: dict) -> str:
     c = report["curves"]
     lines.append(f"prunability AUC (val, 1..{max(c['original']['speedups'][-1], 1):.1f}x): original "
                  f"{c['original']['auc']:.2f}, edited {c['edited']['auc']:.2f}")
+    crit = report.get("criteria")
+    if crit:
+        lines.append("channel choice at the largest speed-up, no finetune (BN recalibrated): " + ", ".join(
+            f"{k} {v['test_acc']:.2f}% in {v['seconds']:.1f} s" for k, v in crit.items()))
     lines.append(f"total {report['seconds']:.0f}s")
     return "\n".join(lines)

@@ -55,6 +55,13 @@ def test_demo_fast_on_synthetic_data(tmp_path, capsys):
     assert next(r for r in report["rows"] if r["name"] == "source")["latency_speedup_b1"] == 1.0
     assert "interleaved" in table
     assert report["environment"]["device"] == "cpu"
+    # L2 vs gate vs ranking metanetwork at the largest speed-up, each at the target, in the table
+    crit = report["criteria"]
+    assert list(crit) == ["l2", "gate", "metanet"]
+    line = next(ln for ln in table.splitlines() if ln.startswith("channel choice"))
+    for k, v in crit.items():
+        assert v["mac_speedup"] == pytest.approx(3.0, rel=0.03) and f"{k} {v['test_acc']:.2f}%" in line
+    assert crit["gate"]["seconds"] > crit["l2"]["seconds"]
     pruned = {r["name"]: r for r in report["rows"]}
     assert pruned["pruned_3x"]["macs"] < pruned["pruned_2x"]["macs"] < pruned["source"]["macs"]
 

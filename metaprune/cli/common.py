@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
 DEFAULT_MODEL = CHECKPOINTS / "cifar_resnet20_fmnist.safetensors"
 DEFAULT_METANET = CHECKPOINTS / "metanet_cifar_resnet_fmnist"
+DEFAULT_RANK_METANET = CHECKPOINTS / "metanet_rank_fmnist"
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

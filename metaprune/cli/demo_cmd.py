@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from metaprune.cli.common import DEFAULT_METANET, add_common, guard, model_path, status
+from metaprune.cli.common import DEFAULT_METANET, DEFAULT_RANK_METANET, add_common, guard, model_path, status
 
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the shipped checkpoints and Fashion-MNIST",
-                       description="convert -> transform -> curves -> prune 2x/3x -> finetune -> adapt 2 tasks -> "
+                       description="convert -> transform -> curves -> L2 vs gate vs ranking metanetwork -> prune 2x/3x -> finetune -> adapt 2 tasks -> "
                        "merge; prints one table and writes everything under -o.")
     p.add_argument("model", nargs="?", help="source model (default: the shipped checkpoint)")
-    p.add_argument("--metanet", help="metanetwork folder (default: the shipped one)")
+    p.add_argument("--metanet", help="edit metanetwork folder (default: the shipped one)")
+    p.add_argument("--rank-metanet", help="ranking metanetwork folder compared with L2 and gate (default: the shipped "
+                   "one; 'none' leaves that arm out)")
     p.add_argument("--data", default="fashion-mnist", help="dataset (falls back to synthetic when missing)")
     p.add_argument("--data-dir", help="folder holding the dataset files")
     p.add_argument("--task", action="append", help="adapter task (repeatable; default fmnist-tops, fmnist-groups)")
@@ -47,7 +49,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     guard(args, [src, mdir], folders=[args.output])
     _check_tasks(args.task or DEFAULT_TASKS)
     load_metanet(mdir)  # a missing or damaged metanetwork fails before any work
-    cfg = DemoConfig(source=src, metanet=mdir, output=args.output,
+    rank = args.rank_metanet or (str(DEFAULT_RANK_METANET) if DEFAULT_RANK_METANET.exists() else "")
+    if rank == "none":
+        rank = ""
+    if rank:
+        from metaprune.metanet.rank import load_score_metanet
+
+        guard(args, [rank])
+        load_score_metanet(rank)
+    cfg = DemoConfig(source=src, metanet=mdir, rank_metanet=rank, output=args.output,
                      data=args.data, data_dir=args.data_dir, tasks=tuple(args.task or DEFAULT_TASKS), fast=args.fast,
                      device=args.device, seed=args.seed)
     report = run_demo(cfg, say=lambda m: status(args, m))
