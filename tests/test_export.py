@@ -242,6 +242,8 @@ def test_prune_report_has_onnxruntime_latency_interleaved_with_torch(tmp_path, s
         assert r[f"latency_per_mac_onnxruntime_b{bs}"] == pytest.approx(oa["speedup"] / r["macs"])
         assert oa["speedup_over_torch"] == pytest.approx(med(x / y for x, y in zip(ta["ms_rounds"], oa["ms_rounds"])),
                                                          rel=1e-4)
+        assert ob["speedup_over_torch"] == pytest.approx(med(x / y for x, y in zip(tb["ms_rounds"], ob["ms_rounds"])),
+                                                         rel=1e-4)
         assert r[f"latency_b{bs}"] == ta["speedup"]  # PyTorch's ratio unchanged
     # default: PyTorch only, no onnxruntime key anywhere
     out2 = tmp_path / "o2"
