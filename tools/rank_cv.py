@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--members", nargs="+", required=True)
+    p.add_argument("--folds", nargs="*", default=None, help="members held out in turn (default: every member)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tau", type=float, default=1.0)
@@ -54,7 +55,7 @@ def main() -> None:
             raise SystemExit(f"{m}: no up-to-date gate target; run tools/gate_targets.py")
         loaded[m] = load_rank_member(m, t)
     out = {"setup": vars(a), "folds": []}
-    for k in members:
+    for k in [Path(f) for f in a.folds] if a.folds else members:
         tag = f"{k.parent.name}_{k.name}"
         d = Path(a.work) / tag
         cfg = RankTrainConfig(steps=a.steps, lr=a.lr, tau=a.tau, log_every=max(1, a.steps // 3), save_every=a.steps)

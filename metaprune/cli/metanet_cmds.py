@@ -49,6 +49,8 @@ def register(sub) -> None:
                    help="edit: a metanetwork that edits weights (the loss above); score: one importance score per "
                    "channel, trained with a ListNet ranking loss to reproduce each member's `gate` ranking (cached "
                    "targets, see tools/gate_targets.py), used with `prune --criterion metanet --metanet OUT`")
+    p.add_argument("--members", nargs="+", default=None, metavar="ZOO/MEMBER",
+                   help="score mode: train on these member folders instead of every member of --zoo")
     p.add_argument("--val-zoo", nargs="+", default=[], help="score mode: zoos of validation members (ranking "
                    "agreement logged, never trained on)")
     p.add_argument("--steps", type=int, default=600, help="score mode: gradient steps (one member each)")
@@ -189,7 +191,8 @@ def _meta_train_score(args: argparse.Namespace) -> int:
     guard(args, [*args.zoo, *args.val_zoo], folders=[args.output])
     s = rank_meta_train(args.zoo, args.val_zoo, args.output, cfg, ncfg, cache=args.targets,
                         compute_targets=args.compute_targets, resume=not args.no_resume,
-                        log=lambda m: status(args, m), accept_gate_sha=tuple(args.accept_gate_sha))
+                        log=lambda m: status(args, m), accept_gate_sha=tuple(args.accept_gate_sha),
+                        only_members=args.members)
     v = s["final"]
     status(args, f"meta-train (score): {s['steps']} steps in {s['train_seconds']:.0f} s -> {args.output}"
            + (f"; validation keep-set overlap with gate at {args.target_speedup:g}x: metanet {v['metanet_overlap']:.3f}, "

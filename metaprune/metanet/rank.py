@@ -442,7 +442,7 @@ def zoo_members(zoos: list[str | Path]) -> list[Path]:
 def rank_meta_train(train_zoos: list[str | Path], val_zoos: list[str | Path], out_dir: str | Path,
                     cfg: RankTrainConfig, net_cfg=None, cache: str | Path = "runs/gate_targets",
                     compute_targets: bool = False, resume: bool = True, log=print,
-                    accept_gate_sha: tuple[str, ...] = ()) -> dict:
+                    accept_gate_sha: tuple[str, ...] = (), only_members: list[str | Path] | None = None) -> dict:
     """Train a score metanetwork on the members of ``train_zoos`` against their cached ``gate`` targets
     (:mod:`metaprune.metanet.targets`; computed here with ``compute_targets``, else a missing or stale target
     is an error; ``accept_gate_sha`` names earlier gate.py hashes whose entries are accepted, see
@@ -454,9 +454,16 @@ def rank_meta_train(train_zoos: list[str | Path], val_zoos: list[str | Path], ou
 
     cache = Path(cache)
 
-    def members(zoos, what):
+    def members(zoos, what, only=None):
         out, ident = [], {}
-        for p in zoo_members(zoos):
+        paths = zoo_members(zoos)
+        if only is not None:
+            want = {Path(m).resolve() for m in only}
+            unknown = sorted(str(m) for m in only if Path(m).resolve() not in {p.resolve() for p in paths})
+            if unknown:
+                raise ConfigError(f"--members {', '.join(unknown)} are not finished members of --zoo")
+            paths = [p for p in paths if p.resolve() in want]
+        for p in paths:
             t = load_cached(cache, p, cfg.speedup, cfg.seed, accept_gate_sha)
             if t is None:
                 if not compute_targets:
@@ -469,7 +476,7 @@ def rank_meta_train(train_zoos: list[str | Path], val_zoos: list[str | Path], ou
             out.append(load_rank_member(p, t))
         return out, ident
 
-    train, ident = members(train_zoos, "training")
+    train, ident = members(train_zoos, "training", only_members)
     if not train:
         raise ConfigError(f"no finished members in {', '.join(map(str, train_zoos))}")
     val, vident = members(val_zoos, "validation") if val_zoos else ([], {})

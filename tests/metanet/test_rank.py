@@ -205,3 +205,7 @@ def test_meta_train_score_cli_needs_up_to_date_targets(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error:") == 1 and "no up-to-date gate target" in err
     assert not (tmp_path / "out" / "metanet.safetensors").exists()
+    rc = main(["meta-train", "--output-mode", "score", "--zoo", str(zoo), "--members", str(zoo / "member_007"),
+               "--targets", str(tmp_path / "cache"), "-o", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "member_007" in err and "not finished members" in err
