@@ -31,7 +31,7 @@ shared machine depend on its load; `prune_cpu_seconds` / `finetune_cpu_seconds`:
 (time.process_time) for the same two steps, less load-dependent.
 
 Fingerprints: every arm result carries the setup it was made with (protocol options; for `gate` the
-sha256 of metaprune/pruning/gate.py; for `metanet` the checkpoint's sha256, file or folder). A rerun recomputes an arm
+sha256 of metaprune/pruning/gate.py; for `metanet` the checkpoint's sha256: the file, or a folder's config.json and weights). A rerun recomputes an arm
 whose fingerprint differs from the current one, so results of an older gate (or checkpoint) are never
 mixed with new ones (--keep-stale keeps them and leaves them out of the summary instead).
 --require-gate-sha SHA256 refuses to run the gate arm unless gate.py has that sha256.
@@ -89,13 +89,14 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
+    """sha256 of a file, or of a checkpoint folder's config and weights (config.json, *.safetensors: relative
+    names and contents, sorted; its card and logs do not count)."""
     if not path.exists():
         raise SystemExit(f"{path} does not exist")
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors")):
         h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
 
