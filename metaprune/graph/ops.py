@@ -111,9 +111,36 @@ def register_channel_op(target: object, kind: str) -> None:
         FUNCTION_KINDS[target] = kind
 
 
+_TIMM_DONE = False
+
+
+def _timm_ops() -> None:
+    """timm's activation and drop modules (channel-wise: channel c out depends on channel c in only),
+    registered on first sight of a timm module (importing timm is slow, so not at import time)."""
+    global _TIMM_DONE
+    _TIMM_DONE = True
+    try:
+        from timm.layers import activations as ta
+        from timm.layers.drop import DropBlock2d, DropPath
+    except ImportError:  # pragma: no cover - a timm without these modules
+        return
+    # DropPath zeroes whole samples, DropBlock2d spatial blocks of each channel: neither mixes channels
+    names = ("Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "GELU", "GELUTanh",
+             "QuickGELU")
+    for t in (*(getattr(ta, n, None) for n in names), DropPath, DropBlock2d):
+        if t is not None:
+            MODULE_KINDS.setdefault(t, "elementwise")
+
+
+def _maybe_timm(module: nn.Module) -> None:
+    if not _TIMM_DONE and type(module).__module__.startswith("timm."):
+        _timm_ops()
+
+
 def lookup_type(table: dict[type, object], module: nn.Module) -> object | None:
     """``table``'s entry for ``module``'s type (nearest registered base class), or None. A subclass
     that overrides ``forward`` computes something else than the registered type: None."""
+    _maybe_timm(module)
     for cls in type(module).__mro__:
         if cls in table:
             return table[cls] if type(module).forward is cls.forward else None

@@ -18,7 +18,7 @@ from torch import nn
 from metaprune.errors import GraphError
 from metaprune.graph.builder import GraphBuilder, NodeSet
 from metaprune.graph.graph import SLOT
-from metaprune.graph.ops import lookup_type
+from metaprune.graph.ops import lookup_type, module_kind
 from metaprune.models.layers import SelfAttention
 
 
@@ -59,12 +59,15 @@ def register_rule(*types: type) -> Callable[[Rule], Rule]:
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module``'s type (or its nearest registered base class). A subclass that
     overrides ``forward`` computes something else: no rule (it is traced through instead)."""
+    if not _TIMM_DONE and type(module).__module__.startswith("timm."):
+        _timm_rules()
     return lookup_type(RULES, module)
 
 
 def supported_types() -> str:
     """Names of the layer types that have a rule (for error messages)."""
-    return ", ".join(sorted(t.__name__ for t in RULES))
+    return ", ".join(sorted({t.__name__ if not t.__module__.startswith("timm.") else f"timm {t.__name__}"
+                             for t in RULES}))
 
 
 def _key(name: str, attr: str) -> str:
@@ -186,17 +189,20 @@ def groupnorm(b: GraphBuilder, name: str, mod: nn.GroupNorm, x: Flow, meta: torc
     return _affine_norm(b, name, mod, x)
 
 
-try:  # torchvision's channels-first LayerNorm (ConvNeXt): permute, layer_norm over C, permute back
+def layernorm2d(b: GraphBuilder, name: str, mod: nn.LayerNorm, x: Flow, meta: torch.Tensor) -> Flow:
+    """A channels-first LayerNorm (torchvision's and timm's ``LayerNorm2d``: permute, layer_norm over C,
+    permute back): a LayerNorm over the channels in dim 1 of (N, C, H, W)."""
+    _plain(x, name, mod)
+    _expect(tuple(mod.normalized_shape) == (x.ns.size,) and x.cdim == 1 and meta.ndim == 4, name, mod,
+            f"normalises {tuple(mod.normalized_shape)} over dim 1, but the channels are {x.ns.size} in dim "
+            f"{x.cdim} of {meta.ndim}")
+    return _affine_norm(b, name, mod, x)
+
+
+try:  # torchvision's channels-first LayerNorm (ConvNeXt)
     from torchvision.models.convnext import LayerNorm2d
 
-    @register_rule(LayerNorm2d)
-    def layernorm2d(b: GraphBuilder, name: str, mod: nn.LayerNorm, x: Flow, meta: torch.Tensor) -> Flow:
-        """ConvNeXt's LayerNorm2d: a LayerNorm over the channels in dim 1 of (N, C, H, W)."""
-        _plain(x, name, mod)
-        _expect(tuple(mod.normalized_shape) == (x.ns.size,) and x.cdim == 1 and meta.ndim == 4, name, mod,
-                f"normalises {tuple(mod.normalized_shape)} over dim 1, but the channels are {x.ns.size} in dim "
-                f"{x.cdim} of {meta.ndim}")
-        return _affine_norm(b, name, mod, x)
+    register_rule(LayerNorm2d)(layernorm2d)
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 
@@ -254,3 +260,107 @@ def multihead_attention(b: GraphBuilder, name: str, mod: nn.MultiheadAttention, 
     return (_qkv_attention(b, x, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj,
                            _key(name, "in_proj_weight"), _key(name, "in_proj_bias"), _key(name, "out_proj"),
                            "MultiheadAttention"), None)
+
+
+# ----------------------------------------------------------------- timm (optional; registered lazily)
+def _norm_act(norm: Rule) -> Rule:
+    """timm's ``*NormAct*`` layers (``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``, ...): the
+    norm, then ``self.drop`` and ``self.act``. Encoded as the norm (the same nodes and slots); the drop and
+    activation must be channel-wise operations (:mod:`metaprune.graph.ops`), which keep the channels in place
+    as they do after a plain norm layer; anything else (an activation with parameters, e.g. PReLU) is refused."""
+
+    def rule(b: GraphBuilder, name: str, mod: nn.Module, x: Flow, meta: torch.Tensor) -> Flow:
+        for attr in ("drop", "act"):
+            sub = getattr(mod, attr, None)
+            _expect(sub is not None and module_kind(sub) == "elementwise", name, mod,
+                    f"its {attr} ({type(sub).__name__}) is not a known channel-wise operation (it may have "
+                    "parameters or mix channels)")
+        return norm(b, name, mod, x, meta)
+
+    rule.__doc__ = f"{norm.__name__} followed by a channel-wise drop and activation (timm)"
+    return rule
+
+
+def affine(b: GraphBuilder, name: str, mod: nn.Module, x: Flow, meta: torch.Tensor) -> Flow:
+    """timm's ``Affine`` (ResMLP: ``beta + alpha * x`` with ``alpha``, ``beta`` of shape ``(1, 1, C)``, channels
+    last): a layer scale plus a bias. New nodes (role ``linear``) with one edge per channel carrying ``alpha[c]``
+    (group ``k1``, a diagonal 1x1 layer, as a layer scale is encoded) and ``beta`` in slot ``bias``."""
+    _plain(x, name, mod)
+    c = x.ns.size
+    for attr in ("alpha", "beta"):
+        p = getattr(mod, attr)
+        _expect(p.numel() == c and p.shape[-1] == c and x.cdim == meta.ndim - 1, name, mod,
+                f"its {attr} of shape {tuple(p.shape)} is not one value per channel of {c} in the last dim "
+                f"(the channels are in dim {x.cdim} of {meta.ndim})")
+    layer = b.new_layer(name, "Affine")
+    ns = b.new_nodes(c, "linear", x.ns.depth + 1, layer)
+    a = mod.alpha.detach()
+    b.diag_edges("k1", x.ns, ns, a.reshape(-1, 1), "linear", layer, key=_key(name, "alpha"), shape=list(a.shape),
+                 dtype=a.dtype)
+    b.node_param(_key(name, "beta"), mod.beta, ns, [SLOT["bias"]])
+    return Flow(ns, x.cdim)
+
+
+def timm_attention(b: GraphBuilder, name: str, mod: nn.Module, x: Flow, meta: torch.Tensor) -> Flow:
+    """timm's ViT ``Attention`` (``forward(x, attn_mask=None, is_causal=False)``: fused ``qkv`` Linear with rows
+    ``[q; k; v]`` of ``num_heads * head_dim`` each, ``proj``): encoded as :func:`self_attention` (group ``qkv3``,
+    slots ``q/k/v_bias``, ``proj`` with role ``attn_out``). A mask tensor is refused by the tracer (a second
+    input); q/k normalisation, a scale norm or a gate have no encoding and are refused."""
+    _plain(x, name, mod)
+    c = mod.qkv.in_features
+    _expect(x.cdim == meta.ndim - 1 and x.ns.size == c, name, mod,
+            f"expects {c} features in the last dim, gets {x.ns.size} in dim {x.cdim}")
+    for attr in ("q_norm", "k_norm", "norm"):
+        _expect(isinstance(getattr(mod, attr, nn.Identity()), nn.Identity), name, mod,
+                f"normalises inside the attention ({attr}: {type(getattr(mod, attr)).__name__}); unsupported")
+    _expect(getattr(mod, "gate", None) is None, name, mod, "has an output gate; unsupported")
+    hd = mod.qkv.out_features // 3
+    _expect(hd * 3 == mod.qkv.out_features and hd == mod.num_heads * mod.head_dim, name, mod,
+            f"qkv has {mod.qkv.out_features} outputs, not 3 x num_heads ({mod.num_heads}) x head_dim "
+            f"({mod.head_dim})")
+    return _qkv_attention(b, x, mod.qkv.weight, mod.qkv.bias, mod.proj, _key(name, "qkv.weight"),
+                          _key(name, "qkv.bias"), _key(name, "proj"), "Attention")
+
+
+_TIMM_DONE = False
+
+
+def _timm_rules() -> None:
+    """Register the rules for timm's layers, on first sight of a timm module (importing timm is slow)."""
+    global _TIMM_DONE
+    _TIMM_DONE = True
+    try:
+        from timm.layers import norm as tn
+        from timm.layers import norm_act as tna
+    except ImportError:  # pragma: no cover - a timm without these modules
+        return
+
+    def reg(mod: object, cls: str, rule: Rule) -> None:
+        t = getattr(mod, cls, None)
+        if isinstance(t, type):
+            RULES.setdefault(t, rule)
+
+    try:
+        from timm.layers.linear import Linear
+        RULES.setdefault(Linear, linear)  # F.linear(x, weight, bias) outside TorchScript
+    except ImportError:  # pragma: no cover
+        pass
+    reg(tn, "LayerNorm2d", layernorm2d)
+    reg(tn, "LayerNorm", layernorm)
+    reg(tn, "GroupNorm", groupnorm)
+    reg(tn, "GroupNorm1", groupnorm)
+    reg(tna, "BatchNormAct2d", _norm_act(batchnorm))
+    reg(tna, "GroupNormAct", _norm_act(groupnorm))
+    reg(tna, "GroupNorm1Act", _norm_act(groupnorm))
+    reg(tna, "LayerNormAct", _norm_act(layernorm))
+    reg(tna, "LayerNormAct2d", _norm_act(layernorm2d))
+    try:
+        from timm.layers.attention import Attention
+        RULES.setdefault(Attention, timm_attention)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.models.mlp_mixer import Affine
+        RULES.setdefault(Affine, affine)
+    except ImportError:  # pragma: no cover
+        pass

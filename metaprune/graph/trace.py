@@ -18,6 +18,7 @@ the tokens and a position embedding added to them are parameters of the residual
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,8 @@ class ParamRef:
     """A value that is (an expansion of) one of the model's parameters, by state-dict key."""
 
     key: str
+    #: the value's shape after a ``view`` / ``reshape`` of the parameter (None: the parameter's own shape)
+    shape: tuple[int, ...] | None = None
 
 
 class _LeafTracer(fx.Tracer):
@@ -106,13 +109,25 @@ def _arg(n: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     return n.kwargs.get(name, default)
 
 
+def _default_args(model: nn.Module) -> dict[str, Any]:
+    """The optional arguments of ``model.forward`` after the input (timm's ``forward(x, attn_mask=None)``),
+    fixed at their defaults: the model converts as it is called with one input. An argument without a
+    default stays an input (and is refused as a second one)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
 def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[GraphBuilder, fx.GraphModule]:
     """Trace ``model`` and declare its graph on a fresh builder. Raises :class:`GraphError` when a
     layer has no rule, an operation is not known to keep channels in place, or the channels of a
     layer's input cannot be followed."""
     try:
         tracer = _LeafTracer()
-        fxg = tracer.trace(model)
+        fxg = tracer.trace(model, concrete_args=_default_args(model) or None)
         gm = fx.GraphModule(tracer.root, fxg)
     except GraphError:
         raise
@@ -241,6 +256,13 @@ class _Interp(fx.Interpreter):
             name = _op_name(n) if n.op == "call_method" else None  # x.expand(..) of a parameter
             if len(params) == 1 and isinstance(out, torch.Tensor) and name in ("expand", "contiguous", "to"):
                 return self.flows[params[0]]
+            # g.reshape(1, -1, 1, 1) / g.view(shape) of a parameter (timm's layer scales): the same values in
+            # the same order, a new shape, which the layer scale / embedding checks then read
+            if len(params) == 1 and isinstance(out, torch.Tensor) and name in ("view", "reshape") \
+                    and n.args[0] is params[0]:
+                pr = self.flows[params[0]]
+                if out.numel() == self._param(pr.key).numel():
+                    return ParamRef(pr.key, tuple(out.shape))
             return None
         if kind is None:
             if not _has_tensor(out):  # x.shape, x.dim(), x.size(1)
@@ -499,7 +521,9 @@ class _Interp(fx.Interpreter):
                 d_out += 1
                 continue
             if d_in == cd:
-                full = isinstance(i, slice) and i == slice(None)
+                # x[:, :k] with k >= C (GhostNet's out[:, :out_chs] when the concat is exactly out_chs wide)
+                full = isinstance(i, slice) and i.step in (None, 1) and i.start in (None, 0) and (
+                    i.stop is None or (isinstance(i.stop, int) and i.stop >= inp.shape[cd]))
                 return d_out if full else None
             if isinstance(i, slice):
                 d_out += 1
@@ -554,8 +578,9 @@ class _Interp(fx.Interpreter):
         diagonal 1x1 layer)."""
         p = self._param(pr.key)
         k = out.ndim - f.cdim
+        ps = pr.shape or tuple(p.shape)  # as multiplied (after a view / reshape of the parameter)
         if tuple(out.shape) != tuple(inp.shape) or not (
-                p.numel() == f.ns.size and p.ndim >= k and p.shape[p.ndim - k] == f.ns.size):
+                p.numel() == f.ns.size and len(ps) >= k and ps[len(ps) - k] == f.ns.size):
             raise GraphError(f"{n.name}{_in_module(n)}: multiplies by the parameter {pr.key!r} of shape {tuple(p.shape)}, which is "
                              f"not one value per channel of {f.ns.size} (a layer scale); the graph cannot encode it")
         layer = self.b.new_layer(n.name, "layer_scale")
@@ -637,7 +662,8 @@ class _Interp(fx.Interpreter):
         (group ``pos`` from one node per position)."""
         p = self._param(pr.key)
         k = out.ndim - f.cdim  # the channels' position from the end, where a per-channel vector must sit
-        per_channel = p.numel() == f.ns.size and p.ndim >= k and p.shape[p.ndim - k] == f.ns.size
+        ps = pr.shape or tuple(p.shape)  # as added (after a view / reshape of the parameter)
+        per_channel = p.numel() == f.ns.size and len(ps) >= k and ps[len(ps) - k] == f.ns.size
         if tuple(out.shape) != tuple(inp.shape):
             raise GraphError(f"{n.name}: adding the parameter {pr.key!r} of shape {tuple(p.shape)} changes the "
                              "shape of the channel tensor")
@@ -646,7 +672,7 @@ class _Interp(fx.Interpreter):
         self.b.identity_edges(f.ns, ns, layer)
         if per_channel:
             self.b.node_param(pr.key, p, ns, [SLOT["bias"]])
-        elif p.ndim == out.ndim and f.cdim == out.ndim - 1 and p.shape[-1] == f.ns.size:
+        elif len(ps) == out.ndim and f.cdim == out.ndim - 1 and ps[-1] == f.ns.size:
             t = p.numel() // f.ns.size
             pos = self.b.new_nodes(t, "position", 0, layer)
             self.b.dense_edges("pos", pos, ns, p.detach().reshape(-1, 1), "position", layer, outer="src",
