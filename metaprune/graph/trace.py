@@ -313,6 +313,10 @@ class _Interp(fx.Interpreter):
             inner = self._merged_inner(self.env[first], out, f)
             if inner is not None:
                 return inner
+        if kind == "getitem":
+            part = self._channel_slice(n, self.env[first], f)
+            if part is not None:
+                return part
         cd = self._map_dim(n, kind, where, self.env[first], out, f, mod)
         return None if cd is None else Flow(f.ns, cd)
 
@@ -507,6 +511,38 @@ class _Interp(fx.Interpreter):
             if d in cands:
                 return d
         return cands[0]
+
+    def _channel_slice(self, n: fx.Node, inp: torch.Tensor, f: Flow) -> Flow | None:
+        """``x[:, a:b]``: a contiguous part of the channels (ReXNet's ``x[:, 0:in_chs] + shortcut``): new nodes
+        (role ``concat``) joined one-to-one to channels ``a .. b-1`` of the input, as a channel split's parts
+        are. None if the channel dim is not indexed by such a slice (or the slice keeps every channel)."""
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            fill = inp.ndim - (len(idx) - 1 - sum(i is None for i in idx))
+            idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+        d_in, pos = 0, None
+        for j, i in enumerate(idx):
+            if i is None:
+                continue
+            if d_in == f.cdim:
+                pos = j
+                break
+            d_in += 1
+        if pos is None or not isinstance(idx[pos], slice) or idx[pos].step not in (None, 1) \
+                or not all(isinstance(v, int) or v is None for v in (idx[pos].start, idx[pos].stop)):
+            return None
+        c = f.ns.size
+        a, b, _ = idx[pos].indices(c)
+        if b <= a or (a, b) == (0, c):
+            return None
+        cd = self._index_dim(idx[:pos] + (slice(None),) + idx[pos + 1:], inp, f.cdim)
+        if cd is None:
+            return None
+        layer = self.b.new_layer(n.name, "slice")
+        ns = self.b.new_nodes(b - a, "concat", f.ns.depth + 1, layer)
+        self.b.identity_edges(f.ns, ns, layer, src_start=a)
+        return Flow(ns, cd)
 
     @staticmethod
     def _index_dim(idx: Any, inp: torch.Tensor, cd: int) -> int | None:

@@ -120,3 +120,24 @@ def test_timm_refusals_name_the_module():
                           qk_norm=True).eval()
     with pytest.raises(GraphError, match=r"blocks\.0\.attn \(Attention\): normalises inside the attention"):
         to_graph(v, input_shape=(1, 3, 16, 16))
+
+
+def test_partial_channel_slice_joined_to_its_channels():
+    """ReXNet's ``cat([x[:, 0:k] + shortcut, x[:, k:]], 1)``: each part reads its own range of channels."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(torch.cat([y[:, 0:3] + x, y[:, 3:]], dim=1))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    assert check_model(m, (2, 3, 4, 4))["status"] == "exact"
+    g = to_graph(m, input_shape=(1, 3, 4, 4))
+    slices = [e["id"] for e in g.spec["layers"] if e["type"] == "slice"]
+    idx, lay = g.edges["id"].index, g.edges["id"].layer
+    # conv a's 6 outputs are nodes 3..8: the first slice reads 3..5, the second 6..8
+    assert [idx[0, lay == s].tolist() for s in slices] == [[3, 4, 5], [6, 7, 8]]
