@@ -234,6 +234,10 @@ def model_path(args: argparse.Namespace, attr: str = "model") -> str:
     p = getattr(args, attr, None)
     if p:
         return p
+    if getattr(args, "arch", None):
+        raise ConfigError(f"--arch {args.arch} names the architecture of a model file, but no model file was given "
+                          "(the shipped default is a cifar_resnet20); pass the weights file, e.g. a state dict saved "
+                          "with torch.save(model.state_dict(), 'model.pt')")
     if not DEFAULT_MODEL.exists():
         raise ConfigError(f"no model given and the shipped default {DEFAULT_MODEL} is missing; pass a model file")
     status(args, f"no model given: using the shipped default {DEFAULT_MODEL.relative_to(ROOT)}")

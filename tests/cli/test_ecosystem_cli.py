@@ -221,3 +221,14 @@ def test_in_chans_that_contradicts_the_weights(flow, capsys):
                       "--data", "synthetic", "--no-latency")
     assert rc == 2 and err.count("error:") == 1, err
     assert "first convolution features.0 takes 3 input channels, not --in-chans 1" in err
+
+
+@pytest.mark.parametrize("verb", ["prune", "eval", "convert"])
+def test_arch_without_a_model_file_is_refused(verb, tmp_path, capsys):
+    """--arch with no model file used to prune / evaluate the shipped cifar_resnet20 silently."""
+    extra = {"prune": ["--ratio", "0.5", "-o", str(tmp_path / "out")], "eval": [],
+             "convert": ["-o", str(tmp_path / "out")]}[verb]
+    rc = main([verb, "--arch", "torchvision:vit_b_16", *extra, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no model file was given" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
