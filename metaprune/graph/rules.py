@@ -130,6 +130,10 @@ def linear(b: GraphBuilder, name: str, mod: nn.Linear, x: Flow, meta: torch.Tens
     After a flatten of (N, C, H, W) (``x.inner == H*W``) it is a convolution with an HxW kernel over
     an HxW map: one edge per (channel, output) with the ``H*W`` weights as feature (group ``k{H*W}``)."""
     _expect(x.grid is None, name, mod, "its input has its channels split over several dims")
+    _expect(x.cdim == meta.ndim - 1 or x.inner != 1 or meta.shape[-1] != mod.in_features, name, mod,
+            f"it mixes the {mod.in_features} entries of the last dim, which are positions (tokens), not channels "
+            f"(the {x.ns.size} channels are in dim {x.cdim} of {meta.ndim}; e.g. ResMLP's cross-patch Linear); the "
+            "graph encodes layers over channels only")
     _expect(x.cdim == meta.ndim - 1 and x.ns.size * x.inner == mod.in_features, name, mod,
             f"expects {mod.in_features} features in the last dim, gets {x.ns.size * x.inner} in dim {x.cdim} of "
             f"{meta.ndim}")

@@ -132,8 +132,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[GraphBuilder,
     except GraphError:
         raise
     except Exception as e:  # noqa: BLE001 - any tracing failure means the model cannot be traced
-        raise GraphError(f"torch.fx cannot trace {type(model).__name__}: {str(e).splitlines()[0]}; the model's "
-                         "forward must not branch on tensor values") from None
+        stack = list(getattr(tracer, "module_stack", {}).values())  # fx leaves the failing call's modules on it
+        inside = ""
+        if stack and stack[-1][0]:
+            path, cls = stack[-1]
+            inside = f" in module {path} ({getattr(cls, '__name__', cls)})"
+        raise GraphError(f"torch.fx cannot trace {type(model).__name__}{inside}: {str(e).splitlines()[0]}; the "
+                         "model's forward must not branch on tensor values or on the input's shape") from None
     builder = GraphBuilder()
     # a batch of 2 (not 1): a size-1 channel dimension (a layer pruned to width 1) must not be
     # mistaken for the batch dimension when a reshape is followed

@@ -141,3 +141,18 @@ def test_partial_channel_slice_joined_to_its_channels():
     idx, lay = g.edges["id"].index, g.edges["id"].layer
     # conv a's 6 outputs are nodes 3..8: the first slice reads 3..5, the second 6..8
     assert [idx[0, lay == s].tolist() for s in slices] == [[3, 4, 5], [6, 7, 8]]
+
+
+def test_timm_models_that_stay_refused_name_the_module():
+    """ResMLP's cross-patch Linear mixes positions; timm VGG's ConvMlp branches on the input's shape."""
+    from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+    from timm.models.vgg import ConvMlp
+
+    r = MlpMixer(num_classes=3, img_size=16, patch_size=8, num_blocks=1, embed_dim=8, mlp_ratio=2,
+                 block_layer=ResBlock, norm_layer=Affine).eval()
+    with pytest.raises(GraphError, match=r"blocks\.0\.linear_tokens \(Linear\): it mixes the 4 entries of the last "
+                                         r"dim, which are positions"):
+        to_graph(r, input_shape=(1, 3, 16, 16))
+    v = nn.Sequential(nn.Conv2d(3, 4, 1), ConvMlp(4, 6, kernel_size=3)).eval()
+    with pytest.raises(GraphError, match=r"cannot trace Sequential in module 1 \(ConvMlp\)"):
+        to_graph(v, input_shape=(1, 3, 4, 4))
