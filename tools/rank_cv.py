@@ -62,6 +62,7 @@ def main() -> None:
         s = rank_train([loaded[m] for m in members if m != k], [loaded[k]], d, cfg,
                        MetanetConfig(hidden=a.hidden, layers=a.layers), resume=False, log=lambda msg: None)
         ev = d / "eval.json"
+        ev.unlink(missing_ok=True)  # rank_eval resumes from an existing file: this fold's model is new
         subprocess.run([sys.executable, str(ROOT / "tools" / "rank_eval.py"), "--members", str(k), "--metanet",
                         str(d), "--cache", a.cache, "-o", str(ev), "--accept-gate-sha", *a.accept_gate_sha], check=True)
         r = read_json(ev)["members"][str(k)]

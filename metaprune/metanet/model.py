@@ -378,7 +378,8 @@ class Metanet(nn.Module):
         self.edge_role = nn.Embedding(cfg.edge_roles, h)
         self.edge_enc = nn.ModuleDict({g: nn.Linear(d, h) for g, d in sorted(cfg.edge_dims.items())})
         self.layers = nn.ModuleList(MetanetLayer(h, cfg.fused) for _ in range(cfg.layers))
-        if score:  # score = prior . score_features + decoder(h); starts as the functional criterion
+        if score:  # node score = prior[:3] . score_features[:, :3] + decoder(h); a group channel's score adds
+            # prior[3] x its standardised log functional score (metanet.rank.group_scores): starts as `functional`
             self.score_dec = _decoder(h, 1)
             nn.init.zeros_(self.score_dec[-1].weight)
             nn.init.zeros_(self.score_dec[-1].bias)
@@ -473,8 +474,8 @@ class Metanet(nn.Module):
             if chunked or cfg.checkpoint:  # keep RSS near what is live (see metanet.memory)
                 release_memory()
                 e = release_in_backward(e)
-        if score:
-            return (sf.float() @ self.score_prior.float() + self.score_dec(h).squeeze(1).float())
+        if score:  # the last prior coefficient weights the group-level functional score (metanet.rank.group_scores)
+            return sf[:, :-1].float() @ self.score_prior[:-1].float() + self.score_dec(h).squeeze(1).float()
         if cfg.edit == "scale":
             return self._scale_edit(graph, x, attrs, h)
         x_out = x + mask * self.slot_mask(x) * cfg.rho * self.node_dec(h) * st.scale

@@ -39,6 +39,7 @@ class GroupNodes:
     nodes: Tensor  # graph node per (member layer, channel): [M]
     root: Tensor  # the group channel each of those nodes belongs to: [M]
     fallback: Tensor | None = None  # no node maps to the group: functional scores
+    functional: Tensor | None = None  # standardised log of the group's functional scores (the score prior)
 
 
 def _layer_nodes(graph) -> dict[str, Tensor]:
@@ -94,15 +95,19 @@ def group_nodes(model: nn.Module, graph, config=None, example_input: Tensor | No
             roots.append(root)
         g = GroupNodes(key, n_root, torch.cat(nodes) if nodes else torch.zeros(0, dtype=torch.long),
                        torch.cat(roots) if roots else torch.zeros(0, dtype=torch.long))
+        imp = FunctionalImportance()(group)
+        imp = imp.float().cpu() if imp is not None else torch.ones(n_root)
+        lg = imp.clamp_min(1e-12).log()
+        g.functional = (lg - lg.mean()) / lg.std().clamp_min(1e-6) if n_root > 1 else torch.zeros(n_root)
         if not nodes or torch.bincount(g.root, minlength=n_root).min() == 0:
-            imp = FunctionalImportance()(group)
-            g.fallback = imp.float().cpu() if imp is not None else torch.ones(n_root)
+            g.fallback = imp
         out.append(g)
     return out
 
 
-def group_scores(node_scores: Tensor, groups: list[GroupNodes]) -> list[Tensor]:
-    """Per group, the mean node score of every group channel (the fallback where no node maps)."""
+def group_scores(node_scores: Tensor, groups: list[GroupNodes], prior_weight: Tensor | None = None) -> list[Tensor]:
+    """Per group, the mean node score of every group channel, plus ``prior_weight`` times the group's
+    standardised log functional score (the metanetwork's ``score_prior[-1]``); the fallback where no node maps."""
     out = []
     for g in groups:
         if g.fallback is not None:
@@ -111,7 +116,10 @@ def group_scores(node_scores: Tensor, groups: list[GroupNodes]) -> list[Tensor]:
         nodes, root = g.nodes.to(node_scores.device), g.root.to(node_scores.device)
         s = node_scores.new_zeros(g.n_root).index_add(0, root, node_scores.index_select(0, nodes))
         cnt = node_scores.new_zeros(g.n_root).index_add(0, root, torch.ones_like(root, dtype=node_scores.dtype))
-        out.append(s / cnt)
+        s = s / cnt
+        if prior_weight is not None and g.functional is not None:
+            s = s + prior_weight * g.functional.to(s.device)
+        out.append(s)
     return out
 
 
@@ -164,7 +172,7 @@ def predict_scores(net, model: nn.Module, config=None, example_input: Tensor | N
     dev = next(net.parameters()).device
     with torch.no_grad():
         node_scores = net.eval()(graph.to(dev))
-    scores = group_scores(node_scores.float(), groups)
+    scores = group_scores(node_scores.float(), groups, net.score_prior[-1].detach().float())
     return ({g.key: s.detach().cpu() for g, s in zip(groups, scores)}, {g.key: g.n_root for g in groups})
 
 
@@ -320,7 +328,8 @@ def evaluate_ranking(net, members: list[RankMember], ratio: float) -> dict:
     out: dict[str, list[float]] = {}
     with torch.no_grad():
         for m in members:
-            preds = {"metanet": group_scores(net.eval()(m.graph).float(), m.groups)} if net is not None else {}
+            preds = ({"metanet": group_scores(net.eval()(m.graph).float(), m.groups, net.score_prior[-1].float())}
+                     if net is not None else {})
             preds.update(m.baselines)
             for name, p in preds.items():
                 out.setdefault(f"{name}_overlap", []).append(keep_overlap(p, m.targets, ratio))
@@ -390,7 +399,7 @@ def rank_train(train: list[RankMember], val: list[RankMember], out_dir: str | Pa
             order = torch.randperm(len(train), generator=gen).tolist()
         m = train[order.pop()]
         net.train()
-        pred = group_scores(net(m.graph), m.groups)
+        pred = group_scores(net(m.graph), m.groups, net.score_prior[-1])
         loss = listnet_loss(pred, m.targets, cfg.tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
