@@ -326,6 +326,22 @@ def timm_attention(b: GraphBuilder, name: str, mod: nn.Module, x: Flow, meta: to
                           _key(name, "qkv.bias"), _key(name, "proj"), "Attention")
 
 
+def conv_mlp(b: GraphBuilder, name: str, mod: nn.Module, x: Flow, meta: torch.Tensor) -> Flow:
+    """timm VGG's ``ConvMlp`` (``pre_logits``): ``fc1`` (a KxK conv), ``act1``, ``drop``, ``fc2`` (1x1), ``act2``,
+    after an adaptive average pool when the map is smaller than K (a branch on the input's shape, which
+    torch.fx cannot trace; the pool acts on each channel alone, so the channels are those of its input).
+    Encoded as its two convolutions."""
+    for attr in ("act1", "drop", "act2"):
+        sub = getattr(mod, attr, None)
+        _expect(sub is not None and module_kind(sub) == "elementwise", name, mod,
+                f"its {attr} ({type(sub).__name__}) is not a known channel-wise operation")
+    for attr in ("fc1", "fc2"):
+        _expect(type(getattr(mod, attr, None)) is nn.Conv2d, name, mod,
+                f"its {attr} is a {type(getattr(mod, attr, None)).__name__}, not an nn.Conv2d")
+    h = conv2d(b, _key(name, "fc1"), mod.fc1, x, meta)
+    return conv2d(b, _key(name, "fc2"), mod.fc2, h, meta)
+
+
 _TIMM_DONE = False
 
 
@@ -361,6 +377,11 @@ def _timm_rules() -> None:
     try:
         from timm.layers.attention import Attention
         RULES.setdefault(Attention, timm_attention)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from timm.models.vgg import ConvMlp
+        RULES.setdefault(ConvMlp, conv_mlp)
     except ImportError:  # pragma: no cover
         pass
     try:

@@ -144,15 +144,29 @@ def test_partial_channel_slice_joined_to_its_channels():
 
 
 def test_timm_models_that_stay_refused_name_the_module():
-    """ResMLP's cross-patch Linear mixes positions; timm VGG's ConvMlp branches on the input's shape."""
+    """ResMLP's cross-patch Linear mixes positions; a module branching on the input's shape cannot be traced."""
     from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
-    from timm.models.vgg import ConvMlp
 
     r = MlpMixer(num_classes=3, img_size=16, patch_size=8, num_blocks=1, embed_dim=8, mlp_ratio=2,
                  block_layer=ResBlock, norm_layer=Affine).eval()
     with pytest.raises(GraphError, match=r"blocks\.0\.linear_tokens \(Linear\): it mixes the 4 entries of the last "
                                          r"dim, which are positions"):
         to_graph(r, input_shape=(1, 3, 16, 16))
-    v = nn.Sequential(nn.Conv2d(3, 4, 1), ConvMlp(4, 6, kernel_size=3)).eval()
-    with pytest.raises(GraphError, match=r"cannot trace Sequential in module 1 \(ConvMlp\)"):
-        to_graph(v, input_shape=(1, 3, 4, 4))
+
+    class Branch(nn.Module):
+        def forward(self, x):
+            return x if x.shape[-1] > 2 else x * 2
+
+    with pytest.raises(GraphError, match=r"cannot trace Sequential in module 1 \(Branch\)"):
+        to_graph(nn.Sequential(nn.Conv2d(3, 4, 1), Branch()), input_shape=(1, 3, 4, 4))
+
+
+def test_timm_vgg_conv_mlp_exact():
+    """timm VGG's ConvMlp branches on the map size (an adaptive pool below its 5x5 kernel): a rule, not traced."""
+    from timm.models.vgg import ConvMlp
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), ConvMlp(4, 6, kernel_size=5), nn.Flatten(), nn.Linear(6, 3)).eval()
+    assert check_model(m, (2, 3, 4, 4))["status"] == "exact"
+    g = to_graph(m, input_shape=(1, 3, 4, 4))
+    assert torch.equal(g.edges["k25"].attr, m[1].fc1.weight.detach().reshape(-1, 25))
