@@ -145,7 +145,7 @@ def test_squeeze_excitation_gate_is_a_product_not_a_residual():
     (lambda a, b: a / b, "divides"),
     (lambda a, b: torch.div(a, b), "divides"),
     (lambda a, b: a * a.mean(1, keepdim=True) + b, "holds no channels"),          # channel-mixing gate
-    (lambda a, b: a * a[:, :1] + b, "broadcasts tensors with \[16, 1\] channels"),  # one channel sliced, broadcast
+    (lambda a, b: a * a[:, :1] + b, r"broadcasts tensors with \[16, 1\] channels"),  # one channel sliced, broadcast
     (lambda a, b: a + torch.ones_like(a) + b, "ones_like"),                        # a constant
     (lambda a, b: a * a.new_ones(a.shape) + b, "new_ones"),
     (lambda a, b: torch.add(a, b, alpha=2), "alpha"),
