@@ -210,3 +210,22 @@ def test_meta_train_score_cli_needs_up_to_date_targets(tmp_path, capsys):
                "--targets", str(tmp_path / "cache"), "-o", str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("error:") == 1 and "member_007" in err and "not finished members" in err
+
+
+def test_untrained_score_metanet_ranks_like_functional_also_in_residual_groups():
+    """The score head starts at the functional criterion, residual streams (several convs) included."""
+    from metaprune.pruning.criteria import FunctionalImportance
+    from metaprune.pruning.gate import make_pruner
+
+    m = _model()
+    scores, _ = predict_scores(_score_net(to_graph(m)), m)
+    pruner = make_pruner(m, PruneConfig(ratio=0.5), torch.randn(1, 1, 32, 32))
+    names = {mod: n for n, mod in m.named_modules()}
+    checked = 0
+    for grp in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        key = f"{names[grp[0].dep.target.module]}:out"
+        if key in ("conv1:out", "layer2.0.downsample.0:out", "layer1.0.conv1:out"):
+            want = FunctionalImportance()(grp)
+            assert torch.equal(torch.argsort(scores[key]), torch.argsort(want)), key
+            checked += 1
+    assert checked == 3
