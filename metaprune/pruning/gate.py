@@ -43,7 +43,13 @@ from torch import nn
 from metaprune.errors import PruningError
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import _IN_FNS, HISTORY_ATTR, SCORES_ATTR, FunctionalImportance, _root_idx
-from metaprune.pruning.structure import attention_layers, ignored_layers, unwrapped_parameters
+from metaprune.pruning.structure import (
+    attention_layers,
+    channel_groups,
+    graph_kwargs,
+    ignored_layers,
+    traceable,
+)
 
 
 @dataclass
@@ -130,13 +136,13 @@ def make_pruner(model: nn.Module, config: PruneConfig, example_input: torch.Tens
     (same ignored layers, heads and bare parameters, hence the same groups and group roots)."""
     ignored = ignored_layers(model, config)
     heads = {a.qkv: a.num_heads for a in attention_layers(model)} if config.prune_heads else {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), traceable(model):
         warnings.simplefilter("ignore")
         return tp.pruner.BasePruner(
             model, example_input, importance or tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio,
             global_pruning=config.global_pruning, ignored_layers=ignored, round_to=config.round_to,
             num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=not heads,
-            unwrapped_parameters=unwrapped_parameters(model))
+            out_channel_groups=channel_groups(model), **graph_kwargs(model))
 
 
 def gate_groups(model: nn.Module, config: PruneConfig, example_input: torch.Tensor) -> list[_Group]:
