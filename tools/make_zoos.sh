@@ -13,8 +13,8 @@ zoo() { echo "== $*"; $MP zoo $R "$@"; }
 zoo --model cifar_resnet20 --count 6 --seed 100 -o runs/zoo_h7        # held-out ResNet-20, members 0-5
 zoo --model cifar_resnet20 --count 4 --seed 300 -o runs/zoo_train_r20  # training members (the metanetwork sees only these)
 zoo --model cifar_resnet32 --count 2 --seed 310 -o runs/zoo_train_r32
-zoo --model cifar_resnet20 --count 3 --seed 400 -o runs/zoo_val_r20    # validation members (selection only)
 zoo --model cifar_resnet20 --count 6 --seed 106 -o runs/zoo_h7b       # held-out ResNet-20, six more
+zoo --model cifar_resnet20 --count 3 --seed 400 -o runs/zoo_val_r20    # validation members (selection only)
 zoo --model cifar_resnet56 --count 6 --seed 500 -o runs/zoo_h56       # held-out ResNet-56
 zoo --model cifar_resnet32 --count 3 --seed 310 -o runs/zoo_train_r32
 zoo --model cifar_resnet44 --count 3 --seed 320 -o runs/zoo_train_r44
