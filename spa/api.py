@@ -47,6 +47,9 @@ class AdaptConfig:
     many epochs as that takes, so the schedule scales with the data (``min_steps=0`` runs exactly
     the epochs given; so does a quick run capped by ``max_steps_per_epoch``). ``lr=None`` picks the method's default (``ADAPTER_LR`` for adapters and
     the head, 0.01 for ``full`` fine-pruning, as chosen on the validation split in the README).
+    ``criterion`` ranks the channels of each pruning step (:data:`spa.masks.CRITERIA`): ``l2`` (fused
+    weights, the default), ``functional`` (``||(gamma, beta)|| x ||fused input columns||``, as
+    ``metaprune prune --criterion functional``) or ``random`` (seeded by ``seed`` + the step).
     """
 
     method: str = "splora"
@@ -69,6 +72,7 @@ class AdaptConfig:
     device: str = "auto"
     latency: bool = False
     repeat_channels: bool = False
+    criterion: str = "l2"
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +101,9 @@ class AdaptConfig:
             raise ConfigError(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
         if self.schedule not in ("onecycle", "cosine", "step", "constant"):
             raise ConfigError(f"unknown schedule {self.schedule!r}; use cosine, onecycle, step or constant")
+        from spa.masks import check_criterion
+
+        check_criterion(self.criterion)  # l2, functional, random; prune-only ones are refused with the reason
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping (got {self.method_options!r})")
         if self.method == "lora" and self.ratio > 0:
@@ -252,7 +259,7 @@ def run_adaptation(source: nn.Module, data, cfg: AdaptConfig, desc: str = "adapt
         mods = dict(model.named_modules())
         for k in range(1, cfg.steps + 1):
             r = cfg.ratio * k / cfg.steps
-            keep = step_keep(model, groups, r)
+            keep = step_keep(model, groups, r, criterion=cfg.criterion, seed=cfg.seed + k)
             lm = layer_masks(model, groups, keep)
             apply_masks(model, lm)
             model.spa_norm_masks = {n: d["out"] for n, d in lm.items() if isinstance(mods[n], _NORMS)}
@@ -316,7 +323,8 @@ def _finish(model: nn.Module, source: nn.Module, source_path: str, src_hash: str
     learned = learned_parameters(model)
     save_bundle(model, out, method=cfg.method, method_config=_method_config(cfg), task=task,
                 classes=list(getattr(data.train, "classes", None) or range(data.num_classes)),
-                source_sha256=src_hash, input_shape=shape, extra={"source_path": str(source_path)})
+                source_sha256=src_hash, input_shape=shape,
+                extra={"source_path": str(source_path), "criterion": cfg.criterion})
     # the bundle's model (float16 values, folded statistics) is what the merged model computes
     merged = merge(out, source.cpu()).to(device)
     merged_test = evaluate(merged, data.test, device=device, desc="test (merged)")["acc"]
@@ -327,7 +335,8 @@ def _finish(model: nn.Module, source: nn.Module, source_path: str, src_hash: str
     merged.cpu()
     report = {
         "command": "adapt", "task": task, "data": data.name, "source": str(source_path), "source_sha256": src_hash,
-        "method": cfg.method, "rank": cfg.rank, "ratio": cfg.ratio, "config": asdict(cfg),
+        "method": cfg.method, "rank": cfg.rank, "ratio": cfg.ratio, "criterion": cfg.criterion,
+        "config": asdict(cfg),
         "test_acc": merged_test, "test_acc_masked": masked_test,
         "val_acc": info["history"][-1]["best_val_acc"] if info["history"] else None,
         "learned_params": learned, "bundle_bytes": bundle_bytes, "dense_pruned_bytes": dense_bytes,
