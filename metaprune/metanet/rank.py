@@ -59,7 +59,7 @@ def group_nodes(model: nn.Module, graph, config=None, example_input: Tensor | No
     """The torch-pruning groups of ``model`` (built as the pruning engine builds them) and their graph nodes."""
     from metaprune.pruning import PruneConfig
     from metaprune.pruning.criteria import _OUT_FNS, FunctionalImportance, _root_idx
-    from metaprune.pruning.gate import make_pruner
+    from metaprune.pruning.gate import make_pruner, pruning_groups
 
     config = config or PruneConfig(ratio=0.5)
     if example_input is None:
@@ -70,16 +70,7 @@ def group_nodes(model: nn.Module, graph, config=None, example_input: Tensor | No
     names = {m: n for n, m in model.named_modules()}
     layers = _layer_nodes(graph)
     out = []
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
-        is_att, _ = pruner._is_atten_group(group)
-        if is_att:
-            group = pruner._downstream_node_as_root_if_attention(group)
-            if group is None:
-                continue
-        dep0 = group[0].dep
-        is_out = pruner.DG.is_out_channel_pruning_fn(dep0.handler)
-        key = f"{names.get(dep0.target.module, '?')}:{'out' if is_out else 'in'}"
+    for group, key, _, _ in pruning_groups(pruner, names):
         n_root = len(group[0].idxs)
         nodes, roots = [], []
         for item in group:

@@ -145,11 +145,10 @@ def make_pruner(model: nn.Module, config: PruneConfig, example_input: torch.Tens
             out_channel_groups=channel_groups(model), **graph_kwargs(model))
 
 
-def gate_groups(model: nn.Module, config: PruneConfig, example_input: torch.Tensor) -> list[_Group]:
-    """The pruning groups of ``model`` and, for each, the consumer inputs a gate multiplies."""
-    pruner = make_pruner(model, config, example_input)
-    names = {m: n for n, m in model.named_modules()}
-    out = []
+def pruning_groups(pruner: tp.pruner.BasePruner, names: dict[nn.Module, str]) -> Iterator[tuple]:
+    """``(group, key, is_attention, qkv)`` for every group ``pruner`` prunes, as the engine sees them: an
+    attention group re-rooted at its downstream layer (as torch-pruning does), ``key`` = ``"<root layer>:out"``
+    or ``":in"`` (the key :class:`~metaprune.pruning.criteria.ScoreImportance` looks scores up by)."""
     for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types):
         is_att, qkv = pruner._is_atten_group(group)
@@ -158,7 +157,16 @@ def gate_groups(model: nn.Module, config: PruneConfig, example_input: torch.Tens
             if group is None:
                 continue
         dep0 = group[0].dep
-        key = f"{names.get(dep0.target.module, '?')}:{'out' if pruner.DG.is_out_channel_pruning_fn(dep0.handler) else 'in'}"
+        side = "out" if pruner.DG.is_out_channel_pruning_fn(dep0.handler) else "in"
+        yield group, f"{names.get(dep0.target.module, '?')}:{side}", is_att, qkv
+
+
+def gate_groups(model: nn.Module, config: PruneConfig, example_input: torch.Tensor) -> list[_Group]:
+    """The pruning groups of ``model`` and, for each, the consumer inputs a gate multiplies."""
+    pruner = make_pruner(model, config, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for group, key, is_att, qkv in pruning_groups(pruner, names):
         n_root = len(group[0].idxs)
         heads = max(pruner.num_heads[q] for q in qkv) if (is_att and pruner.num_heads) else 0
         if heads:
