@@ -356,7 +356,7 @@ def _finish(model: nn.Module, source: nn.Module, source_path: str, src_hash: str
 
 
 _PRUNE_CLI_CARRY = ("seed", "device", "data_dir", "val_fraction", "train_subset", "batch_size", "max_steps_per_epoch",
-                    "no_augment", "repeat_channels")
+                    "no_augment", "repeat_channels", "criterion")
 
 
 def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, output_dir: str | Path,
@@ -366,7 +366,8 @@ def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, o
     ``args_namespace_or_config`` is an :class:`AdaptConfig`, a dict whose matching names fill one
     (``epochs`` maps to ``recovery_epochs``), or the parsed options of ``metaprune prune``: of
     those only the data and runtime options carry over (seed, device, data folder, validation
-    share, training subset, batch size, steps per epoch, augmentation, --repeat-channels) and ``--epochs N`` (N > 0)
+    share, training subset, batch size, steps per epoch, augmentation, --repeat-channels, --criterion: one
+    that adapt cannot use is refused) and ``--epochs N`` (N > 0)
     as the recovery epochs — prune's finetuning defaults (``--epochs 0``, ``--lr 0.01``,
     one-cycle) are not an adaptation schedule, so the rest of the schedule is
     :class:`AdaptConfig`'s default, exactly as ``metaprune adapt`` runs it. ``method`` and

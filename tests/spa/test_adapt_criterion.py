@@ -135,3 +135,25 @@ def test_adapt_cli_records_the_criterion(source_path, tmp_path, monkeypatch, cap
     assert main(["adapt", source_path, "--task", "synthetic", "--criterion", "gate", "-q",
                  "-o", str(tmp_path / "b2")]) == 2
     assert "prune` / `curve` only" in capsys.readouterr().err
+
+
+def test_prune_task_passes_the_criterion_on(source_path, tmp_path, monkeypatch, capsys):
+    """`prune --task` adapts with prune's --criterion (it used to adapt with l2 whatever was asked)."""
+    import spa.masks
+
+    seen = []
+    real = spa.masks.step_keep
+
+    def spy(model, groups, ratio, criterion="l2", seed=0):
+        seen.append(criterion)
+        return real(model, groups, ratio, criterion=criterion, seed=seed)
+
+    monkeypatch.setattr(spa.masks, "step_keep", spy)
+    base = ["prune", source_path, "--task", "synthetic", "--ratio", "0.5", "--batch-size", "16",
+            "--max-steps-per-epoch", "1", "--device", "cpu", "-q"]
+    assert main([*base, "--criterion", "random", "-o", str(tmp_path / "a")]) == 0
+    assert seen and set(seen) == {"random"}
+    report = json.loads((tmp_path / "a" / "synthetic" / "report.json").read_text())
+    assert report["criterion"] == "random"
+    assert main([*base, "--criterion", "gate", "-o", str(tmp_path / "b")]) == 2
+    assert "prune` / `curve` only" in capsys.readouterr().err
