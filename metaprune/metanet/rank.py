@@ -287,7 +287,7 @@ def load_rank_member(path: Path, targets: dict[str, Tensor]) -> RankMember:
     from metaprune.metanet.zoo import load_member
     from metaprune.pruning import PruneConfig
     from metaprune.pruning.criteria import FunctionalImportance
-    from metaprune.pruning.gate import make_pruner
+    from metaprune.pruning.gate import make_pruner, pruning_groups
 
     model, _ = load_member(path)
     graph = to_graph(model)
@@ -300,11 +300,7 @@ def load_rank_member(path: Path, targets: dict[str, Tensor]) -> RankMember:
     shape = tuple(graph.spec.get("input_shape") or ())[-3:]
     pruner = make_pruner(model, PruneConfig(ratio=0.5), torch.randn(1, *shape))
     names = {m: n for n, m in model.named_modules()}
-    by_key = {}
-    for grp in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
-        dep0 = grp[0].dep
-        is_out = pruner.DG.is_out_channel_pruning_fn(dep0.handler)
-        by_key[f"{names.get(dep0.target.module, '?')}:{'out' if is_out else 'in'}"] = grp
+    by_key = {key: grp for grp, key, _, _ in pruning_groups(pruner, names)}  # the keys group_nodes uses
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for g in keep:

@@ -229,3 +229,27 @@ def test_untrained_score_metanet_ranks_like_functional_also_in_residual_groups()
             assert torch.equal(torch.argsort(scores[key]), torch.argsort(want)), key
             checked += 1
     assert checked == 3
+
+
+def test_load_rank_member_baselines_are_the_groups_l2_and_functional(tmp_path):
+    """A member's l2 / functional baselines are torch-pruning's group importances of the very groups the
+    targets are keyed by (the group lookup shares `pruning_groups` with `group_nodes`)."""
+    import torch_pruning as tp
+
+    from metaprune.io import save_model
+    from metaprune.metanet.rank import load_rank_member
+    from metaprune.pruning.criteria import FunctionalImportance
+    from metaprune.pruning.gate import make_pruner, pruning_groups
+
+    m = _model(3)
+    save_model(m, tmp_path / "model.safetensors", extra={})
+    (tmp_path / "metrics.json").write_text("{}")
+    g = to_graph(m)
+    targets = {x.key: torch.rand(x.n_root) for x in group_nodes(m, g)}
+    member = load_rank_member(tmp_path, targets)
+    pruner = make_pruner(m, PruneConfig(ratio=0.5), torch.randn(1, 1, 32, 32))
+    groups = {key: grp for grp, key, _, _ in pruning_groups(pruner, {mod: n for n, mod in m.named_modules()})}
+    assert len(member.groups) > 5
+    for x, l2, fn in zip(member.groups, member.baselines["l2"], member.baselines["functional"]):
+        assert torch.allclose(l2, tp.importance.GroupMagnitudeImportance(p=2)(groups[x.key]).float())
+        assert torch.allclose(fn, FunctionalImportance()(groups[x.key]).float())
