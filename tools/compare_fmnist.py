@@ -188,7 +188,7 @@ def main() -> None:
         for arm in a.arms:
             start, left = starts[arm]
             for s in a.speedups:
-                pr = prune(start, PruneConfig(speedup=s), input_shape=shape)
+                pr = prune(start, PruneConfig(speedup=s, criterion="l2"), input_shape=shape)  # the magnitude arms
                 ft = _finetune(pr.model, data, left, a.steps_per_epoch, seed, a.lr)
                 acc = evaluate(ft, data.test)["acc"]
                 rec["arms"][arm][str(s)] = {"test_acc": acc, "speedup": pr.speedup, "macs": pr.macs_after,

@@ -21,14 +21,17 @@ from metaprune.errors import ConfigError
 
 
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="l2", choices=["l2", "l1", "bn", "taylor", "random", "functional", "gate",
-                                                             "metanet"],
-                   help="channel importance: group L2/L1 magnitude, BatchNorm scale, Taylor (needs --data), random, "
-                   "functional (||(gamma,beta)|| x ||next layer's input columns||, free), gate (one score per "
+    from metaprune.pruning.config import CRITERIA, PruneConfig  # the library's defaults are the CLI's
+
+    p.add_argument("--criterion", default=PruneConfig.criterion, choices=list(CRITERIA),
+                   help="channel importance: functional (default; ||(gamma,beta)|| x ||next layer's input columns||, "
+                   "free), l2 / l1 (group magnitude, torch-pruning's default), bn (BatchNorm scale), taylor (needs "
+                   "--data), random, gate (one score per "
                    "channel optimised on training batches with hard top-k gates; needs --data), metanet (scores "
                    "from one forward pass of a score metanetwork, --metanet)")
     p.add_argument("--metanet", help="score-metanetwork folder of --criterion metanet (e.g. checkpoints/metanet_rank_fmnist)")
-    p.add_argument("--gate-steps", type=int, default=250, help="training steps (batches of 128) of --criterion gate")
+    p.add_argument("--gate-steps", type=int, default=PruneConfig.gate_steps,
+                   help="training steps (batches of 128) of --criterion gate")
     p.add_argument("--reconstruct", action="store_true",
                    help="after pruning, refit the layers reading pruned channels by least squares so their outputs "
                    "match the unpruned model's on calibration batches, then recalibrate BatchNorm (needs --data)")

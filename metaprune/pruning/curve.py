@@ -65,7 +65,7 @@ def check_curve_options(max_speedup: float, steps: int, val_batches: int | None 
 
 
 def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3.0, steps: int = 6,
-                      criterion: str = "l2", val_batches: int | None = 4, calib_batches: int = 8,
+                      criterion: str = "functional", val_batches: int | None = 4, calib_batches: int = 8,
                       batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
                       global_pruning: bool = False, ignore: tuple[str, ...] = (), gate_steps: int = 250,
                       reconstruct: bool = False, reconstruct_batches: int = 8, metanet: str | None = None) -> dict:

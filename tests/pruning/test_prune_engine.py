@@ -179,7 +179,7 @@ def test_criteria(criterion, synthetic_data):
     res = prune(model, PruneConfig(ratio=0.4, criterion=criterion, gate_steps=3), input_shape=shape, calibration=calib)
     assert res.model(torch.randn(2, *shape)).shape == (2, 10)
     assert all(p.grad is None for p in model.parameters())
-    l2 = prune(model, PruneConfig(ratio=0.4), input_shape=shape).model
+    l2 = prune(model, PruneConfig(ratio=0.4, criterion="l2"), input_shape=shape).model
     assert any(not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(), l2.state_dict().values()))
     if criterion == "random":  # seeded: the same channels twice
         again = prune(model, PruneConfig(ratio=0.4, criterion=criterion), input_shape=shape)

@@ -92,7 +92,7 @@ def test_layer_scale_and_conv_transpose_pruned_like_torch_pruning(up):
     torch.manual_seed(0)
     model, x = _Net(up).eval(), torch.randn(1, 3, 8, 8)
     want, tpm = _tp_widths(model, x)
-    res = prune(model, PruneConfig(ratio=0.5, round_to=1), example_input=x)
+    res = prune(model, PruneConfig(ratio=0.5, round_to=1, criterion="l2"), example_input=x)
     got = tp_parity.widths(res.model)
     assert got == want
     # the residual stream (stem + block) and the transposed conv's outputs are halved, as torch-pruning does
@@ -114,4 +114,4 @@ def test_shuffle_error_is_one_pruning_error_not_zero_division():
 
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
     with pytest.raises(PruningError, match="channel shuffle"):
-        prune(model, PruneConfig(ratio=0.5, round_to=1), example_input=torch.randn(1, 3, 64, 64))
+        prune(model, PruneConfig(ratio=0.5, round_to=1, criterion="l2"), example_input=torch.randn(1, 3, 64, 64))

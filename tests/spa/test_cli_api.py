@@ -8,6 +8,7 @@ import torch
 from metaprune.cli import main
 from metaprune.errors import ConfigError
 from metaprune.io import load_model
+from metaprune.pruning import PruneConfig
 from spa import load_bundle
 from spa.api import AdaptConfig, adapt_tasks
 
@@ -94,9 +95,11 @@ def test_cli_defaults_equal_library_defaults(monkeypatch):
     adapt_tasks("src", ns.task, ns.method, ns.ratio, "x", ns)
     ns = p.parse_args(["prune", "--ratio", "0.5", "--task", "synthetic", "--epochs", "2", "-o", "x"])
     adapt_tasks("src", ns.task, ns.method, ns.ratio, "x", ns)
-    assert seen[0] == AdaptConfig(ratio=0.5)
-    assert seen[1] == AdaptConfig(ratio=0.5, seed=3, train_subset=99)
-    assert seen[2] == AdaptConfig(ratio=0.5, recovery_epochs=2)
+    crit = PruneConfig.criterion  # prune's criterion (default: functional), not adapt's own default
+    assert crit != AdaptConfig.criterion
+    assert seen[0] == AdaptConfig(ratio=0.5, criterion=crit)
+    assert seen[1] == AdaptConfig(ratio=0.5, seed=3, train_subset=99, criterion=crit)
+    assert seen[2] == AdaptConfig(ratio=0.5, recovery_epochs=2, criterion=crit)
 
 
 @pytest.mark.parametrize("bad", [{"lr": float("nan")}, {"lr": float("inf")}, {"weight_decay": float("nan")},
