@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--rank-loss", default="listnet", choices=["listnet", "pairwise"])
+    p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--cache", default=str(ROOT / "runs" / "gate_targets"))
@@ -58,7 +60,8 @@ def main() -> None:
     for k in [Path(f) for f in a.folds] if a.folds else members:
         tag = f"{k.parent.name}_{k.name}"
         d = Path(a.work) / tag
-        cfg = RankTrainConfig(steps=a.steps, lr=a.lr, tau=a.tau, log_every=max(1, a.steps // 3), save_every=a.steps)
+        cfg = RankTrainConfig(steps=a.steps, lr=a.lr, tau=a.tau, loss=a.rank_loss, weight_decay=a.weight_decay,
+                              log_every=max(1, a.steps // 3), save_every=a.steps)
         s = rank_train([loaded[m] for m in members if m != k], [loaded[k]], d, cfg,
                        MetanetConfig(hidden=a.hidden, layers=a.layers), resume=False, log=lambda msg: None)
         ev = d / "eval.json"
@@ -67,6 +70,7 @@ def main() -> None:
                         str(d), "--cache", a.cache, "-o", str(ev), "--accept-gate-sha", *a.accept_gate_sha], check=True)
         r = read_json(ev)["members"][str(k)]
         fold = {"held_out": str(k), "train_seconds": s["train_seconds"], "ranking": s["final"],
+                "ranking_train": s["final_train"],
                 "val_acc": {c: r[c]["val_acc"] for c in ("l2", "functional", "gate", "metanet")},
                 "metanet_seconds": r["metanet"]["info"].get("metanet", {}).get("seconds")}
         out["folds"].append(fold)
@@ -80,7 +84,8 @@ def main() -> None:
                       "metanet_minus_functional": [round(x["val_acc"]["metanet"] - x["val_acc"]["functional"], 2) for x in f],
                       "metanet_overlap": round(statistics.mean(x["ranking"]["metanet_overlap"] for x in f), 4),
                       "functional_overlap": round(statistics.mean(x["ranking"]["functional_overlap"] for x in f), 4),
-                      "l2_overlap": round(statistics.mean(x["ranking"]["l2_overlap"] for x in f), 4)}
+                      "l2_overlap": round(statistics.mean(x["ranking"]["l2_overlap"] for x in f), 4),
+                      "metanet_train_overlap": round(statistics.mean(x["ranking_train"]["metanet_overlap"] for x in f), 4)}
     write_json(a.output, out)
     print(json.dumps(out["summary"]))
 

@@ -36,6 +36,9 @@ def register(sub) -> None:
     add_common(p)
     p.set_defaults(func=cmd_zoo)
 
+    from metaprune.metanet.rank import RANK_LOSSES, RankTrainConfig
+
+    rd = RankTrainConfig()  # score mode's defaults are the library's
     p = sub.add_parser("meta-train", help="train a metanetwork on a zoo of data models",
                        description="Loss = CE of the edited network + LAM x DepGraph group sparsity (normalised to "
                        "1 on the unedited member) + MU x CE of the edited network with a random fraction of channels "
@@ -53,10 +56,14 @@ def register(sub) -> None:
                    help="score mode: train on these member folders instead of every member of --zoo")
     p.add_argument("--val-zoo", nargs="+", default=[], help="score mode: zoos of validation members (ranking "
                    "agreement logged, never trained on)")
-    p.add_argument("--steps", type=int, default=600, help="score mode: gradient steps (one member each)")
-    p.add_argument("--tau", type=float, default=1.0, help="score mode: temperature of the target ranking "
-                   "distribution (standardised gate scores; smaller focuses on the top)")
-    p.add_argument("--average-from", type=float, default=0.5,
+    p.add_argument("--steps", type=int, default=rd.steps, help="score mode: gradient steps (one member each)")
+    p.add_argument("--rank-loss", choices=list(RANK_LOSSES), default=rd.loss,
+                   help="score mode: listnet (the whole gate ranking per group) or pairwise (only which channels "
+                   "the gate keeps at --target-speedup: softplus of removed-minus-kept score differences)")
+    p.add_argument("--tau", type=float, default=rd.tau, help="score mode: temperature of the target ranking "
+                   "distribution (standardised gate scores; smaller focuses on the top); pairwise: of the "
+                   "score differences")
+    p.add_argument("--average-from", type=float, default=rd.average_from,
                    help="score mode: the saved weights average every step from this fraction of --steps on")
     p.add_argument("--target-speedup", type=float, default=3.0, help="score mode: MAC speed-up of the gate targets")
     p.add_argument("--targets", default="runs/gate_targets", help="score mode: gate-target cache folder")
@@ -185,6 +192,7 @@ def _meta_train_score(args: argparse.Namespace) -> int:
     from metaprune.metanet.rank import RankTrainConfig, rank_meta_train
 
     cfg = RankTrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, tau=args.tau,
+                          loss=args.rank_loss,
                           average_from=args.average_from, speedup=args.target_speedup, seed=args.seed)
     ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, output="score", edge_chunk=args.edge_chunk,
                          checkpoint=args.checkpointing)

@@ -25,10 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaprune.errors import ConfigError, ModelFileError, PruningError
 from metaprune.fingerprint import check_float, check_int, fingerprint
+
+#: ranking losses of :class:`RankTrainConfig`
+RANK_LOSSES = ("listnet", "pairwise")
 
 
 #: a pruning group's channels and the graph nodes that carry them
@@ -195,8 +199,10 @@ class RankTrainConfig:
     Attributes:
         steps: gradient steps (one member each, members in a shuffled cycle).
         lr, weight_decay: AdamW settings (cosine decay to 5 % of ``lr``).
-        tau: temperature of the target distribution (on standardised targets); smaller focuses the loss
-            on the top of each group's ranking.
+        loss: ``listnet`` (the whole ranking: :func:`listnet_loss`) or ``pairwise`` (only the keep / remove
+            split at ``speedup``'s per-group ratio: :func:`pairwise_keep_loss`).
+        tau: temperature of the target distribution (on standardised targets; smaller focuses the loss
+            on the top of each group's ranking); for ``pairwise`` the temperature of the score differences.
         average_from: the saved weights are the mean of the weights after every step from this fraction
             of ``steps`` on (checkpoint averaging instead of selection).
         speedup: which cached gate target to learn (its MAC speed-up).
@@ -205,9 +211,10 @@ class RankTrainConfig:
     """
 
     steps: int = 600
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    tau: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    loss: str = "listnet"
+    tau: float = 1.0
     average_from: float = 0.5
     speedup: float = 3.0
     seed: int = 0
@@ -222,6 +229,8 @@ class RankTrainConfig:
         check_float("lr", self.lr, above=0)
         check_float("weight_decay", self.weight_decay, minimum=0)
         check_float("tau", self.tau, above=0)
+        if self.loss not in RANK_LOSSES:
+            raise ConfigError(f"unknown ranking loss {self.loss!r}; valid: {', '.join(RANK_LOSSES)}")
         check_float("average_from", self.average_from, minimum=0, maximum=1)
         check_float("speedup", self.speedup, above=1)
 
@@ -238,6 +247,25 @@ def listnet_loss(pred: list[Tensor], target: list[Tensor], tau: float) -> Tensor
         losses.append(-(q * torch.log_softmax(p.float(), 0)).sum() + (q * q.clamp_min(1e-12).log()).sum())
     if not losses:
         raise ConfigError("no pruning group with at least two channels to learn a ranking from")
+    return torch.stack(losses).mean()
+
+
+def pairwise_keep_loss(pred: list[Tensor], target: list[Tensor], tau: float, ratio: float) -> Tensor:
+    """Mean over groups of ``mean softplus((pred[j] - pred[i]) / tau)`` over every pair of a channel ``i`` the
+    target keeps at removal ``ratio`` and a channel ``j`` it removes: only the keep / remove split is learned,
+    not the order inside either side (groups the ratio leaves whole are skipped)."""
+    losses = []
+    for p, t in zip(pred, target):
+        n = p.numel()
+        k = max(1, int(n * (1 - ratio)))
+        if k >= n:
+            continue
+        keep = torch.zeros(n, dtype=torch.bool, device=p.device)
+        keep[torch.topk(t.to(p.device).float(), k).indices] = True
+        pf = p.float()
+        losses.append(F.softplus((pf[~keep][None, :] - pf[keep][:, None]) / tau).mean())
+    if not losses:
+        raise ConfigError(f"no pruning group loses a channel at removal ratio {ratio:.3f}: nothing to learn")
     return torch.stack(losses).mean()
 
 
@@ -387,7 +415,8 @@ def rank_train(train: list[RankMember], val: list[RankMember], out_dir: str | Pa
         m = train[order.pop()]
         net.train()
         pred = group_scores(net(m.graph), m.groups, net.score_prior[-1])
-        loss = listnet_loss(pred, m.targets, cfg.tau)
+        loss = (listnet_loss(pred, m.targets, cfg.tau) if cfg.loss == "listnet"
+                else pairwise_keep_loss(pred, m.targets, cfg.tau, ratio))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

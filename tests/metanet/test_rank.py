@@ -19,6 +19,8 @@ from metaprune.metanet.rank import (
     RankTrainConfig,
     group_nodes,
     group_scores,
+    keep_overlap,
+    pairwise_keep_loss,
     predict_scores,
     rank_train,
     spearman,
@@ -253,3 +255,48 @@ def test_load_rank_member_baselines_are_the_groups_l2_and_functional(tmp_path):
     for x, l2, fn in zip(member.groups, member.baselines["l2"], member.baselines["functional"]):
         assert torch.allclose(l2, tp.importance.GroupMagnitudeImportance(p=2)(groups[x.key]).float())
         assert torch.allclose(fn, FunctionalImportance()(groups[x.key]).float())
+
+
+def test_pairwise_keep_loss_values_and_what_it_ignores():
+    """Hand-computed value; the order inside the kept and the removed side does not matter, the split does."""
+    target = [torch.tensor([4.0, 3.0, 2.0, 1.0])]  # removal ratio 0.5: keeps channels 0, 1
+    pred = [torch.tensor([1.0, 0.0, 0.5, -1.0])]
+    sp = torch.nn.functional.softplus
+    # pairs (kept i, removed j): (0,2) (0,3) (1,2) (1,3): softplus(p_j - p_i)
+    want = (sp(torch.tensor(-0.5)) + sp(torch.tensor(-2.0)) + sp(torch.tensor(0.5)) + sp(torch.tensor(-1.0))) / 4
+    assert torch.allclose(pairwise_keep_loss(pred, target, 1.0, 0.5), want)
+    assert torch.allclose(pairwise_keep_loss(pred, target, 2.0, 0.5),
+                          (sp(torch.tensor(-0.25)) + sp(torch.tensor(-1.0)) + sp(torch.tensor(0.25))
+                           + sp(torch.tensor(-0.5))) / 4)
+    same_split = [torch.tensor([1.0, 2.0, 1.0, 2.0])]  # a target ranking the inside of each side differently
+    other = pairwise_keep_loss(pred, [torch.tensor([3.0, 4.0, 1.0, 2.0])], 1.0, 0.5)
+    assert torch.allclose(other, want)
+    assert not torch.allclose(pairwise_keep_loss(pred, same_split, 1.0, 0.5), want)  # keeps 1, 3: another split
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        pairwise_keep_loss(pred, target, 1.0, 0.0)  # a ratio that removes nothing
+
+
+def test_pairwise_loss_learns_a_planted_split_that_transfers(tmp_path):
+    train, held = [_planted(0), _planted(1)], _planted(2)
+    ratio = 1 - 3.0 ** -0.5
+    torch.manual_seed(0)
+    before = Metanet.for_graph(held.graph, MetanetConfig(hidden=16, layers=1, output="score"))
+    ov0 = keep_overlap(group_scores(before(held.graph).detach(), held.groups), held.targets, ratio)
+    rank_train(train, [], tmp_path / "r", RankTrainConfig(steps=40, lr=1e-2, loss="pairwise", log_every=1000,
+                                                          save_every=1000),
+               MetanetConfig(hidden=16, layers=1), log=lambda m: None)
+    net, meta = load_metanet(tmp_path / "r")
+    assert meta["rank_train"]["loss"] == "pairwise"
+    ov = keep_overlap(group_scores(net(held.graph).detach(), held.groups), held.targets, ratio)
+    assert ov > 0.85 and ov > ov0 + 0.15, (ov0, ov)
+    with pytest.raises(ConfigError, match="ranking loss"):
+        RankTrainConfig(loss="hinge")
+
+
+def test_meta_train_score_defaults_are_the_library_s():
+    from metaprune.cli import build_parser
+
+    ns = build_parser().parse_args(["meta-train", "--zoo", "z", "-o", "o", "--output-mode", "score"])
+    d = RankTrainConfig()
+    assert (ns.steps, ns.rank_loss, ns.tau, ns.average_from, ns.lr, ns.weight_decay, ns.target_speedup) == (
+        d.steps, d.loss, d.tau, d.average_from, d.lr, d.weight_decay, d.speedup)
