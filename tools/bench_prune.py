@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--arch", action="append", default=None, help="architectures (default cifar_resnet56)")
     ap.add_argument("--shape", default="3,32,32", help="C,H,W of the input")
     ap.add_argument("--speedup", type=float, default=2.5)
-    ap.add_argument("--criterion", default="l2")
+    ap.add_argument("--criterion", default=PruneConfig.criterion, help="default: prune's default")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--round-to", action="append", type=parse_round_to, default=None,
                     help="'auto' or N, repeatable (default: auto)")
