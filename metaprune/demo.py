@@ -1,7 +1,7 @@
 """The whole pipeline in one go, on the shipped checkpoints (``metaprune demo``).
 
 convert -> transform (metanetwork) -> prunability curves of original vs edited -> channel choice
-at the largest speed-up by L2 magnitude vs the per-network ``gate`` ranking vs the ranking
+at the largest speed-up by L2 magnitude vs ``functional`` (prune's default) vs the per-network ``gate`` ranking vs the ranking
 metanetwork (no finetuning, BN recalibrated, seconds side by side) -> prune at 2x and 3x MACs ->
 short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
 ``report.json``. Every number in the table is read back from the per-output reports.
@@ -161,7 +161,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     stage("curve", t0, "prunability AUC original {:.1f} vs edited {:.1f} -> {}".format(
         curves["original"]["auc"], curves["edited"]["auc"], cpath))
 
-    # 5. channel choice at the largest speed-up: L2 vs the gate ranking vs the ranking metanetwork
+    # 5. channel choice at the largest speed-up: L2 vs functional (the default) vs the gate ranking vs the
+    # ranking metanetwork
     t0 = time.time()
     criteria = compare_criteria(source, data, cfg, device)
     stage("criteria", t0, f"{max(cfg.speedups):g}x, no finetune: " + ", ".join(
@@ -230,7 +231,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
 
 
 def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[str, dict]:
-    """Prune ``source`` to the largest speed-up with each channel ranking (``l2``; ``gate``, learned on
+    """Prune ``source`` to the largest speed-up with each channel ranking (``l2``; ``functional``, prune's
+    default; ``gate``, learned on
     training batches; ``metanet``, one pass of the ranking metanetwork when ``cfg.rank_metanet`` is set),
     recalibrate BatchNorm on 8 training batches and measure test accuracy without finetuning.
     ``seconds`` is the whole prune call (ranking + target search)."""
@@ -240,7 +242,7 @@ def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[s
     from metaprune.pruning.curve import recalibrate_bn
 
     sp = max(cfg.speedups)
-    arms = {"l2": {}, "gate": {"gate_steps": cfg.gate_steps}}
+    arms = {"l2": {}, "functional": {}, "gate": {"gate_steps": cfg.gate_steps}}
     if cfg.rank_metanet:
         arms["metanet"] = {"metanet": cfg.rank_metanet}
     out = {}

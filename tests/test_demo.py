@@ -55,9 +55,10 @@ def test_demo_fast_on_synthetic_data(tmp_path, capsys):
     assert next(r for r in report["rows"] if r["name"] == "source")["latency_speedup_b1"] == 1.0
     assert "interleaved" in table
     assert report["environment"]["device"] == "cpu"
-    # L2 vs gate vs ranking metanetwork at the largest speed-up, each at the target, in the table
+    # L2 vs functional (prune's default) vs gate vs ranking metanetwork at the largest speed-up, each at the
+    # target, in the table
     crit = report["criteria"]
-    assert list(crit) == ["l2", "gate", "metanet"]
+    assert list(crit) == ["l2", "functional", "gate", "metanet"]
     line = next(ln for ln in table.splitlines() if ln.startswith("channel choice"))
     for k, v in crit.items():
         assert v["mac_speedup"] == pytest.approx(3.0, rel=0.03) and f"{k} {v['test_acc']:.2f}%" in line

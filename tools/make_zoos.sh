@@ -17,6 +17,6 @@ zoo --model cifar_resnet20 --count 6 --seed 106 -o runs/zoo_h7b       # held-out
 zoo --model cifar_resnet20 --count 3 --seed 400 -o runs/zoo_val_r20    # validation members (selection only)
 zoo --model cifar_resnet56 --count 6 --seed 500 -o runs/zoo_h56       # held-out ResNet-56
 zoo --model cifar_resnet32 --count 3 --seed 310 -o runs/zoo_train_r32
+zoo --model cifar_resnet32 --count 3 --seed 410 -o runs/zoo_val_r32    # validation members of a 2nd depth
 zoo --model cifar_resnet44 --count 3 --seed 320 -o runs/zoo_train_r44
-zoo --model cifar_resnet32 --count 3 --seed 410 -o runs/zoo_val_r32
 echo done
