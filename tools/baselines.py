@@ -72,7 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FREE = ("l2", "functional", "random")
-KNOWN_ARMS = (*FREE, "gate", "metanet", "l1", "bn", "taylor")
+#: DepGraph's sparse learning (``depgraph``: --sl-steps of training with the group-norm regulariser, then
+#: group-L2 pruning) and its equal-budget control (``sl-control``: the same steps without the regulariser)
+SL_ARMS = ("depgraph", "sl-control")
+KNOWN_ARMS = (*FREE, "gate", "metanet", *SL_ARMS, "l1", "bn", "taylor")
 METRICS = (("ft_test_acc", "test accuracy after the finetune (primary)"),
            ("test_acc", "test accuracy, no finetune"),
            ("val_acc", "validation accuracy, no finetune"))
@@ -395,6 +398,46 @@ def _finetune(model, data, epochs: int, steps: int, seed: int, lr: float):
     return train(model.train(), data, cfg, desc="ft")
 
 
+def _sparse_train(model, data, shape, steps: int, lam: float, lr: float, seed: int) -> dict:
+    """DepGraph's sparse-learning phase on the dense ``model`` (in place): ``steps`` SGD steps (batch 128,
+    augmented, momentum 0.9, nesterov, cosine lr from ``lr``, weight decay 0 as in the reference runs) with
+    torch-pruning's group-norm regulariser of strength ``lam`` (0: plain training, the control). The final
+    weights are kept (no best-epoch selection: the regulariser lowers accuracy on purpose)."""
+    import torch
+    import torch.nn.functional as F
+
+    from metaprune.data import BatchLoader
+    from metaprune.pruning import SparseRegularizer
+
+    torch.manual_seed(seed)
+    reg = SparseRegularizer(model, shape, lam) if lam > 0 else None
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    loader = BatchLoader(data.train, 128, shuffle=True, augment=True, seed=seed)
+    model.train()
+    step, epoch, losses = 0, 0, []
+    if reg is not None:
+        reg.on_epoch_start(model, 0)
+    while step < steps:
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            if step >= steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if reg is not None:
+                reg.after_backward(model)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        epoch += 1
+    model.eval()
+    return {"steps": step, "lam": lam, "lr": lr, "first_loss": round(losses[0], 4),
+            "last_loss": round(statistics.mean(losses[-20:]), 4)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
@@ -412,6 +455,13 @@ def main() -> None:
     p.add_argument("--gate-steps", type=int, default=250)
     p.add_argument("--gate-batch", type=int, default=128)
     p.add_argument("--require-gate-sha", help="refuse the gate arm unless metaprune/pruning/gate.py has this sha256")
+    p.add_argument("--sl-steps", type=int, default=160, help="depgraph / sl-control arms: training steps (batch 128) "
+                   "before pruning (160 = 2 epochs of the zoo's 10k-image subset, half the members' own training)")
+    p.add_argument("--sl-lam", type=float, default=0.02, help="depgraph arm: regulariser strength, alpha 16 "
+                   "(DepGraph's CIFAR reference 5e-4 over ~39k steps; for 160 steps chosen on the validation split "
+                   "of one training member, runs/zoo_train_r20/member_000 at 3x without finetune: 5e-3 52.4 %%, "
+                   "0.02 58.8 %%, 0.12 37.0 %% (training diverges to loss 1.9); control 47.3 %%)")
+    p.add_argument("--sl-lr", type=float, default=0.01, help="depgraph / sl-control arms: initial (cosine) lr")
     p.add_argument("--reconstruct-batches", type=int, default=8)
     p.add_argument("--bn-batches", type=int, default=8)
     p.add_argument("--finetune-steps", type=int, default=40, help="steps per finetune epoch (0: no finetuning); "
@@ -439,6 +489,9 @@ def main() -> None:
     if not a.summary_only and not a.zoo and not a.models:
         p.error("give --zoo (and optionally --members), or --models")
     rec_crit = a.reconstruct_criteria if a.reconstruct_criteria is not None else a.arms
+    if a.reconstruct and any(c in SL_ARMS for c in rec_crit):
+        p.error("--reconstruct is not available for the depgraph / sl-control arms (their teacher would be the "
+                "sparse-trained copy); leave them out of --reconstruct-criteria")
     arms = list(a.arms) + ([f"{c}+rec" for c in rec_crit] if a.reconstruct else [])
     setup = {"data": a.data if a.models else " + ".join(a.zoo), "speedups": a.speedups, "arms": arms,
              "gate_steps": a.gate_steps, "gate_batch": a.gate_batch, "reconstruct_batches": a.reconstruct_batches,
@@ -477,6 +530,9 @@ def main() -> None:
             fp["gate_py_sha256"] = gate_sha
         if crit == "metanet":
             fp["metanet"] = {"path": a.metanet, "sha256": metanet_sha}
+        if crit in SL_ARMS:
+            fp["sparse_learning"] = {"steps": a.sl_steps, "lam": a.sl_lam if crit == "depgraph" else 0.0,
+                                     "lr": a.sl_lr, "alpha": 16.0, "weight_decay": 0.0, "then": "l2"}
         if arm.endswith("+rec"):
             fp["reconstruct"] = True
         return fp
@@ -547,11 +603,19 @@ def main() -> None:
                 if crit == "metanet":  # one forward pass; its scores rank the channels as the gate's do
                     cfg = PruneConfig(speedup=s, criterion="metanet", metanet=a.metanet, seed=a.seed, round_to=1)
                     pr = prune(model, cfg, input_shape=shape)
+                elif crit in SL_ARMS:  # sparse learning on a copy, then group-L2 pruning (DepGraph's recipe)
+                    sl_model = copy.deepcopy(model)
+                    extra["sparse_learning"] = _sparse_train(sl_model, data, shape, a.sl_steps,
+                                                             a.sl_lam if crit == "depgraph" else 0.0, a.sl_lr, a.seed)
+                    crit_seconds = time.perf_counter() - t0
+                    extra["sparse_learning"]["seconds"] = round(crit_seconds, 2)
+                    cfg = PruneConfig(speedup=s, criterion="l2", seed=a.seed, round_to=1)
+                    pr = prune(sl_model, cfg, input_shape=shape)
                 else:
                     cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
                     pr = prune(model, cfg, input_shape=shape, calibration=calib())
                 for k in ("gate", "metanet"):
-                    if k in pr.info:
+                    if k in pr.info and crit not in SL_ARMS:
                         extra[k] = pr.info[k]
                         crit_seconds = float(pr.info[k].get("seconds") or 0.0)
                 prune_seconds = time.perf_counter() - t0
