@@ -1,8 +1,9 @@
 """The whole pipeline in one go, on the shipped checkpoints (``metaprune demo``).
 
 convert -> transform (metanetwork) -> prunability curves of original vs edited -> channel choice
-at the largest speed-up by L2 magnitude vs ``functional`` (prune's default) vs the per-network ``gate`` ranking vs the ranking
-metanetwork (no finetuning, BN recalibrated, seconds side by side) -> prune at 2x and 3x MACs ->
+at the largest speed-up by L2 magnitude vs ``functional`` (prune's default) vs the per-network ``gate``
+ranking vs the ranking metanetwork (no finetuning, BN recalibrated, seconds side by side) -> prune at 2x
+and 3x MACs ->
 short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
 ``report.json``. Every number in the table is read back from the per-output reports.
 """
