@@ -349,6 +349,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
             config = replace(config, round_to=rounding.finer(config.round_to))  # `trial` sees the new config
             round_info["multiple"] = int(config.round_to or 1)
             result = _search(trial, config, kind, value, macs0, params0, heads0)
+        if not result.target_met and result.notes:  # only the final miss: auto's finer multiple may meet it
+            log.warning(result.notes[0])
     _measure_achieved(result, config, widths0, groups0)
     if config.reconstruct:
         from metaprune.pruning.reconstruct import reconstruct
@@ -457,8 +459,6 @@ def _search(trial, config: PruneConfig, kind: str, target: float, macs0: int, pa
     met = abs(achieved / target - 1) <= tol
     notes = [] if met else [f"the closest reachable {kind} is {achieved:.3f}x (target {target:g}x, tolerance "
                             f"{tol:.0%}); the model's channel granularity (or --round-to) allows no closer value"]
-    if not met and stage == "uniform":
-        log.warning(notes[0])
     return PruneResult(m, r_best, macs0, macs, params0, params, heads0, _heads(m), (kind, target), met,
                        trials, notes, uniform_ratio=r_best, refine_ratio=refine)
 

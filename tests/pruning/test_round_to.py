@@ -97,13 +97,16 @@ def test_default_is_auto_in_library_and_cli():
 
 @pytest.mark.parametrize("rt,target,multiple,missed", [("auto", 2.2, 8, []), ("auto", 2.0, 4, [8]),
                                                          ("block", 2.0, 16, []), ("block", 2.2, 8, [16])])
-def test_kept_widths_are_multiples_and_the_mac_target_is_met(cap, resnet20, rt, target, multiple, missed):
+def test_kept_widths_are_multiples_and_the_mac_target_is_met(cap, resnet20, rt, target, multiple, missed, caplog):
     """auto, 2.2x: the table's 8 meets it; 2.0x: with 8 the closest reachable is 1.957x (2.1 % off), so auto
     falls back to 4 and says so. block (AVX-512: 16), 2.0x: met with 16 (16-wide layers keep 8 or 16, wider
     ones multiples of 16); 2.2x: with 16 the closest reachable is 2.03x: 8, plain rule."""
     cap("AVX512")
     before = _convs(resnet20)
-    res = prune(resnet20, PruneConfig(speedup=target, round_to=rt, criterion="l2"), input_shape=SHAPE)
+    with caplog.at_level("WARNING", logger="metaprune.pruning.engine"):
+        res = prune(resnet20, PruneConfig(speedup=target, round_to=rt, criterion="l2"), input_shape=SHAPE)
+    # a multiple that missed and was replaced by a finer one that meets the target is no warning
+    assert not [r for r in caplog.records if "closest reachable" in r.getMessage()]
     after = _convs(res.model)
     assert any(w != before[n] for n, w in after.items()), "nothing was pruned"
     assert res.info["round_to"]["multiple"] == multiple
@@ -180,3 +183,11 @@ def test_bad_round_to_is_one_clear_error(tmp_path, resnet20, bad, capsys):
                  "-q"]) == 2
     assert capsys.readouterr().err.startswith("error: --round-to")
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_a_target_missed_in_the_end_warns_once(resnet20, caplog):
+    """A fixed multiple that cannot reach the target: one warning, and the result says so."""
+    with caplog.at_level("WARNING", logger="metaprune.pruning.engine"):
+        res = prune(resnet20, PruneConfig(speedup=2.0, round_to=8, criterion="l2"), input_shape=SHAPE)
+    warned = [r for r in caplog.records if "closest reachable" in r.getMessage()]
+    assert not res.target_met and len(warned) == 1 and f"{res.speedup:.3f}x" in warned[0].getMessage()
