@@ -90,3 +90,29 @@ def test_sparse_learning_arm_shrinks_weak_groups_and_the_control_does_not_regula
     assert n_sl.sum() < 0.9 * n_ctl.sum(), (n_sl.sum(), n_ctl.sum())
     assert not sl.training and not ctl.training
     assert any(not torch.equal(a, b) for a, b in zip(ctl.state_dict().values(), model.state_dict().values()))
+
+
+def test_summary_states_the_protocol_the_results_were_made_with(tmp_path):
+    """--summary-only rebuilds the table with the invocation's default flags; the header must still give the
+    finetune the arms ran with (their fingerprints), and say 'mixed' when they differ."""
+    import json
+
+    out = tmp_path / "m.json"
+    fp = {k: v for k, v in [("gate_steps", 250), ("gate_batch", 128), ("reconstruct_batches", 8), ("bn_batches", 8),
+                            ("finetune_steps", 120), ("finetune_epochs", 2), ("finetune_lr", 0.01), ("seed", 0),
+                            ("pruning", "uniform, round_to=1")]}
+    mem = dict(_member("a", l2=(30, 30, 78), functional=(50, 50, 79)), zoo="runs/z", source="runs/z/a")
+    for r in mem["arms"].values():
+        r["fingerprint"] = dict(fp)
+    bl._members_dir(out).mkdir(parents=True)
+    bl._member_file(out, "a").write_text(json.dumps(mem))
+    setup = {"data": "x", "speedups": [3.0], "arms": ["l2"], "gate_steps": 250, "gate_batch": 128,
+             "reconstruct_batches": 8, "bn_batches": 8, "finetune_steps": 40, "finetune_epochs": 2,
+             "finetune_lr": 0.01, "seed": 0, "pruning": "uniform, round_to=1", "min_base_acc": 70.0}
+    res = bl._save_summary(out, setup)
+    assert res["setup"]["finetune_steps"] == 120
+    assert "2 epochs x 120 steps = 240 steps" in out.with_suffix(".md").read_text()
+    mem["arms"]["functional@3x"]["fingerprint"]["finetune_steps"] = 40
+    bl._member_file(out, "a").write_text(json.dumps(mem))
+    bl._save_summary(out, setup)
+    assert "mixed: 120, 40" in out.with_suffix(".md").read_text()

@@ -200,9 +200,10 @@ def _pair_cell(p: dict) -> str:
 
 def _methods_table(res: dict) -> str:
     st, summ = res["setup"], res["summary"]
-    ft = (f"{st['finetune_epochs']} epochs x {st['finetune_steps']} steps = "
-          f"{st['finetune_epochs'] * st['finetune_steps']} steps, batch 128, lr {st['finetune_lr']} cosine, seed "
-          f"{st['seed']}, best epoch on validation" if st["finetune_steps"] else "none")
+    fe, fs = st["finetune_epochs"], st["finetune_steps"]
+    total = f" = {fe * fs} steps" if isinstance(fe, int) and isinstance(fs, int) else ""
+    ft = (f"{fe} epochs x {fs} steps{total}, batch 128, lr {st['finetune_lr']} cosine, seed "
+          f"{st['seed']}, best epoch on validation" if fs else "none")
     lines = [f"# Channel selection methods, paired per member: {st['data']}", "",
              f"Uniform pruning (same share per group, exact widths), BatchNorm recalibrated on {st['bn_batches']} "
              f"training batches of 128. Finetune: {ft}. gate: {st['gate_steps']} steps of batch {st['gate_batch']}, "
@@ -360,6 +361,15 @@ def _save_summary(out: Path, setup: dict) -> dict:
     arms.sort(key=lambda a: (KNOWN_ARMS.index(a.split("+")[0]) if a.split("+")[0] in KNOWN_ARMS else 99, a))
     speedups = sorted({float(k.split("@")[1][:-1]) for m in members for k in m["arms"]} | set(setup["speedups"]),
                       reverse=True)
+    # the protocol the results were made with (their fingerprints), not this invocation's flags (--summary-only)
+    fps = [r["fingerprint"] for m in members for r in m["arms"].values()
+           if isinstance(r.get("fingerprint"), dict) and not r.get("stale")]
+    for k in _SETUP_KEYS:
+        seen = {repr(fp.get(k)) for fp in fps if k in fp}
+        if len(seen) == 1:
+            setup = dict(setup, **{k: next(fp[k] for fp in fps if k in fp)})
+        elif len(seen) > 1:
+            setup = dict(setup, **{k: "mixed: " + ", ".join(sorted(seen))})
     setup = dict(setup, arms=arms, speedups=speedups,
                  data=" + ".join(sorted({m.get("zoo") or m["source"] for m in members})) or setup["data"],
                  commands=sorted({r["command"] for m in members for r in m["arms"].values() if r.get("command")}))
