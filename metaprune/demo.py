@@ -3,8 +3,7 @@
 convert -> transform (metanetwork) -> prunability curves of original vs edited -> channel choice
 at the largest speed-up by L2 magnitude vs ``functional`` (prune's default) vs the per-network ``gate``
 ranking vs the ranking metanetwork (no finetuning, BN recalibrated, seconds side by side) -> prune at 2x
-and 3x MACs ->
-short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
+and 3x MACs -> short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
 ``report.json``. Every number in the table is read back from the per-output reports.
 """
 
@@ -233,9 +232,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
 
 def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[str, dict]:
     """Prune ``source`` to the largest speed-up with each channel ranking (``l2``; ``functional``, prune's
-    default; ``gate``, learned on
-    training batches; ``metanet``, one pass of the ranking metanetwork when ``cfg.rank_metanet`` is set),
-    recalibrate BatchNorm on 8 training batches and measure test accuracy without finetuning.
+    default; ``gate``, learned on training batches; ``metanet``, one pass of the ranking metanetwork when
+    ``cfg.rank_metanet`` is set), recalibrate BatchNorm on 8 training batches and measure test accuracy
+    without finetuning.
     ``seconds`` is the whole prune call (ranking + target search)."""
     from metaprune.data.loader import BatchLoader
     from metaprune.engine import evaluate
@@ -249,9 +248,10 @@ def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[s
     out = {}
     for name, extra in arms.items():
         t0 = time.time()
-        calib = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=cfg.seed, device=device)
+        calib = (BatchLoader(data.train, 128, shuffle=True, augment=False, seed=cfg.seed, device=device)
+                 if name == "gate" else None)
         res = prune(source.to(device), PruneConfig(speedup=sp, criterion=name, seed=cfg.seed, **extra),
-                    input_shape=(data.in_chans, 28, 28), calibration=calib if name == "gate" else None)
+                    input_shape=(data.in_chans, 28, 28), calibration=calib)
         seconds = time.time() - t0
         m = res.model
         recalibrate_bn(m, data.train, 8, 128, device)

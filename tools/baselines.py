@@ -625,7 +625,7 @@ def main() -> None:
                     cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
                     pr = prune(model, cfg, input_shape=shape, calibration=calib())
                 for k in ("gate", "metanet"):
-                    if k in pr.info and crit not in SL_ARMS:
+                    if k in pr.info:
                         extra[k] = pr.info[k]
                         crit_seconds = float(pr.info[k].get("seconds") or 0.0)
                 prune_seconds = time.perf_counter() - t0

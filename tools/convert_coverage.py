@@ -72,7 +72,6 @@ def check_timm(name: str) -> dict:
 
 
 def _timm_markdown(rows: list[dict], env: dict) -> str:
-    counts = Counter(r["status"] for r in rows)
     lines = [
         "# Converter coverage: timm models",
         "",
@@ -82,17 +81,28 @@ def _timm_markdown(rows: list[dict], env: dict) -> str:
         "NaN-filled template and the same outputs (`torch.equal`); `refused`: one `GraphError` naming the module; "
         "`failed`: any other exception or a difference.",
         "",
-        f"**{counts['exact']} exact, {counts['refused']} refused, {counts['failed']} failed** "
-        f"({env['seconds']:.0f} s, `{env['command']}`)",
+        _counts_line(rows, env),
         "",
-        "| model | input | params (M) | result | detail |",
-        "|---|---|---|---|---|",
+        *_builder_table(rows, "model"),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def _counts_line(rows: list[dict], env: dict) -> str:
+    counts = Counter(r["status"] for r in rows)
+    return (f"**{counts['exact']} exact, {counts['refused']} refused, {counts['failed']} failed** "
+            f"({env['seconds']:.0f} s, `{env['command']}`)")
+
+
+def _builder_table(rows: list[dict], label: str) -> list[str]:
+    """One row per builder / model: input size, parameters, result (marked when run at reduced depth), detail."""
+    lines = [f"| {label} | input | params (M) | result | detail |", "|---|---|---|---|---|"]
     for r in rows:
         shape = "x".join(map(str, r.get("input_shape", [])[2:]))
         detail = r["detail"].replace("|", "\\|")
-        lines.append(f"| {r['builder']} | {shape} | {r.get('params', 0) / 1e6:.1f} | {r['status']} | {detail} |")
-    return "\n".join(lines) + "\n"
+        status = f"{r['status']} (reduced)" if r.get("reduced") else r["status"]
+        lines.append(f"| {r['builder']} | {shape} | {r.get('params', 0) / 1e6:.1f} | {status} | {detail} |")
+    return lines
 
 
 def _family(name: str) -> str:
@@ -100,7 +110,6 @@ def _family(name: str) -> str:
 
 
 def _markdown(rows: list[dict], env: dict) -> str:
-    counts = Counter(r["status"] for r in rows)
     lines = [
         "# Converter coverage: torchvision classification builders",
         "",
@@ -110,8 +119,7 @@ def _markdown(rows: list[dict], env: dict) -> str:
         "exception or a difference. Builders over 150 M parameters ran with their repeated blocks cut to two per "
         "stage (same widths and layer types): their graphs would not fit this machine's memory.",
         "",
-        f"**{counts['exact']} exact, {counts['refused']} refused, {counts['failed']} failed** "
-        f"({env['seconds']:.0f} s, `{env['command']}`)",
+        _counts_line(rows, env),
         "",
         "| family | builders | exact | refused (reason) |",
         "|---|---|---|---|",
@@ -126,12 +134,7 @@ def _markdown(rows: list[dict], env: dict) -> str:
         reasons = sorted({f"{r['status']}: {r['short']}" for r in other})
         lines.append(f"| {fam} | {len(rs)} | {ex}{f' ({red} at reduced depth)' if red else ''} | "
                      f"{'; '.join(reasons) if reasons else ''} |")
-    lines += ["", "| builder | input | params (M) | result | detail |", "|---|---|---|---|---|"]
-    for r in rows:
-        shape = "x".join(map(str, r.get("input_shape", [])[2:]))
-        detail = r["detail"].replace("|", "\\|")
-        status = f"{r['status']} (reduced)" if r.get("reduced") else r["status"]
-        lines.append(f"| {r['builder']} | {shape} | {r.get('params', 0) / 1e6:.1f} | {status} | {detail} |")
+    lines += ["", *_builder_table(rows, "builder")]
     return "\n".join(lines) + "\n"
 
 
