@@ -50,6 +50,8 @@ def add_train(p: argparse.ArgumentParser, epochs: int = 30, lr: float = 0.1) -> 
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd (Nesterov momentum) or adamw (momentum = its beta1; ViTs: e.g. --lr 1e-3 --weight-decay 0.05)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="onecycle", choices=["onecycle", "cosine", "step", "constant"])
@@ -68,7 +70,8 @@ def train_config(args: argparse.Namespace, **over):
               weight_decay=args.weight_decay, schedule=args.schedule, label_smoothing=args.label_smoothing,
               augment=not args.no_augment, amp=not args.no_amp, seed=args.seed, device=args.device,
               resume=not args.no_resume, max_steps_per_epoch=args.max_steps_per_epoch,
-              sparse_reg=getattr(args, "sparse_reg", 0.0) or 0.0)
+              sparse_reg=getattr(args, "sparse_reg", 0.0) or 0.0,
+              optimizer=getattr(args, "optimizer", "sgd"))
     kw.update(over)
     return TrainConfig(**kw)
 

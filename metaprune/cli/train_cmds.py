@@ -108,7 +108,7 @@ def _fit_and_save(args, cfg, model, data, out: Path, command: str, source: str |
 def cmd_train(args: argparse.Namespace) -> int:
     from metaprune.engine import seed_everything
     from metaprune.errors import ConfigError
-    from metaprune.models import create_model
+    from metaprune.models import create_model, create_model_for_data
 
     if not args.model:
         raise ConfigError("train needs --model NAME (or a --config preset that sets it); see `metaprune list-models`")
@@ -116,9 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     guard(args, files=output_folder_files(args.output, "model.safetensors", "report.json", "last.pt"))
     probe = create_model(args.model, 10, 3)  # validates the name before loading data
     data = load_data_for(args, probe)
-    kw = {"image_size": data.image_size} if "image_size" in probe.metaprune_arch["args"] or args.model.startswith("vit") else {}
     seed_everything(cfg.seed)  # --seed fixes the initial weights too (the same on every rank)
-    model = create_model(args.model, num_classes=data.num_classes, in_chans=data.in_chans, **kw)
+    model = create_model_for_data(args.model, data.num_classes, data.in_chans, data.image_size)
     return _fit_and_save(args, cfg, model, data, Path(args.output), "train")
 
 

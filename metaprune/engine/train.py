@@ -1,4 +1,4 @@
-"""Training and finetuning: SGD with cosine / step / one-cycle schedules, AMP (bf16 on CUDA),
+"""Training and finetuning: SGD (or AdamW) with cosine / step / one-cycle schedules, AMP (bf16 on CUDA),
 DDP under torchrun, resumable checkpoints, best-epoch selection on the validation split."""
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from metaprune.fingerprint import (
 )
 
 LAST_CKPT = "last.pt"
+#: optimizers of :class:`TrainConfig` (AdamW: ``momentum`` is its beta1)
+OPTIMIZERS = ("sgd", "adamw")
 # options that do not change what a run computes: a resume may differ in them
 VOLATILE = ("resume", "device", "amp", "eval_batch_size")
 
@@ -68,6 +70,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     resume: bool = True
     sparse_reg: float = 0.0
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, 0)
@@ -83,6 +86,9 @@ class TrainConfig:
         check_float("sparse_reg", self.sparse_reg, minimum=0)
         for f in ("nesterov", "augment", "flip", "amp", "resume"):
             check_bool(f, getattr(self, f))
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; use {' or '.join(OPTIMIZERS)} (adamw suits ViTs, "
+                              "e.g. --optimizer adamw --lr 1e-3 --weight-decay 0.05)")
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a string such as auto, cpu or cuda, got {self.device!r}")
         if not isinstance(self.schedule, str) or self.schedule not in ("cosine", "step", "onecycle", "constant"):
@@ -96,6 +102,8 @@ class TrainConfig:
     def identity(self) -> dict:
         """The options that decide what a run computes (what a resume must agree on)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in VOLATILE}
+        if self.optimizer == "sgd":
+            d.pop("optimizer")  # the default, and what runs made before the option existed used
         if self.schedule == "constant" and self.warmup_epochs == 0:
             d.pop("epochs")  # a constant learning rate: a longer run continues the shorter one exactly
         return d
@@ -138,12 +146,15 @@ def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with weight decay on weights only (not on biases or norm parameters)."""
+    """SGD (Nesterov momentum) or AdamW (beta1 = ``momentum``), weight decay on weights only (not on biases
+    or norm parameters)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 

@@ -84,6 +84,8 @@ def group_nodes(model: nn.Module, graph, config=None, example_input: Tensor | No
                 continue
             ln = layers[names[layer]]
             ix = torch.as_tensor(list(item.idxs), dtype=torch.long)
+            if len(ln) and getattr(layer, "out_features", None) == 3 * len(ln):
+                ix = ix % len(ln)  # a fused q/k/v linear: one graph node per dimension j carries rows j, j+d, j+2d
             if len(ln) == 0 or int(ix.max()) >= len(ln):
                 continue
             nodes.append(ln[ix])

@@ -128,13 +128,14 @@ def _zoo_identity(cfg: dict) -> dict:
     """The settings that decide what the members are (all but ``count`` and volatile training options)."""
     ident = {k: v for k, v in cfg.items() if k not in ("count", "train")}
     train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-    ident["train"] = {k: v for k, v in train_cfg.items() if k not in VOLATILE}
+    ident["train"] = {k: v for k, v in train_cfg.items() if k not in VOLATILE
+                      and not (k == "optimizer" and v == "sgd")}  # zoos made before the option: SGD
     return ident
 
 
 def build_zoo(cfg: ZooConfig, data: DataSplits, out_dir: str | Path) -> list[dict]:
     """Train the members of a zoo into ``out_dir`` (skipping finished ones); return their metrics."""
-    from metaprune.models import create_model
+    from metaprune.models import create_model_for_data
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def build_zoo(cfg: ZooConfig, data: DataSplits, out_dir: str | Path) -> list[dic
         d.mkdir(parents=True, exist_ok=True)
         seed = cfg.seed + i
         seed_everything(seed)
-        model = create_model(cfg.arch, num_classes=data.num_classes, in_chans=data.in_chans)
+        model = create_model_for_data(cfg.arch, data.num_classes, data.in_chans, data.image_size)
         tcfg = TrainConfig(**{**asdict(cfg.train), "seed": seed})
         res = train(model, data, tcfg, out_dir=d, desc=f"zoo {i + 1}/{cfg.count}")
         model, speedup = res.model, 1.0

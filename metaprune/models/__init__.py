@@ -10,7 +10,14 @@ Ecosystem models are named ``torchvision:NAME`` / ``timm:NAME`` (and trusted use
 from metaprune.models import cifar_resnet, cifar_vgg, torchvision_models  # noqa: F401  (registration)
 from metaprune.models.ecosystem import ModelFacts, list_external, model_facts, trusted_code
 from metaprune.models.layers import SelfAttention
-from metaprune.models.registry import arch_spec, create_model, get_entry, list_models, register_model
+from metaprune.models.registry import (
+    arch_spec,
+    create_model,
+    create_model_for_data,
+    get_entry,
+    list_models,
+    register_model,
+)
 from metaprune.models.widths import apply_widths, get_widths
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "apply_widths",
     "arch_spec",
     "create_model",
+    "create_model_for_data",
     "get_entry",
     "get_widths",
     "list_external",

@@ -99,6 +99,14 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
     return model
 
 
+def create_model_for_data(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    """:func:`create_model` for a dataset's images: ``image_size`` is passed where the builder takes one (a ViT's
+    position embeddings are sized by it; ecosystem models record it), so training and zoos build the same model."""
+    params = inspect.signature(get_entry(name).builder).parameters
+    takes = ":" in name or "image_size" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, **({"image_size": image_size} if takes else {}))
+
+
 #: the largest input height / width (pixels) a model file may record
 MAX_INPUT_SIZE = 1 << 16
 

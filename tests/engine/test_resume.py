@@ -48,7 +48,7 @@ def test_resume_refuses_another_models_checkpoint(data, tmp_path):
 
 
 @pytest.mark.parametrize("change, named", [({"lr": 0.02}, "config.lr"), ({"epochs": 2}, "config.epochs"),
-                                           ({"seed": 3}, "config.seed")])
+                                           ({"seed": 3}, "config.seed"), ({"optimizer": "adamw"}, "config.optimizer")])
 def test_resume_refuses_a_changed_config(data, tmp_path, change, named):
     train(_model(0), data, _cfg(), out_dir=tmp_path)
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -109,7 +109,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(data, tmp_path):
                                           ("momentum", math.inf), ("label_smoothing", math.nan),
                                           ("warmup_epochs", math.inf), ("sparse_reg", math.nan),
                                           ("epochs", -1), ("batch_size", 0), ("max_steps_per_epoch", 0),
-                                          ("lr", "0.1"), ("epochs", 2.5), ("augment", "no")])
+                                          ("lr", "0.1"), ("epochs", 2.5), ("augment", "no"),
+                                          ("optimizer", "adam"), ("optimizer", 1)])
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})

@@ -36,3 +36,23 @@ def test_profile_reports_params_macs_latency(tiny_resnet):
     assert 30e6 < p["macs"] < 33e6
     assert set(p["latency"]) == {"1", "4"} and p["latency"]["4"]["ms"] > 0
     assert measure_latency(tiny_resnet, (1, 28, 28), 2, repeats=2)["batch"] == 2
+
+
+def test_adamw_optimizer_steps_as_torch_adamw_and_sgd_runs_keep_their_identity():
+    """--optimizer adamw: torch's AdamW (beta1 = momentum), decay on weights only; the SGD default leaves a
+    run's identity as before the option existed (older resume checkpoints and zoos stay valid)."""
+    from metaprune.engine.train import make_optimizer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    cfg = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, momentum=0.8)
+    opt = make_optimizer(lin, cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.999)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    # first AdamW step: p -= lr * (sign(g) + wd * p) for weights (|m_hat / sqrt(v_hat)| = 1), no decay on biases
+    assert torch.allclose(lin.weight, w0 * (1 - 0.01 * 0.1) - 0.01, atol=1e-6)
+    assert torch.allclose(lin.bias, b0 - 0.01, atol=1e-6)
+    assert "optimizer" not in TrainConfig().identity() and TrainConfig(optimizer="adamw").identity()["optimizer"]
+    assert isinstance(make_optimizer(lin, TrainConfig()), torch.optim.SGD)

@@ -300,3 +300,34 @@ def test_meta_train_score_defaults_are_the_library_s():
     d = RankTrainConfig()
     assert (ns.steps, ns.rank_loss, ns.tau, ns.average_from, ns.lr, ns.weight_decay, ns.target_speedup) == (
         d.steps, d.loss, d.tau, d.average_from, d.lr, d.weight_decay, d.speedup)
+
+
+def test_vit_groups_map_to_graph_nodes_and_metanet_prunes_the_lowest_scored_heads(tmp_path):
+    """On a ViT every torch-pruning group maps to graph nodes (attention: the fused q/k/v layer's node j
+    carries rows j, j+d, j+2d), so a score metanetwork ranks heads and MLP channels, not the fallback."""
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_p4", num_classes=4, in_chans=1, image_size=16).eval()
+    for p in m.parameters():
+        if p.dim() == 1:
+            p.data.normal_(0, 1.0)  # distinct biases identify the kept heads
+    g = to_graph(m)
+    groups = group_nodes(m, g)
+    assert groups and all(x.fallback is None for x in groups)
+    node = torch.randn(g.x.shape[0], generator=torch.Generator().manual_seed(0))
+    scores = dict(zip([x.key for x in groups], group_scores(node, groups)))
+    lid = next(e["id"] for e in g.spec["layers"] if e["name"] == "encoder.layers.encoder_layer_2.self_attention.qkv")
+    key = "encoder.layers.encoder_layer_2.self_attention.proj:in"
+    assert torch.allclose(scores[key], node[g.node_layer == lid])  # channel j: the mean of 3 rows of node j
+    net = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=1, output="score"))
+    with torch.no_grad():
+        net.score_prior.zero_()
+        net.score_dec[-1].weight.normal_(0, 1.0)
+    save_metanet(net, tmp_path / "s")
+    scores, _ = predict_scores(net, m)
+    res = prune(m, PruneConfig(ratio=0.34, criterion="metanet", metanet=str(tmp_path / "s"), round_to=1))
+    att = res.model.encoder.layers[2].self_attention
+    assert att.num_heads < 3  # heads removed
+    head = scores[key].view(3, -1).mean(1)  # the heads the scores rank highest are the ones kept
+    kept = torch.topk(head, att.num_heads).indices.sort().values
+    old = m.encoder.layers[2].self_attention.qkv.bias.view(3, 3, 64)[:, kept].reshape(-1)
+    assert torch.equal(att.qkv.bias, old)

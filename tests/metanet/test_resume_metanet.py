@@ -103,6 +103,14 @@ def test_zoo_reuse_needs_the_same_settings(zoo, data):
     with pytest.raises(ConfigError, match=r"seed"):
         build_zoo(_zoo_cfg(seed=3), data, zoo)
     assert len(build_zoo(_zoo_cfg(count=2), data, zoo)) == 2  # fewer (or more) members: the same zoo
+    with pytest.raises(ConfigError, match=r"train\.optimizer"):
+        build_zoo(_zoo_cfg(train=TrainConfig(epochs=1, batch_size=32, device="cpu", max_steps_per_epoch=1,
+                                             augment=False, optimizer="adamw")), data, zoo)
+    index = zoo / "zoo.json"  # a zoo made before --optimizer existed (no such key) is an SGD zoo: reused
+    old = json.loads(index.read_text())
+    old["config"]["train"].pop("optimizer")
+    index.write_text(json.dumps(old))
+    assert len(build_zoo(_zoo_cfg(count=2), data, zoo)) == 2
 
 
 def test_interrupted_zoo_resumes_to_the_uninterrupted_zoo(data, tmp_path, monkeypatch):
@@ -224,3 +232,14 @@ def test_cli_meta_train_epochs_0_and_bad_numbers_write_nothing(zoo, tmp_path, ca
         err = capsys.readouterr().err
         assert rc == 2 and err.count("error:") == 1 and not out.exists(), (bad, err)
     assert isinstance(ConfigError("x"), MetapruneError)
+
+
+def test_vit_zoo_builds_at_the_data_s_image_size_with_adamw(data, tmp_path):
+    """A zoo builds its members for the data's images (a ViT's position embeddings: 16 px here, the builder's
+    default is 32) and trains them with the configured optimizer."""
+    train = TrainConfig(epochs=1, batch_size=32, device="cpu", max_steps_per_epoch=1, augment=False,
+                        optimizer="adamw", lr=1e-3)
+    res = build_zoo(_zoo_cfg(arch="vit_tiny_p4", count=1, train=train), data, tmp_path)
+    model, _ = load_member(tmp_path / "member_000")
+    assert model.metaprune_arch["args"]["image_size"] == 16 and res[0]["arch"] == "vit_tiny_p4"
+    assert json.loads((tmp_path / "zoo.json").read_text())["config"]["train"]["optimizer"] == "adamw"
