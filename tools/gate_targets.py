@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.heldout import refuse_held_out  # noqa: E402
+
 LOCK_S = 1800  # a lock older than this is a crashed worker's
-FORBIDDEN = ("zoo_h7", "zoo_h7b", "zoo_h56")  # held out for the final evaluation
 
 
 def _members(zoo: Path) -> tuple[list[Path], int]:
@@ -66,9 +67,7 @@ def main() -> None:
         one(a.one[0], float(a.one[1]), a.cache, a.seed)
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed worker still removes its lock
-    for z in a.zoos:
-        if Path(z).name in FORBIDDEN:
-            raise SystemExit(f"{z} is held out for the final evaluation; the metanetwork never sees it")
+    refuse_held_out(zoos=a.zoos)
     while True:
         pending = False
         for s in a.speedups:  # every member at the first speed-up before any at the next

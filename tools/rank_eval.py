@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FORBIDDEN = ("zoo_h7", "zoo_h7b", "zoo_h56")
+from tools.heldout import refuse_held_out  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
                    "cached targets are accepted (recorded in the output)")
     p.add_argument("-o", "--output", required=True)
     a = p.parse_args()
-    for m in a.members:
-        if Path(m).parent.name in FORBIDDEN:
-            raise SystemExit(f"{m} is held out for the final evaluation")
+    refuse_held_out(members=a.members)
 
     import torch
 

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FORBIDDEN = ("zoo_h7", "zoo_h7b", "zoo_h56")  # held out for the final evaluation
+from tools.heldout import refuse_held_out  # noqa: E402
+
 BASELINES = ("l2", "functional")
 METRIC = "ft_val_acc"
 
@@ -112,9 +113,7 @@ def main() -> None:
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("-o", "--output", default=str(ROOT / "results" / "metanet_selection.json"))
     a = p.parse_args()
-    for z in a.zoo:
-        if Path(z).name in FORBIDDEN:
-            raise SystemExit(f"{z} is held out for the final evaluation; select on validation zoos only")
+    refuse_held_out(zoos=a.zoo)
     cands = {}
     for c in a.candidates:
         name, sep, path = c.partition("=")
