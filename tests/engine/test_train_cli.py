@@ -56,3 +56,14 @@ def test_a_run_that_diverges_stops_with_one_error_and_no_model(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "the loss became" in err and "Traceback" not in err
     assert not (out / "model.safetensors").exists() and not (out / "report.json").exists()
+
+
+def test_optimizer_flag_reaches_the_run(tmp_path):
+    """--optimizer adamw is recorded in the run's resume fingerprint (an SGD rerun into the folder is refused)."""
+    vit = ["--model", "vit_tiny_p4", *QUICK[2:], "--optimizer", "adamw", "--lr", "1e-3"]
+    out = tmp_path / "vit"
+    assert main(["train", *vit, "-o", str(out)]) == 0
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert '"optimizer": "adamw"' in st["fingerprint"]
+    sgd = [a for a in vit if a not in ("--optimizer", "adamw")]
+    assert main(["train", *sgd, "-o", str(out)]) == 2  # another run: refused, nothing overwritten
