@@ -19,9 +19,10 @@ zoo --model cifar_resnet56 --count 6 --seed 500 -o runs/zoo_h56       # held-out
 zoo --model cifar_resnet32 --count 3 --seed 310 -o runs/zoo_train_r32
 zoo --model cifar_resnet32 --count 3 --seed 410 -o runs/zoo_val_r32    # validation members of a 2nd depth
 # small ViTs (vit_tiny_p4 at 28 px, AdamW; ~16 min per member on a shared core, ~63 % test after 4 epochs):
-# 2 training members for the ViT ranking metanetwork (member_002: its first held-out member) + 2 more held out
+# 2 training members for the ViT ranking metanetwork (member_002: its first held-out member) + 4 more held out
 V="--optimizer adamw --lr 1e-3 --weight-decay 0.05"
 zoo --model vit_tiny_p4 --count 3 --seed 600 $V -o runs/zoo_vit_train
-zoo --model vit_tiny_p4 --count 2 --seed 700 $V -o runs/zoo_vit_h
+zoo --model vit_tiny_p4 --count 3 --seed 700 $V -o runs/zoo_vit_h
+zoo --model vit_tiny_p4 --count 1 --seed 710 $V -o runs/zoo_vit_h2
 zoo --model cifar_resnet44 --count 3 --seed 320 -o runs/zoo_train_r44
 echo done
