@@ -28,45 +28,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.baselines import _members_dir, _paired, _value, sha256_path  # noqa: E402
 from tools.heldout import refuse_held_out  # noqa: E402
 
 BASELINES = ("l2", "functional")
 METRIC = "ft_val_acc"
 
 
-def _paired(d: list[float]) -> dict:
-    n = len(d)
-    return {"n": n, "mean": statistics.mean(d), "se": statistics.stdev(d) / n ** 0.5 if n > 1 else None,
-            "wins": sum(x > 0.005 for x in d), "ties": sum(abs(x) <= 0.005 for x in d),
-            "losses": sum(x < -0.005 for x in d)}
+def _output(out: Path, name: str) -> Path:
+    """The baselines.py output of a candidate (``name``) or of the free baselines (``"baselines"``)."""
+    return out.with_name(f"{out.stem}_{name}.json")
 
 
-def _values(members_dir: Path, arm: str, key: str, metric: str) -> dict[str, float]:
+def _values(out: Path, name: str, arm: str, key: str, metric: str, sha: str | None = None) -> dict[str, float]:
+    """``{member file stem: value}`` of one arm; with ``sha``, every result must come from that checkpoint."""
     from metaprune.io import read_json
 
-    out = {}
-    for f in sorted(members_dir.glob("*.json")):
-        r = read_json(f)["arms"].get(f"{arm}@{key}")
-        if r and not r.get("stale") and r.get(metric) is not None:
-            out[f.stem] = float(r[metric])
-    return out
+    res = {}
+    for f in sorted(_members_dir(_output(out, name)).glob("*.json")):
+        m = read_json(f)
+        made = ((m["arms"].get(f"{arm}@{key}") or {}).get("fingerprint") or {}).get("metanet") or {}
+        if sha is not None and f"{arm}@{key}" in m["arms"] and made.get("sha256") != sha:
+            raise SystemExit(f"{f}: the {arm} result of candidate {name!r} was made with another checkpoint "
+                             f"({made.get('path')}); rerun without --summary-only, or give the candidate another name")
+        v = _value(m, arm, key, metric)
+        if v is not None:
+            res[f.stem] = v
+    return res
 
 
-def summarize(out: Path, names: list[str], key: str) -> dict:
+def summarize(out: Path, candidates: dict[str, str], key: str) -> dict:
     """Per candidate and baseline: mean ``ft_val_acc`` and no-finetune ``val_acc``; paired vs functional."""
-    base_dir = out.with_name(out.stem + "_baselines_members")
     rows = {}
-    ref = _values(base_dir, "functional", key, METRIC)
-    for name in (*BASELINES, *names):
-        mdir = base_dir if name in BASELINES else out.with_name(f"{out.stem}_{name}_members")
-        arm = name if name in BASELINES else "metanet"
-        ft, nf = _values(mdir, arm, key, METRIC), _values(mdir, arm, key, "val_acc")
+    ref = _values(out, "baselines", "functional", key, METRIC)
+    for name in (*BASELINES, *candidates):
+        src, arm = ("baselines", name) if name in BASELINES else (name, "metanet")
+        sha = sha256_path(Path(candidates[name])) if name in candidates else None
+        ft, nf = _values(out, src, arm, key, METRIC, sha), _values(out, src, arm, key, "val_acc", sha)
         if not ft:
             continue
         common = sorted(set(ft) & set(ref))
         rows[name] = {"n": len(ft), METRIC: statistics.mean(ft.values()), "val_acc": statistics.mean(nf.values()),
                       "members": ft, "vs_functional": _paired([ft[m] - ref[m] for m in common]) if common else None}
-    cands = [n for n in names if n in rows]
+    cands = [n for n in candidates if n in rows]
     chosen = max(cands, key=lambda n: rows[n][METRIC]) if cands else None
     verdict = None
     if chosen and len(cands) > 1:
@@ -117,16 +121,16 @@ def main() -> None:
     cands = {}
     for c in a.candidates:
         name, sep, path = c.partition("=")
-        if not sep or not name.isidentifier() or name in BASELINES or not Path(path).is_dir():
+        if not sep or not name.isidentifier() or name in (*BASELINES, "baselines") or not Path(path).is_dir():
             raise SystemExit(f"--candidates {c!r}: expected NAME=FOLDER (a score-metanetwork folder, NAME an "
-                             f"identifier other than {', '.join(BASELINES)})")
+                             f"identifier other than {', '.join(BASELINES)} and baselines)")
         cands[name] = path
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     py, tool = sys.executable, str(ROOT / "tools" / "baselines.py")
     common = ["--zoo", *a.zoo, "--speedups", f"{a.speedup:g}"]
-    jobs = [[py, tool, *common, "--arms", *BASELINES, "-o", str(out.with_name(out.stem + "_baselines.json"))]]
-    jobs += [[py, tool, *common, "--arms", "metanet", "--metanet", ck, "-o", str(out.with_name(f"{out.stem}_{n}.json"))]
+    jobs = [[py, tool, *common, "--arms", *BASELINES, "-o", str(_output(out, "baselines"))]]
+    jobs += [[py, tool, *common, "--arms", "metanet", "--metanet", ck, "-o", str(_output(out, n))]
              for n, ck in cands.items()]
     if not a.summary_only:
         with ThreadPoolExecutor(max(1, a.jobs)) as ex:
@@ -139,7 +143,7 @@ def main() -> None:
     members = [str(m) for z in a.zoo for m in list_members(z)]
     res = {"setup": {"zoos": a.zoo, "members": members, "candidates": cands, "speedup": a.speedup,
                      "command": "tools/select_metanet.py " + " ".join(sys.argv[1:])},
-           "summary": summarize(out, list(cands), f"{a.speedup:g}x")}
+           "summary": summarize(out, cands, f"{a.speedup:g}x")}
     write_json(out, res)
     out.with_suffix(".md").write_text(table(res))
     print(table(res))

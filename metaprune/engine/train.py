@@ -45,6 +45,16 @@ LAST_CKPT = "last.pt"
 OPTIMIZERS = ("sgd", "adamw")
 # options that do not change what a run computes: a resume may differ in them
 VOLATILE = ("resume", "device", "amp", "eval_batch_size")
+# options added after runs existed: left out of a run's identity at their default, so earlier runs (whose
+# files lack them) keep their identity
+OMIT_AT_DEFAULT = {"optimizer": "sgd"}
+
+
+def identity_options(options: dict) -> dict:
+    """The training options (a :class:`TrainConfig` as a dict, or one read back from a file) that decide what a
+    run computes: all but :data:`VOLATILE` and the :data:`OMIT_AT_DEFAULT` options at their default."""
+    return {k: v for k, v in options.items()
+            if k not in VOLATILE and not (k in OMIT_AT_DEFAULT and OMIT_AT_DEFAULT[k] == v)}
 
 
 @dataclass
@@ -101,9 +111,7 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The options that decide what a run computes (what a resume must agree on)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in VOLATILE}
-        if self.optimizer == "sgd":
-            d.pop("optimizer")  # the default, and what runs made before the option existed used
+        d = identity_options({f.name: getattr(self, f.name) for f in fields(self)})
         if self.schedule == "constant" and self.warmup_epochs == 0:
             d.pop("epochs")  # a constant learning rate: a longer run continues the shorter one exactly
         return d

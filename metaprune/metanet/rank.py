@@ -73,6 +73,8 @@ def group_nodes(model: nn.Module, graph, config=None, example_input: Tensor | No
     pruner = make_pruner(model, config, example_input.to(dev))
     names = {m: n for n, m in model.named_modules()}
     layers = _layer_nodes(graph)
+    # fused q/k/v layers (graph rule _qkv_attention): node j carries weight rows j, j+d and j+2d
+    qkv = {str(e["name"]) for e in graph.spec.get("layers", []) if str(e.get("type", "")).endswith(".qkv")}
     out = []
     for group, key, _, _ in pruning_groups(pruner, names):
         n_root = len(group[0].idxs)
@@ -84,8 +86,8 @@ def group_nodes(model: nn.Module, graph, config=None, example_input: Tensor | No
                 continue
             ln = layers[names[layer]]
             ix = torch.as_tensor(list(item.idxs), dtype=torch.long)
-            if len(ln) and getattr(layer, "out_features", None) == 3 * len(ln):
-                ix = ix % len(ln)  # a fused q/k/v linear: one graph node per dimension j carries rows j, j+d, j+2d
+            if names[layer] in qkv and len(ln):
+                ix = ix % len(ln)
             if len(ln) == 0 or int(ix.max()) >= len(ln):
                 continue
             nodes.append(ln[ix])

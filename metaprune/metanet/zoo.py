@@ -23,7 +23,7 @@ from metaprune.data.datasets import DataSplits
 from metaprune.engine import TrainConfig, count_macs, count_params, evaluate, seed_everything, train
 from metaprune.engine.report import input_shape
 from metaprune.engine.runtime import barrier, is_main, resolve_device
-from metaprune.engine.train import VOLATILE
+from metaprune.engine.train import identity_options
 from metaprune.errors import ConfigError, ModelFileError
 from metaprune.fingerprint import check_float, check_int, differences
 from metaprune.io import load_model, read_json, save_model, write_json
@@ -128,8 +128,7 @@ def _zoo_identity(cfg: dict) -> dict:
     """The settings that decide what the members are (all but ``count`` and volatile training options)."""
     ident = {k: v for k, v in cfg.items() if k not in ("count", "train")}
     train_cfg = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
-    ident["train"] = {k: v for k, v in train_cfg.items() if k not in VOLATILE
-                      and not (k == "optimizer" and v == "sgd")}  # zoos made before the option: SGD
+    ident["train"] = identity_options(train_cfg)
     return ident
 
 
