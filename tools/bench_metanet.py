@@ -37,7 +37,7 @@ def _child(args: argparse.Namespace) -> dict:
     model = create_model(args.arch, num_classes=10, in_chans=3)
     g = to_graph(model)
     rss_graph = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    net = Metanet.for_graph(g, MetanetConfig(hidden=args.hidden, layers=args.layers, edge_chunk=args.edge_chunk,
+    net = Metanet.for_graph(g, MetanetConfig(hidden=args.hidden, layers=args.layers, edit="residual", edge_chunk=args.edge_chunk,
                                              checkpoint=args.checkpoint))
     times, cpu = [], []
     for _ in range(args.repeats):

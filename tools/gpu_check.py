@@ -91,7 +91,7 @@ def metanet_memory() -> dict:
         for h in hiddens:
             torch.cuda.reset_peak_memory_stats()
             try:
-                net = Metanet.for_graph(g, MetanetConfig(hidden=h, layers=4, edge_chunk=2_000_000,
+                net = Metanet.for_graph(g, MetanetConfig(hidden=h, layers=4, edit="residual", edge_chunk=2_000_000,
                                                          checkpoint=True)).to(DEV)
                 t = time.time()
                 with torch.autocast("cuda", dtype=torch.bfloat16):

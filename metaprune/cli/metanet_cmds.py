@@ -21,24 +21,29 @@ from metaprune.errors import ConfigError
 
 
 def register(sub) -> None:
+    from metaprune.metanet.zoo import ZooConfig
+
     p = sub.add_parser("zoo", help="train the data models a metanetwork learns from",
                        description="Train COUNT networks of one architecture with different seeds (optionally "
                        "pruned to a small speed-up and finetuned, as in the paper). Resumable: finished members "
                        "are skipped, an interrupted one resumes.")
     p.add_argument("--model", default="cifar_resnet20", help="registry name of the architecture")
     add_data(p, default="fashion-mnist")
-    add_train(p, epochs=4, lr=0.1)
-    p.add_argument("--count", type=int, default=8, help="number of data models")
-    p.add_argument("--init-speedup", type=float, default=1.0,
+    zc = ZooConfig()  # the library's defaults are the CLI's
+    add_train(p, epochs=zc.train.epochs, lr=zc.train.lr)
+    p.add_argument("--count", type=int, default=zc.count, help="number of data models")
+    p.add_argument("--init-speedup", type=float, default=zc.init_speedup,
                    help="prune each member to this MAC speed-up and finetune it (1.0 = no initial pruning)")
-    p.add_argument("--finetune-epochs", type=int, default=1, help="finetune epochs after the initial pruning")
+    p.add_argument("--finetune-epochs", type=int, default=zc.finetune_epochs,
+                   help="finetune epochs after the initial pruning")
     p.add_argument("-o", "--output", required=True, help="zoo folder")
     add_common(p)
     p.set_defaults(func=cmd_zoo)
 
+    from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
     from metaprune.metanet.rank import RANK_LOSSES, RankTrainConfig
 
-    rd = RankTrainConfig()  # score mode's defaults are the library's
+    rd, mt, nc = RankTrainConfig(), MetaTrainConfig(), MetanetConfig()  # the library's defaults are the CLI's
     p = sub.add_parser("meta-train", help="train a metanetwork on a zoo of data models",
                        description="Loss = CE of the edited network + LAM x DepGraph group sparsity (normalised to "
                        "1 on the unedited member) + MU x CE of the edited network with a random fraction of channels "
@@ -74,37 +79,38 @@ def register(sub) -> None:
                    help="score mode: compute missing or stale gate targets (needs the zoos' data; 1-4 CPU-min each)")
     p.add_argument("--data", help="dataset (default: the zoo's)")
     p.add_argument("--data-dir", help="folder holding the dataset files")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--steps-per-member", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--lam", type=float, default=0.5, help="weight of the (normalised) group-sparsity term")
-    p.add_argument("--alpha", type=float, default=16.0, help="DepGraph polarisation of the sparsity term")
-    p.add_argument("--sparsity", choices=("depgraph", "functional"), default="depgraph",
+    p.add_argument("--epochs", type=int, default=mt.epochs)
+    p.add_argument("--steps-per-member", type=int, default=mt.steps_per_member)
+    p.add_argument("--batch-size", type=int, default=mt.batch_size)
+    p.add_argument("--lr", type=float, default=mt.lr)
+    p.add_argument("--weight-decay", type=float, default=mt.weight_decay)
+    p.add_argument("--lam", type=float, default=mt.lam, help="weight of the (normalised) group-sparsity term")
+    p.add_argument("--alpha", type=float, default=mt.alpha, help="DepGraph polarisation of the sparsity term")
+    p.add_argument("--sparsity", choices=("depgraph", "functional"), default=mt.sparsity,
                    help="depgraph: group sparsity on every coupled slice (paper); functional: BatchNorm-aware and "
                    "scale-invariant (only slices a channel's function depends on)")
-    p.add_argument("--prune-aware", type=float, default=1.0, metavar="MU",
+    p.add_argument("--prune-aware", type=float, default=mt.prune_aware, metavar="MU",
                    help="weight of the pruning-aware term: CE of the edited network with a random fraction of "
                    "channels softly removed by the L2 ranking the pruner uses (0 = off, the paper's loss)")
-    p.add_argument("--prune-temperature", type=float, default=0.1,
+    p.add_argument("--prune-temperature", type=float, default=mt.prune_temperature,
                    help="softness of the pruning-aware gates (relative to the median channel norm)")
-    p.add_argument("--soft-gates", action="store_true",
+    p.add_argument("--soft-gates", action="store_true", default=not mt.prune_hard,
                    help="pruning-aware term with soft gates in the forward pass too (default: straight-through "
                    "gates, i.e. the exact pruned network forward and the soft gates' gradient)")
-    p.add_argument("--bn-eval", action="store_true",
+    p.add_argument("--bn-eval", action="store_true", default=mt.bn_eval,
                    help="members' BatchNorm in eval mode (original running statistics) during meta-training")
-    p.add_argument("--val-members", type=int, default=3, help="members held out for checkpoint selection")
-    p.add_argument("--holdout-members", type=int, default=0, help="members used neither for training nor selection")
-    p.add_argument("--score-max-speedup", type=float, default=3.0)
-    p.add_argument("--score-steps", type=int, default=4)
-    p.add_argument("--score-batches", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=32, help="metanetwork width")
-    p.add_argument("--layers", type=int, default=4, help="message-passing layers")
+    p.add_argument("--val-members", type=int, default=mt.val_members, help="members held out for checkpoint selection")
+    p.add_argument("--holdout-members", type=int, default=mt.holdout_members,
+                   help="members used neither for training nor selection")
+    p.add_argument("--score-max-speedup", type=float, default=mt.score_max_speedup)
+    p.add_argument("--score-steps", type=int, default=mt.score_steps)
+    p.add_argument("--score-batches", type=int, default=mt.score_batches)
+    p.add_argument("--hidden", type=int, default=nc.hidden, help="metanetwork width")
+    p.add_argument("--layers", type=int, default=nc.layers, help="message-passing layers")
     p.add_argument("--rho", type=float, default=None,
                    help="edit size: the residual edit in per-layer units (default 0.05), or the bound of log s "
                    "before its per-layer centring for --edit scale (default 1.0)")
-    p.add_argument("--edit", choices=("residual", "scale"), default="scale",
+    p.add_argument("--edit", choices=("residual", "scale"), default=nc.edit,
                    help="residual: edit every weight (paper); scale: function-preserving per-channel rescaling of "
                    "BN-normalised layers that changes which channels the L2 pruner keeps")
     p.add_argument("--edge-chunk", type=int, help="process edges in chunks of this size")
@@ -151,7 +157,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_meta_train(args: argparse.Namespace) -> int:
-    from metaprune.engine.runtime import resolve_device
     from metaprune.metanet.config import MetanetConfig, MetaTrainConfig
     from metaprune.metanet.meta_train import meta_train
 
@@ -161,7 +166,6 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         raise ConfigError("meta-train (edit mode) reads one --zoo folder; several are read with --output-mode score")
     args.zoo = args.zoo[0]
 
-    device = str(resolve_device(args.device))
     cfg = MetaTrainConfig(epochs=args.epochs, steps_per_member=args.steps_per_member, batch_size=args.batch_size,
                           lr=args.lr, weight_decay=args.weight_decay, lam=args.lam, alpha=args.alpha, sparsity=args.sparsity,
                           prune_aware=args.prune_aware, prune_temperature=args.prune_temperature,
@@ -169,7 +173,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
                           val_members=args.val_members, holdout_members=args.holdout_members,
                           score_max_speedup=args.score_max_speedup, score_steps=args.score_steps,
                           score_batches=args.score_batches, bn_eval=args.bn_eval, seed=args.seed,
-                          device=device)
+                          device=args.device)  # as given (checked in setup_runtime): resolved per process
     ncfg = MetanetConfig(hidden=args.hidden, layers=args.layers, rho=args.rho, edit=args.edit, edge_chunk=args.edge_chunk,
                          checkpoint=args.checkpointing)
     guard(args, [args.zoo], folders=[args.output])

@@ -12,6 +12,9 @@ from metaprune.fingerprint import check_bool, check_float, check_int
 class MetanetConfig:
     """Shape of the metanetwork (:class:`metaprune.metanet.model.Metanet`).
 
+    The defaults are ``metaprune meta-train``'s (the CLI takes them from here): the shipped recipe's hidden 32,
+    4 layers, scale edit.
+
     Attributes:
         hidden: width of node and edge states.
         layers: number of bidirectional message-passing layers.
@@ -19,14 +22,13 @@ class MetanetConfig:
             (output = input + rho * decoder(h) * layer_scale; default 0.05); for ``edit="scale"``
             the bound of the log channel scale before its per-layer centring (default 1.0; after
             centring ``|log s| < 2 * rho``). ``None`` picks the default of the edit.
-        edit: ``"residual"`` (the paper's: every node and edge feature gets a residual edit) or
-            ``"scale"`` (function-preserving: every channel that feeds a BatchNorm gets its
+        edit: ``"scale"`` (default, the shipped recipe; function-preserving: every channel that feeds a BatchNorm gets its
             incoming weights multiplied by a positive factor ``s_c = exp(rho * tanh(d(h_c)))``,
             centred to geometric mean 1 within each layer;
             BatchNorm undoes it, so the network computes the same function after BN
             re-estimation, but the L2 magnitudes the pruner ranks channels by change -- the
-            metanetwork learns which channels the pruner should keep).
-            Ignored with ``output="score"``.
+            metanetwork learns which channels the pruner should keep) or ``"residual"`` (the paper's:
+            every node and edge feature gets a residual edit). Ignored with ``output="score"``.
         output: ``"edit"`` (default: the metanetwork returns edited node and edge features, see ``edit``)
             or ``"score"`` (one importance score per node, a pruning criterion: trained to rank channels as
             the per-network ``gate`` criterion does, see :mod:`metaprune.metanet.rank`). A score metanetwork
@@ -53,10 +55,10 @@ class MetanetConfig:
             (reference path). Same weights either way.
     """
 
-    hidden: int = 64
-    layers: int = 8
+    hidden: int = 32
+    layers: int = 4
     rho: float | None = None
-    edit: str = "residual"
+    edit: str = "scale"
     output: str = "edit"
     node_dim: int = 0
     edge_dims: dict[str, int] = field(default_factory=dict)
@@ -108,6 +110,10 @@ class MetanetConfig:
 class MetaTrainConfig:
     """Options of :func:`metaprune.metanet.meta_train.meta_train`.
 
+    The defaults are the shipped recipe and ``metaprune meta-train``'s (the CLI takes them from here): CE +
+    0.5 x group sparsity + 1.0 x the pruning-aware CE, train-mode BatchNorm, with ``MetanetConfig()``'s scale
+    edit. The paper's loss: ``prune_aware=0, bn_eval=True`` with ``MetanetConfig(edit="residual")``.
+
     Attributes:
         epochs: passes over the meta-training members.
         steps_per_member: gradient steps per member and epoch (each on one data batch).
@@ -140,30 +146,31 @@ class MetaTrainConfig:
             running statistics, as in the paper) instead of train mode (batch statistics). In train
             mode a conv followed by BN is scale-invariant, so the sparsity term can shrink every
             conv uniformly at no CE cost; eval mode makes that shrinkage visible to CE.
-        seed, device: reproducibility and placement (``auto``: CUDA when present).
+        seed, device: reproducibility and placement (``auto``: CUDA when present; under torchrun
+            ``auto`` / ``cuda`` put process i on ``cuda:LOCAL_RANK``).
         amp: bf16 autocast of the metanetwork and the edited network's forward pass on CUDA.
     """
 
-    epochs: int = 10
-    steps_per_member: int = 8
-    batch_size: int = 128
+    epochs: int = 12
+    steps_per_member: int = 4
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 5e-4
-    lam: float = 1.0
+    lam: float = 0.5
     alpha: float = 16.0
     sparsity: str = "depgraph"
-    prune_aware: float = 0.0
+    prune_aware: float = 1.0
     prune_temperature: float = 0.1
     prune_hard: bool = True
-    val_members: int = 2
+    val_members: int = 3
     holdout_members: int = 0
     score_every: int = 1
     score_max_speedup: float = 3.0
     score_steps: int = 4
-    score_batches: int = 4
+    score_batches: int = 8
     bn_eval: bool = False
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     amp: bool = True
 
     def __post_init__(self) -> None:

@@ -135,11 +135,12 @@ def norm_shift(params: dict[str, torch.Tensor], m: _Member) -> dict[str, float]:
 def _score_one(net: Metanet | None, path: Path, data: DataSplits, cfg: MetaTrainConfig) -> dict:
     from metaprune.pruning import prunability_curve
 
+    device = resolve_device(cfg.device)  # "auto" / "cuda": this process's GPU under torchrun
     model, _ = load_member(path)
     if net is not None:
-        model = transform_model(net, model, data.train, cfg.score_batches, device=cfg.device)
+        model = transform_model(net, model, data.train, cfg.score_batches, device=device)
     return prunability_curve(model, data, max_speedup=cfg.score_max_speedup, steps=cfg.score_steps,
-                             val_batches=cfg.score_batches, calib_batches=cfg.score_batches, device=cfg.device)
+                             val_batches=cfg.score_batches, calib_batches=cfg.score_batches, device=device)
 
 
 def gather_patiently(obj) -> list:

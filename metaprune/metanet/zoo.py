@@ -46,7 +46,7 @@ class ZooConfig:
         train_subset: train on this many (seeded) images only; ``None`` uses all.
         init_speedup: initial structured pruning to this MAC speed-up before a short finetune,
             as in the paper (1.0 = none). Needs :mod:`metaprune.pruning`.
-        train: the training schedule of every member.
+        train: the training schedule of every member (default: `metaprune zoo`'s, 4 epochs one-cycle to lr 0.1).
         finetune_epochs: epochs of finetuning after the initial pruning.
     """
 
@@ -56,14 +56,14 @@ class ZooConfig:
     seed: int = 0
     data_seed: int = 0
     val_fraction: float = 0.1
-    train_subset: int | None = 10000
+    train_subset: int | None = None
     init_speedup: float = 1.0
     finetune_epochs: int = 1
     train: TrainConfig = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.train is None:
-            self.train = TrainConfig(epochs=3, lr=0.1, device="cpu")
+            self.train = TrainConfig(epochs=4, lr=0.1)  # `metaprune zoo`'s defaults
         elif isinstance(self.train, dict):
             unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
             if unknown:

@@ -86,7 +86,7 @@ def test_metanet_forward_backward_on_cuda(tiny_resnet):
     from metaprune.metanet.model import Metanet
 
     g = to_graph(tiny_resnet).to("cuda")
-    net = Metanet.for_graph(g, MetanetConfig(hidden=16, layers=2, edge_chunk=5000, checkpoint=True)).cuda()
+    net = Metanet.for_graph(g, MetanetConfig(hidden=16, layers=2, edit="residual", edge_chunk=5000, checkpoint=True)).cuda()
     x, ea = net(g)
     (x.square().mean() + sum(v.square().mean() for v in ea.values())).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

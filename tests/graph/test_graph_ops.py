@@ -342,7 +342,7 @@ def test_metanetwork_edits_a_float64_model():
     from metaprune.metanet.model import Metanet
 
     model = small_model("cifar_resnet20").double().eval()
-    net = Metanet.for_graph(to_graph(small_model("cifar_resnet20")), MetanetConfig(hidden=8, layers=1))
+    net = Metanet.for_graph(to_graph(small_model("cifar_resnet20")), MetanetConfig(hidden=8, layers=1, edit="residual"))
     out = transform_model(net, model)
     assert all(p.dtype == torch.float64 for p in out.parameters())
     assert torch.isfinite(out(input_for(model, batch=1).double())).all()

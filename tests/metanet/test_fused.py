@@ -108,8 +108,8 @@ def test_no_edges():
 def test_metanet_fused_matches_reference(kw):
     g = to_graph(create_model("cifar_resnet20", num_classes=10, in_chans=1))
     torch.manual_seed(0)
-    ref = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=2, fused=False, **kw))
-    fused = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=2, fused=True, **kw))
+    ref = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=2, edit="residual", fused=False, **kw))
+    fused = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=2, edit="residual", fused=True, **kw))
     fused.load_state_dict(ref.state_dict())
     outs, grads = [], []
     for net in (ref, fused):

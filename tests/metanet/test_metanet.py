@@ -28,7 +28,7 @@ def _model(seed: int = 0, depth: int = 20):
 
 def _net(g, **kw):
     torch.manual_seed(0)
-    return Metanet.for_graph(g, MetanetConfig(hidden=8, layers=2, **kw))
+    return Metanet.for_graph(g, MetanetConfig(**{"hidden": 8, "layers": 2, "edit": "residual", **kw}))
 
 
 def test_edit_is_small_masked_and_keeps_frozen_parts():

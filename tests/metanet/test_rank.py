@@ -82,7 +82,7 @@ def test_score_checkpoint_round_trip_and_edit_checkpoint_unchanged(tmp_path):
     with torch.no_grad():
         assert torch.equal(net(g), net2(g))
     # an edit metanetwork written without the `output` field loads as an edit network, as before
-    edit = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=1))
+    edit = Metanet.for_graph(g, MetanetConfig(hidden=8, layers=1, edit="residual"))
     save_metanet(edit, tmp_path / "e")
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())
     del cfg["metanet"]["output"]
@@ -121,7 +121,7 @@ def test_metanet_criterion_prunes_the_lowest_scored_channels(tmp_path):
 
 def test_metanet_criterion_errors(tmp_path, capsys):
     m = _model()
-    edit = Metanet.for_graph(to_graph(m), MetanetConfig(hidden=8, layers=1))
+    edit = Metanet.for_graph(to_graph(m), MetanetConfig(hidden=8, layers=1, edit="residual"))
     save_metanet(edit, tmp_path / "edit")
     with pytest.raises(ModelFileError, match="outputs weight edits"):
         prune(m, PruneConfig(ratio=0.5, criterion="metanet", metanet=str(tmp_path / "edit")))

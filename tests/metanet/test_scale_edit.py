@@ -97,7 +97,7 @@ def test_scale_edit_refuses_eval_mode_bn(tmp_path):
 
 
 def test_rho_default_follows_the_edit():
-    assert MetanetConfig(edit="scale").rho == 1.0 and MetanetConfig().rho == 0.05
+    assert MetanetConfig(edit="scale").rho == 1.0 and MetanetConfig(edit="residual").rho == 0.05
 
 
 class _PreActBlock(torch.nn.Module):
