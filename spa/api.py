@@ -21,6 +21,7 @@ from torch import nn
 
 from metaprune.engine.runtime import barrier, broadcast_object, is_main
 from metaprune.errors import ConfigError
+from metaprune.pruning.config import PruneConfig
 
 log = logging.getLogger("spa")
 
@@ -49,7 +50,9 @@ class AdaptConfig:
     the head, 0.01 for ``full`` fine-pruning, as chosen on the validation split in the README).
     ``criterion`` ranks the channels of each pruning step (:data:`spa.masks.CRITERIA`): ``l2`` (fused
     weights, the default), ``functional`` (``||(gamma, beta)|| x ||fused input columns||``, as
-    ``metaprune prune --criterion functional``) or ``random`` (seeded by ``seed`` + the step).
+    ``metaprune prune --criterion functional``), ``random`` (seeded by ``seed`` + the step) or ``gate``
+    (``gate_steps`` steps of the data-optimised ranking of ``metaprune prune --criterion gate`` at every
+    pruning step, on the model as it stands; :mod:`spa.gate`; its seconds are in the history).
     """
 
     method: str = "splora"
@@ -73,13 +76,14 @@ class AdaptConfig:
     latency: bool = False
     repeat_channels: bool = False
     criterion: str = "l2"
+    gate_steps: int = PruneConfig.gate_steps
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from metaprune.fingerprint import check_float, check_int
 
         ints = {"rank": 1, "steps": 1, "warmup_epochs": 0, "recovery_epochs": 0, "min_steps": 0, "batch_size": 1,
-                "seed": None}
+                "seed": None, "gate_steps": 1}
         for name, low in ints.items():
             check_int(name, getattr(self, name), low)
         for name in ("max_steps_per_epoch", "train_subset"):
@@ -229,10 +233,12 @@ def phase_epochs(cfg: AdaptConfig, epochs: int, n_train: int, world_size: int = 
 
 def run_adaptation(source: nn.Module, data, cfg: AdaptConfig, desc: str = "adapt") -> tuple[nn.Module, dict]:
     """Adapt ``source`` to ``data`` with the iterative prune/recover schedule; returns the masked model and history."""
+    from metaprune.data import BatchLoader
     from metaprune.engine import train
     from metaprune.engine.report import input_shape
     from metaprune.engine.runtime import get_world_size, resolve_device
     from spa.adapt import _NORMS, adapt_model
+    from spa.gate import gate_step_keep
     from spa.masks import step_keep
     from spa.prune import apply_masks, build_graph, channel_groups, layer_masks
 
@@ -259,12 +265,20 @@ def run_adaptation(source: nn.Module, data, cfg: AdaptConfig, desc: str = "adapt
         mods = dict(model.named_modules())
         for k in range(1, cfg.steps + 1):
             r = cfg.ratio * k / cfg.steps
-            keep = step_keep(model, groups, r, criterion=cfg.criterion, seed=cfg.seed + k)
+            gate = None
+            if cfg.criterion == "gate":
+                batches = BatchLoader(data.train, cfg.batch_size, shuffle=True, augment=False, seed=cfg.seed + k,
+                                      device=device)  # the same batches on every process (masks from rank 0)
+                keep, gate = gate_step_keep(model, groups, r, batches, cfg.gate_steps, PruneConfig.gate_lr,
+                                            seed=cfg.seed + k, desc=f"{desc} gate {int(round(100 * r))}%")
+            else:
+                keep = step_keep(model, groups, r, criterion=cfg.criterion, seed=cfg.seed + k)
             lm = layer_masks(model, groups, keep)
             apply_masks(model, lm)
             model.spa_norm_masks = {n: d["out"] for n, d in lm.items() if isinstance(mods[n], _NORMS)}
             res = train(model, data, _train_cfg(cfg, rec, cfg.seed + k), desc=f"{desc} {int(round(100 * r))}% pruned")
-            history.append({"phase": f"step {k}", "ratio": r, "best_val_acc": res.best_val_acc, "epochs": res.history})
+            history.append({"phase": f"step {k}", "ratio": r, "best_val_acc": res.best_val_acc, "epochs": res.history,
+                            **({"gate": gate} if gate is not None else {})})
     elif rec and not warm:
         res = train(model, data, _train_cfg(cfg, rec, cfg.seed), desc=desc)
         history.append({"phase": "train", "ratio": 0.0, "best_val_acc": res.best_val_acc, "epochs": res.history})
@@ -356,7 +370,7 @@ def _finish(model: nn.Module, source: nn.Module, source_path: str, src_hash: str
 
 
 _PRUNE_CLI_CARRY = ("seed", "device", "data_dir", "val_fraction", "train_subset", "batch_size", "max_steps_per_epoch",
-                    "no_augment", "repeat_channels", "criterion")
+                    "no_augment", "repeat_channels", "criterion", "gate_steps")
 
 
 def adapt_tasks(source_path: str, tasks: list[str], method: str, ratio: float, output_dir: str | Path,

@@ -5,7 +5,8 @@ of the group follows it (:func:`spa.prune.layer_masks`). The default criterion (
 root channel by the L2 norm of the *fused* (source + adapter) weights of every adapted layer
 dimension coupled to it, so what the task has learned decides what is pruned. ``functional``
 (:func:`functional_importance`) is ``metaprune prune``'s free functional criterion on the fused
-weights; ``random`` (:func:`random_importance`) a seeded random ranking (a baseline).
+weights; ``random`` (:func:`random_importance`) a seeded random ranking (a baseline); ``gate`` the ranking
+optimised on data at each step (:mod:`spa.gate`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from metaprune.errors import ConfigError
 from spa.methods.base import AdaptedLayer
 from spa.prune import ChannelGroup
 
-CRITERIA = ("l2", "functional", "random")
-"""Channel criteria of ``metaprune adapt`` (:class:`spa.api.AdaptConfig` ``criterion``)."""
+CRITERIA = ("l2", "functional", "random", "gate")
+"""Channel criteria of ``metaprune adapt`` (:class:`spa.api.AdaptConfig` ``criterion``); ``gate`` learns its
+ranking on training batches at every step (:mod:`spa.gate`), the others are computed from the weights."""
 
 _NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -27,7 +29,7 @@ def check_criterion(name) -> str:
     """``name`` if it is one of :data:`CRITERIA`, else :class:`ConfigError` saying what is available."""
     if name in CRITERIA:
         return name
-    prune_only = ("l1", "bn", "taylor", "gate", "metanet")
+    prune_only = ("l1", "bn", "taylor", "metanet")
     if name in prune_only:
         raise ConfigError(f"criterion {name!r} is available for `metaprune prune` / `curve` only; "
                           f"`metaprune adapt` prunes by {', '.join(CRITERIA)}")
@@ -125,6 +127,8 @@ def random_importance(group: ChannelGroup, seed: int) -> torch.Tensor:
 def importance(model: nn.Module, group: ChannelGroup, criterion: str = "l2", seed: int = 0) -> torch.Tensor:
     """Per-unit scores of ``group`` by ``criterion`` (:data:`CRITERIA`); higher is kept longer."""
     check_criterion(criterion)
+    if criterion == "gate":
+        raise ConfigError("criterion 'gate' learns its ranking on data: spa.gate.gate_step_keep, not importance()")
     if criterion == "functional":
         return functional_importance(model, group)
     if criterion == "random":

@@ -11,11 +11,18 @@ killed run keeps what finished. Bundles are kept under ``--bundles``.
 Learning rates are chosen on the validation split only (``--tune``: one ratio, several rates, the
 best validation accuracy per method is printed; test accuracy is not looked at for the choice).
 
+``--criteria l2,functional,gate`` compares channel criteria instead (SPLoRA only, the same schedule, data and
+seeds; the gate's seconds are in each run's ``gate_seconds``): one row per ratio and seed, and per criterion
+the paired difference against the best weight criterion (mean, standard error, wins / ties / losses).
+
 Sized for a 2-core CPU: a training subset and a few epochs. Examples::
 
     OMP_NUM_THREADS=1 nohup .venv/bin/python tools/bench_spa.py --task fmnist-tops --train-subset 5000 \\
         --batch-size 64 --steps 3 --recovery-epochs 2 -o results/spa_bench.json > bench.log 2>&1 &
     .venv/bin/python tools/bench_spa.py --collect runs/spa -o results/spa_tasks.json   # per-task table
+    OMP_NUM_THREADS=1 .venv/bin/python tools/bench_spa.py --criteria l2,functional,gate --ratios 0.7 --seeds 3 \
+        --lr-adapter 0.2 --steps 3 --recovery-epochs 2 --train-subset 5000 --batch-size 64 \
+        -o results/spa_criteria.json
 """
 
 from __future__ import annotations
@@ -130,6 +137,49 @@ def bench_md(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def criteria_md(out: dict) -> str:
+    """Markdown table of a ``--criteria`` JSON: one row per ratio and seed, one column per criterion, and the
+    paired differences of every criterion against the best weight criterion (l2 / functional / random)."""
+    a = out["args"]
+    crits = a["criteria"].split(",")
+    lines = ["# Channel criteria of `metaprune adapt` (SPLoRA)", "",
+             f"Task `{out['task']}`, source `{out['source']}`: {a['train_subset']} training images (10% held out as "
+             f"validation), warm-up {a['warmup_epochs']} epoch(s), {a['steps']} pruning steps × {a['recovery_epochs']} "
+             f"recovery epoch(s), batch {a['batch_size']}, rank {a['rank']}, lr {a['lr_adapter']}; the same for every "
+             "criterion. Accuracy = test split, merged dense model rebuilt from the bundle. `gate`: "
+             f"{out.get('gate_steps')} gate steps per pruning step. Command: `{out['command']}`", "",
+             "| pruned | seed | " + " | ".join(crits) + " | gate seconds |", "|---|---|" + "---|" * (len(crits) + 1)]
+    runs = {(r["ratio"], r["seed"], r["criterion"]): r for r in out["runs"]}
+    for ratio, seed in sorted({(r["ratio"], r["seed"]) for r in out["runs"]}):
+        cells = [f"{100 * ratio:.0f}%", str(seed)]
+        for c in crits:
+            r = runs.get((ratio, seed, c))
+            cells.append(f"{r['test_acc']:.2f}%" if r else "—")
+        g = runs.get((ratio, seed, "gate"))
+        cells.append(f"{g['gate_seconds']:.1f}" if g else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for ratio in sorted({r["ratio"] for r in out["runs"]}):
+        seeds = sorted({r["seed"] for r in out["runs"] if r["ratio"] == ratio
+                        and all((ratio, r["seed"], c) in runs for c in crits)})
+        free = [c for c in crits if c in ("l2", "functional", "random")]
+        if not seeds or not free:
+            continue
+        best = max(free, key=lambda c: sum(runs[(ratio, s, c)]["test_acc"] for s in seeds))
+        lines.append(f"{100 * ratio:.0f}% pruned, {len(seeds)} seed(s), paired against `{best}` (the best weight "
+                     "criterion over these seeds):")
+        for c in crits:
+            if c == best:
+                continue
+            d = [runs[(ratio, s, c)]["test_acc"] - runs[(ratio, s, best)]["test_acc"] for s in seeds]
+            mean = sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
+            w, t = sum(x > 0.005 for x in d), sum(abs(x) <= 0.005 for x in d)
+            lines.append(f"- `{c}` − `{best}`: {mean:+.2f} ± {se:.2f} ({w}/{t}/{len(d) - w - t})")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--collect", help="only gather the report.json of the bundle folders under this folder")
@@ -137,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="fmnist-tops")
     p.add_argument("--ratios", default="0.3,0.5,0.7,0.9")
     p.add_argument("--methods", default="splora,full")
+    p.add_argument("--criteria", help="comma-separated adapt criteria (l2, functional, random, gate): compare them "
+                   "with SPLoRA instead of comparing methods")
+    p.add_argument("--gate-steps", type=int, default=AdaptConfig.gate_steps, help="gate steps per pruning step")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr-adapter", type=float, default=0.05)
     p.add_argument("--lr-full", type=float, default=0.01)
@@ -162,16 +215,23 @@ def main(argv: list[str] | None = None) -> int:
     plan = []
     if a.tune:
         plan = [(ratios[0], m, float(lr), a.seed) for m in a.methods.split(",") for lr in a.tune.split(",")]
+    elif a.criteria:
+        out["description"] = "channel criteria of adapt (SPLoRA), same schedule, data and seeds"
+        out["gate_steps"] = a.gate_steps
+        plan = [(r, "splora", a.lr_adapter, a.seed + s, c)
+                for s in range(a.seeds) for r in ratios for c in a.criteria.split(",")]
     else:
         plan = [(r, m, a.lr_full if m == "full" else a.lr_adapter, a.seed + s)
                 for s in range(a.seeds) for r in ratios for m in a.methods.split(",")]
-    for ratio, method, lr, seed in plan:
+    for ratio, method, lr, seed, *crit in plan:
+        criterion = crit[0] if crit else "l2"
         cfg = AdaptConfig(method=method, rank=a.rank, ratio=ratio, steps=a.steps, warmup_epochs=a.warmup_epochs,
                           recovery_epochs=a.recovery_epochs, lr=lr, train_subset=a.train_subset, seed=seed,
-                          device=a.device, batch_size=a.batch_size,
+                          device=a.device, batch_size=a.batch_size, criterion=criterion, gate_steps=a.gate_steps,
                           min_steps=0)  # the epochs given, as when the README figures were measured
         t0 = time.time()
-        bundle = Path(a.bundles) / f"{a.task}_{method}_r{int(round(100 * ratio))}_lr{lr:g}_s{seed}"
+        bundle = Path(a.bundles) / (f"{a.task}_{method}_r{int(round(100 * ratio))}_lr{lr:g}_s{seed}"
+                                    + (f"_{criterion}" if crit else ""))
         if bundle.exists():
             shutil.rmtree(bundle)
         r = adapt_task(a.source, a.task, bundle, cfg).report
@@ -179,11 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             run = {"method": method, "ratio": ratio, "lr": lr, "seed": seed, "val_acc": r["val_acc"]}
         else:
             run = {"method": method, "ratio": ratio, "lr": lr, "seed": seed, "bundle": str(bundle), **_row(r, bundle)}
+        if crit:
+            run["criterion"] = criterion
+            run["gate_seconds"] = sum(h["gate"]["seconds"] for h in r["history"] if "gate" in h)
         out["runs"].append(run)
         write_json(a.output, out)
-        if not a.tune:
+        if a.criteria:
+            _write_md(Path(a.output).with_suffix(".md"), criteria_md(out))
+        elif not a.tune:
             _write_md(Path(a.output).with_suffix(".md"), bench_md(out))
-        print(f"{method:7s} ratio {ratio:.1f} lr {lr:g} seed {seed}: val {r['val_acc']:.2f}%"
+        print(f"{method:7s} {criterion:10s} ratio {ratio:.1f} lr {lr:g} seed {seed}: val {r['val_acc']:.2f}%"
               + ("" if a.tune else f"  test {r['test_acc']:.2f}%  learned {r['learned_params']['total']:,}  "
                  f"bundle {run['bundle_weights_bytes']:,} B / dense {r['dense_pruned_bytes']:,} B")
               + f"  ({time.time() - t0:.0f} s)", flush=True)

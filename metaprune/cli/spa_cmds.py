@@ -42,9 +42,12 @@ def register(sub) -> None:
     p.add_argument("--criterion", default=d["criterion"],
                    help="channel ranking at each pruning step: l2 (L2 norm of the fused source+adapter weights "
                    "along the dependency group; default), functional (||(gamma,beta)|| of the group's norm layers x "
-                   "||fused input columns of its consumers||, as `prune --criterion functional`) or random (seeded "
-                   "by --seed and the step); prune's other criteria (l1, bn, taylor, gate, metanet) are not "
-                   "available here")
+                   "||fused input columns of its consumers||, as `prune --criterion functional`), random (seeded "
+                   "by --seed and the step) or gate (a ranking optimised on the task's training batches at every "
+                   "step, as `prune --criterion gate`; --gate-steps each); prune's other criteria (l1, bn, taylor, "
+                   "metanet) are not available here")
+    p.add_argument("--gate-steps", type=int, default=d["gate_steps"],
+                   help="training steps (batches of --batch-size) of --criterion gate at every pruning step")
     p.add_argument("--steps", type=int, default=d["steps"], help="pruning steps (the ratio rises linearly)")
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"], help="transfer epochs before pruning")
     p.add_argument("--recovery-epochs", type=int, default=d["recovery_epochs"],

@@ -83,11 +83,16 @@ class GatedForward:
                                                            g.unit_of_root[root].to(self.device)))
         self.current: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def _conv_like(mod: nn.Module) -> bool:
+        """Channels on axis 1 (a conv, or an adapted conv of :mod:`spa`); else on the last axis (linear)."""
+        return isinstance(mod, nn.modules.conv._ConvNd) or getattr(mod, "kind", None) == "conv"
+
     def set(self, gates: list[torch.Tensor]) -> None:
         self.current.clear()
         for name, parts in self.by_layer.items():
             mod = self.modules[name]
-            size = mod.in_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.in_features
+            size = mod.in_channels if self._conv_like(mod) else mod.in_features
             m = torch.ones(size, device=self.device)
             for gi, pos, units in parts:
                 m = m.scatter(0, pos, gates[gi][units].to(m.dtype))
@@ -99,7 +104,7 @@ class GatedForward:
             if m is None:
                 return None
             x = args[0]
-            if isinstance(mod, nn.modules.conv._ConvNd):
+            if self._conv_like(mod):
                 m = m.view(1, -1, *([1] * (x.dim() - 2)))
             return (x * m,) + tuple(args[1:])
         return pre
@@ -248,6 +253,79 @@ def _hard_keep(groups: list[_Group], scores: list[torch.Tensor], u: float, globa
     return masks
 
 
+def optimise_gates(model: nn.Module, groups: list[_Group], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   steps: int, ratio_range: tuple[float, float], lr: float, seed: int = 0, global_: bool = False,
+                   cap: float = 0.9, distill: bool = True, cosine: bool = True, desc: str = "gate",
+                   removed: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    """The gate's optimisation (module docstring) over ``groups`` of ``model`` (frozen; restored on exit).
+
+    Scores start at ``1e-3 x`` standard normal (from ``seed``). ``removed``: per group, a bool per unit that
+    is already gone (spa's earlier pruning steps): its gate is 0 in every step, also in the unpruned
+    reference, and a step's top-k counts only the others. Returns the final scores per group (on CPU;
+    fixed groups: their fixed scores) and the loss of every step.
+    """
+    device = next(model.parameters()).device
+    lo, hi = ratio_range
+    lo, hi = max(0.0, min(lo, hi)), min(0.95, max(lo, hi))
+    fewest_heads = min((g.units for g in groups if g.is_heads), default=0)
+    gen = torch.Generator().manual_seed(int(seed))
+    scores = [(1e-3 * torch.randn(g.units, generator=gen)).to(device).requires_grad_(g.fixed is None)
+              for g in groups]
+    dead = [(removed[i].bool() if removed is not None else torch.zeros(g.units, dtype=torch.bool)).to(device)
+            for i, g in enumerate(groups)]
+    learn = [s for s, g in zip(scores, groups) if g.fixed is None]
+    opt = torch.optim.Adam(learn, lr=lr) if learn else None
+    gated = GatedForward(model, groups)
+    ones = [(~d).float() for d in dead]
+    from metaprune.engine.runtime import progress
+
+    losses = []
+    stream = _cycle(batches)
+    with gated:
+        for step in progress(range(int(steps)), desc=desc, total=int(steps)):
+            if cosine and opt is not None:  # the ranking settles instead of flickering at the top-k boundary
+                for pg in opt.param_groups:
+                    pg["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / int(steps)))
+            x, y = next(stream)
+            x, y = x.to(device), y.to(device)
+            u = lo + (hi - lo) * float(torch.rand((), generator=gen))
+            head_u = min(u, (fewest_heads - 1) / fewest_heads) if fewest_heads > 1 else 0.0
+            ranked = [s.detach().masked_fill(d, float("-inf")) for s, d in zip(scores, dead)]
+            hard = _hard_keep(groups, ranked, u, global_, cap, head_u)
+            gates = []
+            for s, h, d in zip(scores, hard, dead):
+                sig = torch.sigmoid(s)
+                gates.append((h + sig - sig.detach()).masked_fill(d, 0.0))  # forward: hard 0/1; backward: d sigmoid
+            if distill:  # the unpruned network's logits on the same batch (same BatchNorm mode)
+                gated.set(ones)
+                with torch.no_grad():
+                    teacher = F.log_softmax(model(x), 1)
+            gated.set(gates)
+            out = model(x)
+            if distill:
+                loss = F.kl_div(F.log_softmax(out, 1), teacher, log_target=True, reduction="batchmean")
+            else:
+                loss = F.cross_entropy(out, y)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            losses.append(float(loss.detach()))
+    final = [(g.fixed if g.fixed is not None else s.detach()).float().cpu() for g, s in zip(groups, scores)]
+    return final, losses
+
+
+def gate_stats(losses: list[float], seconds: float, ratio_range, lr: float, groups: int, global_: bool,
+               distill: bool, cosine: bool) -> dict:
+    """The summary :func:`learn_gate_scores` returns (and reports carry)."""
+    k = max(1, len(losses) // 10)
+    return {"steps": len(losses), "seconds": round(seconds, 3),
+            "loss_first": sum(losses[:k]) / k if losses else None,
+            "loss_last": sum(losses[-k:]) / k if losses else None, "ratio_range": list(ratio_range),
+            "global": bool(global_), "lr": lr, "groups": groups,
+            "objective": "distill" if distill else "cross-entropy", "cosine": bool(cosine)}
+
+
 def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torch.Tensor,
                       batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                       ratio_range: tuple[float, float] | None = None, lr: float | None = None,
@@ -274,60 +352,16 @@ def learn_gate_scores(model: nn.Module, config: PruneConfig, example_input: torc
     groups = gate_groups(model, config, example_input.to(device))
     if not groups:
         raise PruningError(f"{type(model).__name__} has no prunable groups for the gate criterion")
-    fewest_heads = min((g.units for g in groups if g.is_heads), default=0)
-    gen = torch.Generator().manual_seed(int(config.seed))
-    scores = [(1e-3 * torch.randn(g.units, generator=gen)).to(device).requires_grad_(g.fixed is None)
-              for g in groups]
-    learn = [s for s, g in zip(scores, groups) if g.fixed is None]
-    opt = torch.optim.Adam(learn, lr=lr) if learn else None
-    gated = GatedForward(model, groups)
-    ones = [torch.ones(g.units, device=device) for g in groups]
-    from metaprune.engine.runtime import progress
-
-    losses = []
-    stream = _cycle(batches)
-    with gated:
-        for step in progress(range(int(config.gate_steps)), desc=desc, total=int(config.gate_steps)):
-            if cosine and opt is not None:  # the ranking settles instead of flickering at the top-k boundary
-                for pg in opt.param_groups:
-                    pg["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / int(config.gate_steps)))
-            x, y = next(stream)
-            x, y = x.to(device), y.to(device)
-            u = lo + (hi - lo) * float(torch.rand((), generator=gen))
-            head_u = min(u, (fewest_heads - 1) / fewest_heads) if fewest_heads > 1 else 0.0
-            hard = _hard_keep(groups, [s.detach() for s in scores], u, config.global_pruning,
-                              config.max_layer_ratio, head_u)
-            gates = []
-            for s, h in zip(scores, hard):
-                sig = torch.sigmoid(s)
-                gates.append(h + sig - sig.detach())  # forward: hard 0/1; backward: d sigmoid
-            if distill:  # the unpruned network's logits on the same batch (same BatchNorm mode)
-                gated.set(ones)
-                with torch.no_grad():
-                    teacher = F.log_softmax(model(x), 1)
-            gated.set(gates)
-            out = model(x)
-            if distill:
-                loss = F.kl_div(F.log_softmax(out, 1), teacher, log_target=True, reduction="batchmean")
-            else:
-                loss = F.cross_entropy(out, y)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            losses.append(float(loss.detach()))
+    final, losses = optimise_gates(model, groups, batches, int(config.gate_steps), (lo, hi), lr, seed=config.seed,
+                                   global_=config.global_pruning, cap=config.max_layer_ratio, distill=distill,
+                                   cosine=cosine, desc=desc)
     state = {"scores": {}, "initial": {}, "global": bool(config.global_pruning)}
-    for g, s in zip(groups, scores):
-        val = (g.fixed if g.fixed is not None else s.detach()).float().cpu()
+    for g, val in zip(groups, final):
         state["scores"][g.key] = val[g.unit_of_root] if g.fixed is None else val
         state["initial"][g.key] = g.n_root
     setattr(model, SCORES_ATTR, state)
-    k = max(1, len(losses) // 10)
-    return {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
-            "loss_first": sum(losses[:k]) / k if losses else None,
-            "loss_last": sum(losses[-k:]) / k if losses else None, "ratio_range": [lo, hi],
-            "global": bool(config.global_pruning), "lr": lr, "groups": len(groups),
-            "objective": "distill" if distill else "cross-entropy", "cosine": bool(cosine)}
+    return gate_stats(losses, time.perf_counter() - t0, (lo, hi), lr, len(groups), config.global_pruning, distill,
+                      cosine)
 
 
 def clear_scores(model: nn.Module) -> None:
