@@ -107,7 +107,7 @@ class AdaptConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; use cosine, onecycle, step or constant")
         from spa.masks import check_criterion
 
-        check_criterion(self.criterion)  # l2, functional, random; prune-only ones are refused with the reason
+        check_criterion(self.criterion)  # l2, functional, random, gate; prune-only ones are refused with the reason
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"method_options must be a mapping (got {self.method_options!r})")
         if self.method == "lora" and self.ratio > 0:

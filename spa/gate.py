@@ -17,6 +17,7 @@ from torch import nn
 
 from metaprune.engine.runtime import broadcast_object, get_world_size
 from metaprune.pruning.gate import _Group, gate_stats, optimise_gates
+from spa.masks import keep_count
 from spa.methods.base import AdaptedLayer
 from spa.prune import ChannelGroup
 
@@ -32,7 +33,7 @@ def gate_groups(model: nn.Module, groups: list[ChannelGroup]) -> list[_Group]:
     mods = dict(model.named_modules())
     out = []
     for g in groups:
-        consumers = [(mem.name, torch.tensor(mem.idxs, dtype=torch.long), torch.arange(len(mem.idxs)) % g.size)
+        consumers = [(mem.name, torch.tensor(mem.idxs, dtype=torch.long), mem.unit_index(g.size))
                      for mem in g.members if mem.dim == "in" and isinstance(mods[mem.name], AdaptedLayer)]
         gg = _Group(g.root, g.size, g.size, torch.arange(g.size), consumers, g.attention is not None)
         if not consumers:
@@ -55,10 +56,10 @@ def gate_step_keep(model: nn.Module, groups: list[ChannelGroup], ratio: float, b
     ggroups = gate_groups(model, groups)
     lo, hi = 0.95 * ratio, ratio
     scores, losses = optimise_gates(model, ggroups, batches, steps, (lo, hi), lr, seed=seed,
-                                    removed=[~a for a in alive], desc=desc)
+                                    removed=[~a for a in alive], desc=desc, keep_count=keep_count)
     keep: dict[str, torch.Tensor] = {}
     for g, a, s in zip(groups, alive, scores):
-        target = min(int(a.sum()), max(1, round(g.size * (1.0 - ratio))))
+        target = min(int(a.sum()), keep_count(g.size, ratio))
         k = torch.zeros(g.size, dtype=torch.bool)
         k[torch.topk(s.double().masked_fill(~a, float("-inf")), target).indices] = True
         keep[g.root] = k

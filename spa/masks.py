@@ -36,9 +36,9 @@ def check_criterion(name) -> str:
     raise ConfigError(f"unknown adapt criterion {name!r}; use one of {', '.join(CRITERIA)}")
 
 
-def _unit(values: torch.Tensor, n: int, size: int) -> torch.Tensor:
-    """Per-unit sums of per-channel ``values`` (position ``p`` of a member belongs to unit ``p % size``)."""
-    return torch.zeros(size, dtype=torch.float64).index_add_(0, torch.arange(n) % size, values)
+def _unit(values: torch.Tensor, mem, size: int) -> torch.Tensor:
+    """Per-unit sums of per-channel ``values`` of member ``mem`` (:meth:`spa.prune.Member.unit_index`)."""
+    return torch.zeros(size, dtype=torch.float64).index_add_(0, mem.unit_index(size), values)
 
 
 def _normed(v: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ def group_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
         per = (w.flatten(1) ** 2).sum(1) if mem.dim == "out" else (w.transpose(0, 1).flatten(1) ** 2).sum(1)
         idx = torch.tensor(mem.idxs, dtype=torch.long)
         vals = per[idx]
-        score.index_add_(0, torch.arange(len(mem.idxs)) % group.size, vals / max(float(vals.mean()), 1e-12))
+        score.index_add_(0, mem.unit_index(group.size), vals / max(float(vals.mean()), 1e-12))
     return score.sqrt()
 
 
@@ -92,7 +92,7 @@ def functional_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor
             sq = m.weight.detach().double().cpu()[idx] ** 2
             if getattr(m, "bias", None) is not None:
                 sq = sq + m.bias.detach().double().cpu()[idx] ** 2
-            norm_p += _normed(_unit(sq, len(idx), size).sqrt())
+            norm_p += _normed(_unit(sq, mem, size).sqrt())
             has_norm = True
             continue
         if isinstance(m, AdaptedLayer):
@@ -106,10 +106,10 @@ def functional_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor
             sq = (w.flatten(1) ** 2).sum(1)
             if b is not None:
                 sq = sq + b.detach().double().cpu() ** 2
-            lin_p += _normed(_unit(sq[idx], len(idx), size).sqrt())
+            lin_p += _normed(_unit(sq[idx], mem, size).sqrt())
         else:
             sq = (w.transpose(0, 1).flatten(1) ** 2).sum(1)
-            cons += _normed(_unit(sq[idx], len(idx), size).sqrt())
+            cons += _normed(_unit(sq[idx], mem, size).sqrt())
             has_cons = True
     score = (norm_p if has_norm else lin_p) * (cons if has_cons else 1.0)
     if not bool(torch.isfinite(score).all()) or float(score.sum()) <= 0:
@@ -144,6 +144,11 @@ def current_keep(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     return kept.view(-1, group.size).all(0)
 
 
+def keep_count(size: int, ratio: float) -> int:
+    """Units (channels or heads) a group of ``size`` keeps when ``ratio`` of it is pruned (at least one)."""
+    return max(1, round(size * (1.0 - ratio)))
+
+
 def step_keep(model: nn.Module, groups: list[ChannelGroup], ratio: float, criterion: str = "l2",
               seed: int = 0) -> dict[str, torch.Tensor]:
     """New kept-channel masks with ``ratio`` of each group's channels pruned (at least one kept).
@@ -155,7 +160,7 @@ def step_keep(model: nn.Module, groups: list[ChannelGroup], ratio: float, criter
     out: dict[str, torch.Tensor] = {}
     for g in groups:
         keep = current_keep(model, g).clone()
-        target = max(1, round(g.size * (1.0 - ratio)))
+        target = keep_count(g.size, ratio)
         if int(keep.sum()) > target:
             score = importance(model, g, criterion, seed).clone()
             score[~keep] = float("inf")

@@ -113,11 +113,21 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
 
 @dataclass
 class Member:
-    """One layer dimension in a dependency group: module path, ``"out"`` or ``"in"``, and its index map."""
+    """One layer dimension in a dependency group: module path, ``"out"`` or ``"in"``, its index map and the
+    group unit of every index (``units``; ``None``: position ``p`` belongs to unit ``p % size``)."""
 
     name: str
     dim: str
     idxs: list[int]
+    units: list[int] | None = None
+
+    def unit_index(self, size: int) -> torch.Tensor:
+        """The group unit each of :attr:`idxs` moves with. A flatten after a spatial map feeds a consumer
+        ``stride`` positions per channel, channel by channel, so the unit is torch-pruning's root index of
+        the position, not its position modulo the group size."""
+        if self.units is not None:
+            return torch.tensor(self.units, dtype=torch.long)
+        return torch.arange(len(self.idxs)) % size
 
 
 @dataclass
@@ -125,7 +135,8 @@ class ChannelGroup:
     """A prunable dependency group: the root (an adapted layer's out channels) and every coupled layer dim.
 
     The group has ``size`` prunable units ("root channels"): ``members[i].idxs[j]`` is the channel
-    of that layer dimension that moves with unit ``j % size``. For a plain group a unit is one
+    of that layer dimension that moves with unit ``members[i].unit_index(size)[j]`` (torch-pruning's root
+    index; for the root itself and for attention groups, ``j % size``). For a plain group a unit is one
     output channel of the root; for an attention group (``attention`` = the attention module's
     path) a unit is a whole head: the q, k and v rows of ``qkv`` and the ``proj`` columns of that head.
     """
@@ -198,7 +209,9 @@ def _members(group, names: dict) -> tuple[list[Member], bool]:
         if m not in names or dim is None:
             continue  # an op traced by torch-pruning (reshape, add, ...), not a layer
         ok = ok and _maskable(m, dim)
-        members.append(Member(names[m], dim, [int(i) for i in idxs]))
+        root = item.root_idxs
+        units = None if root is None or any(r is None for r in root) else [int(r) for r in root]
+        members.append(Member(names[m], dim, [int(i) for i in idxs], units))
     return members, ok
 
 
@@ -226,7 +239,8 @@ def _head_group(model: nn.Module, dg: tp.DependencyGraph, names: dict, qkv: Adap
     members = []
     for key in keys:  # interleave: position t * h + k holds head k's t-th channel
         n = len(per_head[0][key])
-        members.append(Member(key[0], key[1], [per_head[k][key][t] for t in range(n) for k in range(h)]))
+        members.append(Member(key[0], key[1], [per_head[k][key][t] for t in range(n) for k in range(h)],
+                              [k for _ in range(n) for k in range(h)]))
     return ChannelGroup(names[qkv], h, members, attention=attn_name)
 
 
@@ -282,7 +296,7 @@ def layer_masks(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, to
             if mask is None:
                 mask = torch.ones(size, dtype=torch.bool)
             idx = torch.tensor(mem.idxs, dtype=torch.long)
-            root_ch = torch.arange(len(mem.idxs)) % g.size
+            root_ch = mem.unit_index(g.size)
             mask[idx] = mask[idx] & k[root_ch]
             masks[mem.dim] = mask
     return out

@@ -165,9 +165,9 @@ def criteria_md(out: dict) -> str:
         free = [c for c in crits if c in ("l2", "functional", "random")]
         if not seeds or not free:
             continue
-        best = max(free, key=lambda c: sum(runs[(ratio, s, c)]["test_acc"] for s in seeds))
-        lines.append(f"{100 * ratio:.0f}% pruned, {len(seeds)} seed(s), paired against `{best}` (the best weight "
-                     "criterion over these seeds):")
+        best = max(free, key=lambda c: sum(runs[(ratio, s, c)]["val_acc"] for s in seeds))
+        lines.append(f"{100 * ratio:.0f}% pruned, {len(seeds)} seed(s), test accuracy paired against `{best}` (the "
+                     "weight criterion with the best validation accuracy over these seeds):")
         for c in crits:
             if c == best:
                 continue
@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundles", default="runs/spa_bench", help="folder the bundles are kept in")
     p.add_argument("-o", "--output", default="results/spa_bench.json")
     a = p.parse_args(argv)
+    if a.criteria and a.tune:
+        p.error("--criteria compares criteria at the given --lr-adapter; tune the learning rate without it")
     if a.collect:
         return collect(Path(a.collect), a.output)
     out = {"description": "SPLoRA vs fine-pruning (method full) with the same masks criterion and schedule",

@@ -33,7 +33,7 @@ def main() -> None:
     from metaprune.metanet.zoo import load_zoo_data
 
     data = load_zoo_data(a.zoo)
-    cfg = MetaTrainConfig(score_steps=a.steps, score_batches=a.batches)
+    cfg = MetaTrainConfig(score_steps=a.steps, score_batches=a.batches, device="cpu")  # as its results were made
     paths = [Path(a.zoo) / m for m in a.members]
     out = {"unedited": score_members(None, paths, data, cfg)["scores"]}
     for m in a.metanet:

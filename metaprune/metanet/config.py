@@ -28,7 +28,8 @@ class MetanetConfig:
             BatchNorm undoes it, so the network computes the same function after BN
             re-estimation, but the L2 magnitudes the pruner ranks channels by change -- the
             metanetwork learns which channels the pruner should keep) or ``"residual"`` (the paper's:
-            every node and edge feature gets a residual edit). Ignored with ``output="score"``.
+            every node and edge feature gets a residual edit). Ignored with ``output="score"`` (recorded there as
+            ``"residual"``, rho 0.05, as score networks always were).
         output: ``"edit"`` (default: the metanetwork returns edited node and edge features, see ``edit``)
             or ``"score"`` (one importance score per node, a pruning criterion: trained to rank channels as
             the per-network ``gate`` criterion does, see :mod:`metaprune.metanet.rank`). A score metanetwork
@@ -90,6 +91,8 @@ class MetanetConfig:
         if self.output not in ("edit", "score"):
             raise ConfigError(f"unknown metanetwork output {self.output!r}: choose edit (weight edits) or score "
                               "(per-channel importance scores)")
+        if self.output == "score":  # edit and rho do nothing there: one canonical record, the one score networks
+            self.edit, self.rho = "residual", 0.05  # have always carried (checkpoints, resume fingerprints)
         if self.rho is None:
             self.rho = 1.0 if self.edit == "scale" else 0.05
         check_float("metanetwork rho", self.rho, above=0)
@@ -103,7 +106,9 @@ class MetanetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> MetanetConfig:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("edit", "residual")  # written before the edit option existed: the residual edit
+        return cls(**kw)
 
 
 @dataclass

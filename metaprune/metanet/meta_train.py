@@ -211,7 +211,8 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     distributed = init_distributed(device)  # torchrun: gradients averaged over processes, data sharded
-    if net_cfg is not None and net_cfg.edit == "scale" and cfg.bn_eval:
+    net_cfg = net_cfg or MetanetConfig()
+    if net_cfg.edit == "scale" and cfg.bn_eval:
         raise ConfigError("the scale edit is undone by BatchNorm's batch statistics, which is what makes it "
                           "function-preserving; meta-train it with train-mode BN (drop --bn-eval)")
     seed_everything(cfg.seed)
@@ -219,7 +220,7 @@ def meta_train(zoo_dir: str | Path, data: DataSplits, out_dir: str | Path, cfg: 
     train_p, val_p, held_p = split_members(members, cfg)
     shape = (data.in_chans, data.image_size, data.image_size)
     train_m = [_Member(p, shape, cfg.alpha, cfg.sparsity).to(device) for p in train_p]
-    net = Metanet.for_graph(train_m[0].graph, net_cfg or MetanetConfig()).to(device)
+    net = Metanet.for_graph(train_m[0].graph, net_cfg).to(device)
     for m in train_m[1:]:
         net.check_graph(m.graph)
     runner = net

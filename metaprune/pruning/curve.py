@@ -20,6 +20,7 @@ from metaprune.data.datasets import DataSplits
 from metaprune.data.loader import BatchLoader
 from metaprune.engine.evaluate import evaluate
 from metaprune.engine.measure import count_macs
+from metaprune.engine.runtime import resolve_device
 from metaprune.errors import ConfigError
 from metaprune.pruning.config import PruneConfig
 from metaprune.pruning.criteria import accumulate_gradients
@@ -65,9 +66,9 @@ def check_curve_options(max_speedup: float, steps: int, val_batches: int | None 
 
 
 def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3.0, steps: int = 6,
-                      criterion: str = "functional", val_batches: int | None = 4, calib_batches: int = 8,
-                      batch_size: int = 256, device: str | torch.device = "cpu", seed: int = 0,
-                      global_pruning: bool = False, ignore: tuple[str, ...] = (), gate_steps: int = 250,
+                      criterion: str = PruneConfig.criterion, val_batches: int | None = 8, calib_batches: int = 8,
+                      batch_size: int = 256, device: str | torch.device = "auto", seed: int = 0,
+                      global_pruning: bool = False, ignore: tuple[str, ...] = (), gate_steps: int = PruneConfig.gate_steps,
                       reconstruct: bool = False, reconstruct_batches: int = 8, metanet: str | None = None) -> dict:
     """Accuracy-vs-speed-up curve of ``model`` pruned without finetuning, and its normalised AUC.
 
@@ -91,7 +92,7 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
     """
     check_curve_options(max_speedup, steps, val_batches, calib_batches, batch_size)
     val_batches = val_batches or None  # 0: the whole validation split (as on the command line)
-    device = torch.device(device)
+    device = resolve_device(device)  # the defaults are `metaprune curve`'s: auto = CUDA when present
     torch.manual_seed(seed)
     base = copy.deepcopy(model).to(device).eval()
     shape = (data.in_chans, data.image_size, data.image_size)

@@ -32,7 +32,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -225,12 +225,16 @@ def _cycle(batches: Iterable) -> Iterator:
 
 
 def _hard_keep(groups: list[_Group], scores: list[torch.Tensor], u: float, global_: bool, cap: float,
-               head_u: float) -> list[torch.Tensor]:
-    """0/1 keep masks per group at removal ratio ``u`` (heads: ``head_u``), local or global top-k."""
+               head_u: float, keep_count: Callable[[int, float], int] | None = None) -> list[torch.Tensor]:
+    """0/1 keep masks per group at removal ratio ``u`` (heads: ``head_u``), local or global top-k;
+    ``keep_count(units, u)``: the units a group keeps at ``u`` (local only; default: the engine's widths)."""
     masks = [torch.zeros(g.units, device=s.device) for g, s in zip(groups, scores)]
     if not global_:
         for g, s, m in zip(groups, scores, masks):
-            keep = g.units - math.ceil(head_u * g.units) if g.is_heads else int(g.units * (1 - u))
+            if keep_count is not None:
+                keep = keep_count(g.units, u)
+            else:
+                keep = g.units - math.ceil(head_u * g.units) if g.is_heads else int(g.units * (1 - u))
             m[torch.topk(s, max(1, keep)).indices] = 1.0
         return masks
     for heads in (False, True):
@@ -256,13 +260,15 @@ def _hard_keep(groups: list[_Group], scores: list[torch.Tensor], u: float, globa
 def optimise_gates(model: nn.Module, groups: list[_Group], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    steps: int, ratio_range: tuple[float, float], lr: float, seed: int = 0, global_: bool = False,
                    cap: float = 0.9, distill: bool = True, cosine: bool = True, desc: str = "gate",
-                   removed: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[float]]:
+                   removed: list[torch.Tensor] | None = None,
+                   keep_count: Callable[[int, float], int] | None = None) -> tuple[list[torch.Tensor], list[float]]:
     """The gate's optimisation (module docstring) over ``groups`` of ``model`` (frozen; restored on exit).
 
     Scores start at ``1e-3 x`` standard normal (from ``seed``). ``removed``: per group, a bool per unit that
     is already gone (spa's earlier pruning steps): its gate is 0 in every step, also in the unpruned
-    reference, and a step's top-k counts only the others. Returns the final scores per group (on CPU;
-    fixed groups: their fixed scores) and the loss of every step.
+    reference, and a step's top-k counts only the others. ``keep_count(units, u)``: how many units a group
+    keeps at removal ratio ``u`` (heads too; default: the pruning engine's widths). Returns the final scores
+    per group (on CPU; fixed groups: their fixed scores) and the loss of every step.
     """
     device = next(model.parameters()).device
     lo, hi = ratio_range
@@ -291,7 +297,7 @@ def optimise_gates(model: nn.Module, groups: list[_Group], batches: Iterable[tup
             u = lo + (hi - lo) * float(torch.rand((), generator=gen))
             head_u = min(u, (fewest_heads - 1) / fewest_heads) if fewest_heads > 1 else 0.0
             ranked = [s.detach().masked_fill(d, float("-inf")) for s, d in zip(scores, dead)]
-            hard = _hard_keep(groups, ranked, u, global_, cap, head_u)
+            hard = _hard_keep(groups, ranked, u, global_, cap, head_u, keep_count)
             gates = []
             for s, h, d in zip(scores, hard, dead):
                 sig = torch.sigmoid(s)

@@ -95,3 +95,21 @@ def test_meta_train_under_torchrun_keeps_each_process_on_its_gpu(tmp_path, monke
         (_, _, _, cfg, _), _ = _run(["meta-train", "--zoo", str(tmp_path / "zoo"), "--device", flag,
                                      "-o", str(tmp_path / "o")])
         assert resolve_device(cfg.device) == torch.device("cuda", 1)
+
+
+def test_curve_defaults(tmp_path, monkeypatch):
+    import inspect
+
+    from metaprune import pruning
+    from metaprune.cli import prune_cmds
+
+    monkeypatch.setattr(pruning, "prunability_curve", _capture)
+    monkeypatch.setattr(prune_cmds, "load_data_for", lambda *a, **k: _Data())
+    (_, _), kw = _run(["curve", "-o", str(tmp_path / "c")])
+    sig = inspect.signature(importlib.import_module("metaprune.pruning.curve").prunability_curve)
+    for name, value in kw.items():
+        default = sig.parameters[name].default
+        if name == "device":  # the CLI resolves it first
+            assert value == resolve_device(default)
+        else:
+            assert value == default, name

@@ -94,6 +94,19 @@ def test_scale_edit_refuses_eval_mode_bn(tmp_path):
 
     with pytest.raises(ConfigError, match="bn-eval"):
         meta_train(tmp_path, None, tmp_path / "o", MetaTrainConfig(bn_eval=True), MetanetConfig(edit="scale"))
+    with pytest.raises(ConfigError, match="bn-eval"):  # the default network is the scale edit
+        meta_train(tmp_path, None, tmp_path / "o", MetaTrainConfig(bn_eval=True))
+
+
+def test_configs_written_before_the_defaults_changed_load_as_written():
+    """An edit checkpoint from before the `edit` option is the residual edit; a score network records the
+    residual / 0.05 it always recorded (its checkpoints and resume fingerprints stay the same)."""
+    old = {"hidden": 8, "layers": 1, "rho": 0.05, "output": "edit"}
+    assert MetanetConfig.from_dict(old).edit == "residual"
+    assert MetanetConfig.from_dict({**old, "edit": "scale", "rho": 1.0}).edit == "scale"
+    score = MetanetConfig(hidden=8, layers=1, output="score")
+    assert (score.edit, score.rho) == ("residual", 0.05)
+    assert MetanetConfig(hidden=8, layers=1, output="score", edit="scale", rho=2.0) == score
 
 
 def test_rho_default_follows_the_edit():

@@ -84,7 +84,7 @@ def test_random_is_seeded(adapted):
     assert not torch.equal(random_importance(groups[1], 3)[:16], random_importance(groups[2], 3)[:16])
 
 
-WEIGHT_CRITERIA = [c for c in CRITERIA if c != "gate"]  # gate learns on data: tests/spa/test_gate.py
+WEIGHT_CRITERIA = [c for c in CRITERIA if c != "gate"]  # gate learns on data: tests/spa/test_adapt_gate.py
 
 
 @pytest.mark.parametrize("criterion", WEIGHT_CRITERIA)
@@ -100,6 +100,12 @@ def test_step_keep_keeps_the_top_scored(adapted, criterion):
     for o in others:  # the criterion given is the one used: the kept sets differ from the other criteria's
         ko = step_keep(m, groups, 0.5, criterion=o, seed=7)
         assert any(not torch.equal(keep[g.root], ko[g.root]) for g in groups), (criterion, o)
+
+
+def test_gate_needs_data(adapted):
+    m, groups = adapted
+    with pytest.raises(ConfigError, match="learns its ranking on data"):
+        step_keep(m, groups, 0.5, criterion="gate")
 
 
 @pytest.mark.parametrize("bad", ["taylor", "metanet", "L2", "nope", 3])

@@ -13,7 +13,7 @@ from metaprune.models import create_model
 from metaprune.pruning.gate import GatedForward
 from spa import adapt_model
 from spa.gate import gate_groups, gate_step_keep
-from spa.masks import current_keep, step_keep
+from spa.masks import current_keep, keep_count, step_keep
 from spa.methods import get_method
 from spa.prune import apply_masks, build_graph, channel_groups, layer_masks
 
@@ -151,4 +151,21 @@ def test_removed_units_stay_out_of_every_step(source_path, monkeypatch):
             assert not bool(x[~a].any()), g.root
     for gates in seen[1::2]:  # the gated passes: u in [0.475, 0.5]
         for g, x in zip(groups, gates):
-            assert int(g.size * 0.5) <= int((x > 0).sum()) <= int(g.size * 0.525), g.root
+            assert keep_count(g.size, 0.5) <= int((x > 0).sum()) <= keep_count(g.size, 0.475), g.root
+
+
+def test_gate_trains_at_the_widths_adapt_builds(monkeypatch):
+    """Heads and channels keep keep_count(size, u) units in every gate step (3 heads at 50 %: 2, as the step keeps)."""
+    m, groups = _adapted(_vit(), (1, 12, 12))
+    seen = []
+    real = GatedForward.set
+    monkeypatch.setattr(GatedForward, "set", lambda self, gates: (seen.append([x.detach().clone() for x in gates]),
+                                                                  real(self, gates))[1])
+    gen = torch.Generator().manual_seed(2)
+    keep, _ = gate_step_keep(m, groups, 0.5, [(torch.randn(8, 1, 12, 12, generator=gen), torch.randint(0, 4, (8,)))],
+                             steps=3, lr=0.05, seed=0)
+    heads = [i for i, g in enumerate(groups) if g.attention]
+    assert heads and all(groups[i].size == 3 and int(keep[groups[i].root].sum()) == 2 for i in heads)
+    for gates in seen[1::2]:
+        for g, x in zip(groups, gates):
+            assert keep_count(g.size, 0.5) <= int((x > 0).sum()) <= keep_count(g.size, 0.475), g.root
