@@ -4,27 +4,21 @@ import json
 
 import pytest
 import torch
+from spa_helpers import trained_adapter
 
 from metaprune.cli import main
 from metaprune.errors import ConfigError
 from metaprune.io import load_model
-from spa import adapt_model, load_bundle
+from spa import load_bundle
 from spa.api import AdaptConfig
 from spa.masks import CRITERIA, functional_importance, importance, random_importance, step_keep
-from spa.methods import get_method
 from spa.prune import ChannelGroup, Member, build_graph, channel_groups
 
 
 @pytest.fixture(scope="module")
 def adapted(source_path):
     src, _ = load_model(source_path)
-    cfg_cls, _ = get_method("splora")
-    m = adapt_model(src.eval(), "splora", cfg_cls(rank=3), num_classes=4, seed=0).eval()
-    torch.manual_seed(5)
-    with torch.no_grad():  # a "trained" adapter: fused weights differ from the source's, BN affine non-trivial
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    m = trained_adapter(src, seed=5)
     dg = build_graph(m, torch.zeros(1, 1, 28, 28))
     return m, channel_groups(m, dg, m.get_submodule(m.spa_head))
 

@@ -5,27 +5,20 @@ import json
 
 import pytest
 import torch
+from spa_helpers import trained_adapter
 from torch import nn
 
 from metaprune.cli import main
 from metaprune.io import load_model
 from metaprune.models import create_model
 from metaprune.pruning.gate import GatedForward
-from spa import adapt_model
 from spa.gate import gate_groups, gate_step_keep
 from spa.masks import current_keep, keep_count, step_keep
-from spa.methods import get_method
 from spa.prune import apply_masks, build_graph, channel_groups, layer_masks
 
 
 def _adapted(src, shape, seed=5):
-    cfg_cls, _ = get_method("splora")
-    m = adapt_model(src.eval(), "splora", cfg_cls(rank=3), num_classes=4, seed=0).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():  # a "trained" adapter: fused weights differ from the source's
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    m = trained_adapter(src, seed=seed)
     dg = build_graph(m, torch.zeros(1, *shape))
     return m, channel_groups(m, dg, m.get_submodule(m.spa_head))
 

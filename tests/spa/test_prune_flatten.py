@@ -4,11 +4,11 @@ group unit of a position is torch-pruning's root index (c), not the position mod
 import copy
 
 import torch
+from spa_helpers import trained_adapter
 from torch import nn
 
-from spa import adapt_model, fuse_model
+from spa import fuse_model
 from spa.masks import functional_importance, step_keep
-from spa.methods import get_method
 from spa.prune import apply_masks, build_graph, channel_groups, layer_masks, physically_prune
 
 
@@ -32,12 +32,7 @@ def _adapted():
     with torch.no_grad():
         src.bn.running_mean.normal_(0, 0.2)
         src.bn.bias.normal_(0, 0.5)
-    cfg_cls, _ = get_method("splora")
-    m = adapt_model(src, "splora", cfg_cls(rank=2), num_classes=3, seed=0).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    m = trained_adapter(src, rank=2, num_classes=3)
     dg = build_graph(m, torch.zeros(1, 1, 8, 8))
     return m, dg, channel_groups(m, dg, m.get_submodule(m.spa_head))
 
