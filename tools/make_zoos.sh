@@ -29,4 +29,7 @@ zoo --model cifar_resnet44 --count 3 --seed 320 -o runs/zoo_train_r44
 # shared core; results/methods_c20.md)
 echo "== converged: --model cifar_resnet20 --count 8 --seed 900 --epochs 5 -o runs/zoo_c20"
 $MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 8 --seed 900 -o runs/zoo_c20
+# converged training members (91.8-92.3 %) for a ranking metanetwork trained at that level (results/methods_c20_convmeta.md)
+$MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 2 --seed 950 -o runs/zoo_ctrain_a
+$MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 2 --seed 960 -o runs/zoo_ctrain_b
 echo done
