@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELD_OUT = ("zoo_h7", "zoo_h7b", "zoo_h56", "zoo_vit_h", "zoo_vit_h2", "zoo_c20")
+HELD_OUT = ("zoo_h7", "zoo_h7b", "zoo_h56", "zoo_vit_h", "zoo_vit_h2", "zoo_c20", "zoo_c20b")
 
 
 def refuse_held_out(zoos=(), members=()) -> None:

@@ -32,4 +32,7 @@ $MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 8 --se
 # converged training members (91.8-92.3 %) for a ranking metanetwork trained at that level (results/methods_c20_convmeta.md)
 $MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 2 --seed 950 -o runs/zoo_ctrain_a
 $MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 2 --seed 960 -o runs/zoo_ctrain_b
+# converged validation members (selection among converged-trained metanetworks) and four more held-out ones
+$MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 6 --seed 980 -o runs/zoo_cval
+$MP zoo --data fashion-mnist --epochs 5 -q --model cifar_resnet20 --count 4 --seed 908 -o runs/zoo_c20b
 echo done
