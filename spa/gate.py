@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from metaprune.engine.runtime import broadcast_object, get_world_size
-from metaprune.pruning.gate import _Group, gate_stats, optimise_gates
-from spa.masks import keep_count
+from metaprune.pruning.config import PruneConfig
+from metaprune.pruning.gate import _Group, gate_ratio_range, gate_stats, optimise_gates
+from spa.masks import current_keep, functional_importance, keep_count
 from spa.methods.base import AdaptedLayer
 from spa.prune import ChannelGroup
 
@@ -28,8 +29,6 @@ def gate_groups(model: nn.Module, groups: list[ChannelGroup]) -> list[_Group]:
     Masking a group's consumer inputs is its removal (spa keeps only groups where it is,
     :func:`spa.prune.channel_groups`); a group no adapted layer reads keeps its functional scores.
     """
-    from spa.masks import functional_importance
-
     mods = dict(model.named_modules())
     out = []
     for g in groups:
@@ -49,13 +48,11 @@ def gate_step_keep(model: nn.Module, groups: list[ChannelGroup], ratio: float, b
     ``batches``: training ``(x, y)`` batches (cycled). Returns ``({group root: bool keep}, gate statistics)``;
     under torchrun every process gets rank 0's masks.
     """
-    from spa.masks import current_keep
-
     t0 = time.perf_counter()
     alive = [current_keep(model, g) for g in groups]
     ggroups = gate_groups(model, groups)
-    lo, hi = 0.95 * ratio, ratio
-    scores, losses = optimise_gates(model, ggroups, batches, steps, (lo, hi), lr, seed=seed,
+    band = gate_ratio_range(PruneConfig(ratio=ratio))  # prune's band for an explicit ratio: [0.95 r, r]
+    scores, losses = optimise_gates(model, ggroups, batches, steps, band, lr, seed=seed,
                                     removed=[~a for a in alive], desc=desc, keep_count=keep_count)
     keep: dict[str, torch.Tensor] = {}
     for g, a, s in zip(groups, alive, scores):
@@ -65,4 +62,5 @@ def gate_step_keep(model: nn.Module, groups: list[ChannelGroup], ratio: float, b
         keep[g.root] = k
     if get_world_size() > 1:  # every process takes rank 0's masks (float ties on different GPUs must not split the model)
         keep = {k: torch.tensor(v, dtype=torch.bool) for k, v in broadcast_object({k: v.tolist() for k, v in keep.items()}).items()}
-    return keep, gate_stats(losses, time.perf_counter() - t0, (lo, hi), lr, len(ggroups), False, True, True)
+    return keep, gate_stats(losses, time.perf_counter() - t0, band, lr, len(ggroups), global_=False,
+                            distill=True, cosine=True)

@@ -33,8 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from metaprune.io import atomic_path, read_json, write_json
-from spa.api import AdaptConfig, adapt_task
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from metaprune.io import atomic_path, read_json, write_json  # noqa: E402
+from spa.api import AdaptConfig, adapt_task  # noqa: E402
+from tools.baselines import _paired  # noqa: E402
 
 DEFAULT_SOURCE = "checkpoints/cifar_resnet20_fmnist.safetensors"
 KEYS = ("test_acc", "val_acc", "learned_params", "bundle_bytes", "dense_pruned_bytes", "bundle_to_dense", "params",
@@ -171,11 +175,9 @@ def criteria_md(out: dict) -> str:
         for c in crits:
             if c == best:
                 continue
-            d = [runs[(ratio, s, c)]["test_acc"] - runs[(ratio, s, best)]["test_acc"] for s in seeds]
-            mean = sum(d) / len(d)
-            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5 if len(d) > 1 else float("nan")
-            w, t = sum(x > 0.005 for x in d), sum(abs(x) <= 0.005 for x in d)
-            lines.append(f"- `{c}` − `{best}`: {mean:+.2f} ± {se:.2f} ({w}/{t}/{len(d) - w - t})")
+            d = _paired([runs[(ratio, s, c)]["test_acc"] - runs[(ratio, s, best)]["test_acc"] for s in seeds])
+            se = f"{d['se']:.2f}" if d["se"] is not None else "n/a"
+            lines.append(f"- `{c}` − `{best}`: {d['mean']:+.2f} ± {se} ({d['wins']}/{d['ties']}/{d['losses']})")
         lines.append("")
     return "\n".join(lines)
 
