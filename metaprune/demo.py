@@ -2,8 +2,9 @@
 
 convert -> transform (metanetwork) -> prunability curves of original vs edited -> channel choice
 at the largest speed-up by L2 magnitude vs ``functional`` (prune's default) vs the per-network ``gate``
-ranking vs the ranking metanetwork (no finetuning, BN recalibrated, seconds side by side) -> prune at 2x
-and 3x MACs -> short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
+ranking vs the ranking metanetwork vs functional with prune-time reconstruction (no finetuning, BN
+recalibrated, seconds side by side) -> prune at 2x and 3x MACs with prune's defaults given training data
+(functional + reconstruction) -> short finetune -> adapt to two tasks (SPLoRA bundles) -> merge -> one summary table and
 ``report.json``. Every number in the table is read back from the per-output reports.
 """
 
@@ -99,6 +100,7 @@ def _load_data(cfg: DemoConfig, model: nn.Module, say):
 
 def run_demo(cfg: DemoConfig, say=print) -> dict:
     """Run the pipeline; write every output and ``report.json`` under ``cfg.output``; return the report."""
+    from metaprune.data.loader import BatchLoader
     from metaprune.engine import TrainConfig, train
     from metaprune.engine.measure import compare_latency
     from metaprune.engine.report import write_report
@@ -171,7 +173,9 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     # 6. prune the edited network at each speed-up, then finetune briefly
     for sp in cfg.speedups:
         t0 = time.time()
-        res = prune(edited.cpu(), PruneConfig(speedup=sp, seed=cfg.seed), input_shape=(data.in_chans, 28, 28))
+        calib = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=cfg.seed)
+        res = prune(edited.cpu(), PruneConfig(speedup=sp, seed=cfg.seed), input_shape=(data.in_chans, 28, 28),
+                    calibration=calib)  # prune's defaults with --data: functional ranking + reconstruction
         pruned = res.model
         if cfg.finetune_epochs > 0:
             tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=0.01, schedule="cosine", device=str(device),
@@ -182,10 +186,14 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
         p = _measure(pruned, data, device, cfg)
         timed[name] = pruned
         sub_reports[name] = (f"{name}_report.json", {"command": "prune", "speedup_target": sp,
-                                                     "mac_speedup": s["macs"] / p["macs"], "model": p, "before": s})
+                                                     "mac_speedup": s["macs"] / p["macs"], "model": p, "before": s,
+                                                     "reconstruct": {k: v for k, v in res.info.get("reconstruct", {}).items()
+                                                                     if k != "per_layer"}})
         rows.append(_row(name, "model", ppath, out / f"{name}_report.json", p["test_acc"], p["params"], p["macs"],
                          None, ppath.stat().st_size, tag))
-        stage(f"prune {sp:g}x", t0, f"{s['macs'] / p['macs']:.2f}x fewer MACs, {p['test_acc']:.2f}% test after finetune")
+        rec = res.info.get("reconstruct", {})
+        stage(f"prune {sp:g}x", t0, f"{s['macs'] / p['macs']:.2f}x fewer MACs, reconstructed "
+              f"{rec.get('layers', 0)} layers, {p['test_acc']:.2f}% test after finetune")
 
     # 7. adapt to tasks (SPLoRA bundles) and merge to dense models
     tasks = list(cfg.tasks) if not data.synthetic else ["synthetic", "synthetic"]
@@ -233,7 +241,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
 def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[str, dict]:
     """Prune ``source`` to the largest speed-up with each channel ranking (``l2``; ``functional``, prune's
     default; ``gate``, learned on training batches; ``metanet``, one pass of the ranking metanetwork when
-    ``cfg.rank_metanet`` is set), recalibrate BatchNorm on 8 training batches and measure test accuracy
+    ``cfg.rank_metanet`` is set) and with ``functional`` plus prune-time reconstruction (what ``prune`` does
+    by default with training data), recalibrate BatchNorm on 8 training batches and measure test accuracy
     without finetuning.
     ``seconds`` is the whole prune call (ranking + target search)."""
     from metaprune.data.loader import BatchLoader
@@ -242,15 +251,17 @@ def compare_criteria(source: nn.Module, data, cfg: DemoConfig, device) -> dict[s
     from metaprune.pruning.curve import recalibrate_bn
 
     sp = max(cfg.speedups)
-    arms = {"l2": {}, "functional": {}, "gate": {"gate_steps": cfg.gate_steps}}
+    off = {"reconstruct": False}
+    arms = {"l2": ("l2", off), "functional": ("functional", off), "gate": ("gate", {"gate_steps": cfg.gate_steps, **off})}
     if cfg.rank_metanet:
-        arms["metanet"] = {"metanet": cfg.rank_metanet}
+        arms["metanet"] = ("metanet", {"metanet": cfg.rank_metanet, **off})
+    arms["functional+reconstruct"] = ("functional", {"reconstruct": True})  # prune's default with --data
     out = {}
-    for name, extra in arms.items():
+    for name, (criterion, extra) in arms.items():
         t0 = time.time()
         calib = (BatchLoader(data.train, 128, shuffle=True, augment=False, seed=cfg.seed, device=device)
-                 if name == "gate" else None)
-        res = prune(source.to(device), PruneConfig(speedup=sp, criterion=name, seed=cfg.seed, **extra),
+                 if criterion == "gate" or extra["reconstruct"] else None)
+        res = prune(source.to(device), PruneConfig(speedup=sp, criterion=criterion, seed=cfg.seed, **extra),
                     input_shape=(data.in_chans, 28, 28), calibration=calib)
         seconds = time.time() - t0
         m = res.model

@@ -58,11 +58,14 @@ def test_demo_fast_on_synthetic_data(tmp_path, capsys):
     # L2 vs functional (prune's default) vs gate vs ranking metanetwork at the largest speed-up, each at the
     # target, in the table
     crit = report["criteria"]
-    assert list(crit) == ["l2", "functional", "gate", "metanet"]
+    assert list(crit) == ["l2", "functional", "gate", "metanet", "functional+reconstruct"]
     line = next(ln for ln in table.splitlines() if ln.startswith("channel choice"))
     for k, v in crit.items():
         assert v["mac_speedup"] == pytest.approx(3.0, rel=0.03) and f"{k} {v['test_acc']:.2f}%" in line
     assert crit["gate"]["seconds"] > crit["l2"]["seconds"]
+    for sp in ("2x", "3x"):  # pruned with prune's defaults given training data: the refit ran
+        rec = json.loads((out / f"pruned_{sp}_report.json").read_text())["reconstruct"]
+        assert rec["auto"] is True and rec["layers"] > 0 and rec["rel_err_after"] <= rec["rel_err_before"]
     pruned = {r["name"]: r for r in report["rows"]}
     assert pruned["pruned_3x"]["macs"] < pruned["pruned_2x"]["macs"] < pruned["source"]["macs"]
 

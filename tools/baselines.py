@@ -622,7 +622,8 @@ def main() -> None:
                     cfg = PruneConfig(speedup=s, criterion="l2", seed=a.seed, round_to=1)
                     pr = prune(sl_model, cfg, input_shape=shape)
                 else:
-                    cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1)
+                    cfg = PruneConfig(speedup=s, criterion=crit, gate_steps=a.gate_steps, seed=a.seed, round_to=1,
+                                      reconstruct=False)  # the +rec arms refit a copy below
                     pr = prune(model, cfg, input_shape=shape, calibration=calib())
                 for k in ("gate", "metanet"):
                     if k in pr.info:

@@ -20,7 +20,7 @@ from metaprune.cli.common import (
 from metaprune.errors import ConfigError
 
 
-def _add_prune_options(p: argparse.ArgumentParser) -> None:
+def _add_prune_options(p: argparse.ArgumentParser, reconstruct_default) -> None:
     from metaprune.pruning.config import CRITERIA, PruneConfig  # the library's defaults are the CLI's
 
     p.add_argument("--criterion", default=PruneConfig.criterion, choices=list(CRITERIA),
@@ -32,10 +32,14 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metanet", help="score-metanetwork folder of --criterion metanet (e.g. checkpoints/metanet_rank_fmnist)")
     p.add_argument("--gate-steps", type=int, default=PruneConfig.gate_steps,
                    help="training steps (batches of 128) of --criterion gate")
-    p.add_argument("--reconstruct", action="store_true",
+    auto = reconstruct_default == "auto"
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=reconstruct_default,
                    help="after pruning, refit the layers reading pruned channels by least squares so their outputs "
-                   "match the unpruned model's on calibration batches, then recalibrate BatchNorm (needs --data)")
-    p.add_argument("--reconstruct-batches", type=int, default=8, help="calibration batches (of 128) of --reconstruct")
+                   "match the unpruned model's on calibration batches, then recalibrate BatchNorm (needs --data)"
+                   + ("; default: on with --data (the best method measured, README), off without; "
+                      "--no-reconstruct skips it" if auto else "; default: off"))
+    p.add_argument("--reconstruct-batches", type=int, default=PruneConfig.reconstruct_batches,
+                   help="calibration batches (of 128) of --reconstruct")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank all layers together (non-uniform widths) instead of the same share per layer")
     p.add_argument("--ignore", action="append", default=[], metavar="NAME",
@@ -52,7 +56,7 @@ def register(sub) -> None:
     tgt.add_argument("--ratio", type=float, help="share of prunable channels (and heads) removed, 0 < R < 1")
     tgt.add_argument("--speedup", type=float, help="prune until base MACs / pruned MACs reaches S (within 2%%)")
     tgt.add_argument("--params-ratio", type=float, help="prune until base params / pruned params reaches P")
-    _add_prune_options(p)
+    _add_prune_options(p, "auto")  # PruneConfig.reconstruct (tests/cli/test_defaults.py)
     p.add_argument("--round-to", default="auto", metavar="auto|block|N",
                    help="widths the hardware can use: 'auto' (default) keeps a multiple that suits the device and "
                    "dtype (CPU fp32 AVX2/AVX-512: 8, CUDA fp16/bf16: 8, CUDA fp32: 4; smaller for narrow layers; "
@@ -90,7 +94,7 @@ def register(sub) -> None:
                        "batches, measure validation accuracy; writes OUT/curve.json and OUT/curve.png.")
     p.add_argument("model", nargs="?", help="model file (default: the shipped checkpoint)")
     add_data(p, default="fashion-mnist")
-    _add_prune_options(p)
+    _add_prune_options(p, False)  # prunability_curve's default (tests/cli/test_defaults.py)
     p.add_argument("--max-speedup", type=float, default=3.0, help="right end of the curve and of its AUC")
     p.add_argument("--steps", type=int, default=6, help="number of pruned points")
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per point (0: all)")
@@ -142,7 +146,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         probe, _ = load_model(src, trust_pickle=args.trust_pickle)
         data = load_data_for(args, probe)
-    elif args.finetune_epochs or args.criterion in ("taylor", "gate") or args.reconstruct:
+    elif args.finetune_epochs or args.criterion in ("taylor", "gate") or args.reconstruct is True:
         raise ConfigError("--finetune-epochs, --criterion taylor / gate and --reconstruct need --data")
     ft = train_config(args, epochs=args.finetune_epochs) if args.finetune_epochs else None
     status(args, f"prune: {src} ({cfg.target[0]} {cfg.target[1]:g}, criterion {cfg.criterion})")

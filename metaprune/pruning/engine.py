@@ -278,7 +278,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
         config: the target (ratio, speed-up or params reduction) and how to rank channels.
         example_input: a batch of the model's input (only its first sample is used for tracing);
             or give ``input_shape`` (C, H, W); default: the architecture's input size.
-        calibration: ``(x, y)`` batches, needed by the ``taylor`` criterion.
+        calibration: ``(x, y)`` batches, needed by the ``taylor`` and ``gate`` criteria and by
+            reconstruction (which ``config.reconstruct="auto"``, the default, turns on when they are given).
         inplace: prune ``model`` itself (a plain ratio only); by default the input is left untouched.
 
     A speed-up / params target is reached by bisection over the channel ratio (each trial prunes
@@ -291,6 +292,13 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     multiple, round_info = rounding.resolve(config.round_to, model)  # "auto": the device/dtype table
     config = replace(config, round_to=multiple if multiple > 1 else None)
     check_criterion(config.criterion, model, calibration is not None)
+    skipped_rec, auto_rec = None, config.reconstruct == "auto"
+    if auto_rec:  # on with calibration batches, where the dependency graph allows it
+        rec = calibration is not None and not customized_pruners(model)
+        if calibration is not None and not rec:
+            skipped_rec = {"skipped": f"not available for {type(model).__name__} (its own torch-pruning pruners)",
+                           "auto": True}
+        config = replace(config, reconstruct=rec)
     if customized_pruners(model) and (config.criterion == "gate" or config.reconstruct):
         what = "criterion 'gate'" if config.criterion == "gate" else "--reconstruct"
         raise PruningError(f"{what} is not available for {type(model).__name__}: it builds its own torch-pruning "
@@ -306,6 +314,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     base = model
     grads = False
     info: dict = {"round_to": round_info}
+    if skipped_rec:
+        info["reconstruct"] = skipped_rec
     if config.reconstruct and calibration is None:
         raise PruningError("--reconstruct refits layers on calibration batches: call prune() with calibration "
                            "(the CLI: --data)")
@@ -356,6 +366,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
         from metaprune.pruning.reconstruct import reconstruct
 
         info["reconstruct"] = reconstruct(original, result.model, calibration, config.reconstruct_batches, x)
+        info["reconstruct"]["auto"] = auto_rec
     from metaprune.pruning.gate import clear_scores
 
     result.history = list(getattr(result.model, HISTORY_ATTR, []) or [])

@@ -35,8 +35,9 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
         source: model file (never modified).
         out_dir: output folder.
         config: the pruning target and criterion.
-        data: when given, accuracy before / after is measured (test split), the ``taylor``
-            criterion draws its batches from ``data.train``, and finetuning uses it.
+        data: when given, accuracy before / after is measured (test split), the ``taylor`` / ``gate``
+            criteria and reconstruction (on by default with data: ``config.reconstruct="auto"``) draw their
+            batches from ``data.train``, and finetuning uses it.
         finetune: a :class:`metaprune.engine.TrainConfig`; with ``epochs > 0`` the pruned model is
             finetuned (best epoch on the validation split).
         latency: measure latency (batch 1 and 64) before and after: True (PyTorch), or the runtimes
@@ -59,6 +60,7 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     if config.criterion == "taylor" and data is not None:
         calib = BatchLoader(data.train, 64, shuffle=False, augment=False, device=dev)
     elif (config.criterion == "gate" or config.reconstruct) and data is not None:  # seeded, shuffled, batch 128
+        # (reconstruct "auto", the default, is truthy: with data the pruned model is refitted)
         calib = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=config.seed, device=dev)
     model = model.to(dev)
     example = torch.randn(1, *shape, device=dev)

@@ -207,6 +207,13 @@ def format_table(report: dict, max_layers: int | None = 40) -> str:
             d = r.get(f"{key}_delta")
             lines.append(f"{key.replace('_', ' '):24s}{_fmt(key, b.get(key)):>16s}{_fmt(key, a.get(key)):>16s}"
                          f"{(f'{d:+.2f} pt' if d is not None else '-'):>10s}")
+    rec = res.get("reconstruct")
+    if isinstance(rec, dict) and "skipped" in rec:
+        lines.append(f"no reconstruction: {rec['skipped']}")
+    elif isinstance(rec, dict):
+        lines.append(f"reconstructed {rec.get('layers', '?')} layers on {rec.get('batches', '?')} calibration batches "
+                     f"in {rec.get('seconds', 0):.1f} s (output error {rec.get('rel_err_before', 0):.3f} -> "
+                     f"{rec.get('rel_err_after', 0):.3f}{'; on by default with --data, --no-reconstruct skips it' if rec.get('auto') else ''})")
     ft = report.get("finetune")
     if ft:
         lines.append(f"finetuned {ft['epochs']} epochs on {ft['data']} (best epoch {ft['best_epoch'] + 1}, "

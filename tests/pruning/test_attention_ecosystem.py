@@ -172,6 +172,12 @@ def test_swin_search_target_and_gate_refused():
     calib = [(torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(PruningError, match="criterion 'gate' is not available for SwinTransformer"):
         prune(model, PruneConfig(ratio=0.3, criterion="gate"), calibration=calib)
+    with pytest.raises(PruningError, match="--reconstruct is not available for SwinTransformer"):
+        prune(model, PruneConfig(ratio=0.3, reconstruct=True), calibration=calib)
+    with warnings.catch_warnings():  # the default ("auto") skips the refit here and says so
+        warnings.simplefilter("ignore")
+        res = prune(model, PruneConfig(ratio=0.3), calibration=calib)
+    assert "not available for SwinTransformer" in res.info["reconstruct"]["skipped"]
 
 
 def test_edited_attention_widths_are_refused():

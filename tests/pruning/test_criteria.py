@@ -216,6 +216,35 @@ def test_reconstruction_lowers_the_output_error():
     assert later["layers"] == 3 and abs(later["rel_err_after"] - info["rel_err_after"]) < 1e-6
 
 
+def test_reconstruction_is_on_by_default_with_calibration_batches():
+    """``reconstruct="auto"`` (the default): given calibration batches, prune refits exactly as with True;
+    without them it prunes exactly as with False (no error)."""
+    net = _conv_net()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 1, 12, 12, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    assert PruneConfig(ratio=0.5).reconstruct == "auto"
+    kw = dict(round_to=1, ratio=0.5, reconstruct_batches=2)
+    auto = prune(net, PruneConfig(**kw), input_shape=(1, 12, 12), calibration=batches)
+    on = prune(net, PruneConfig(**kw, reconstruct=True), input_shape=(1, 12, 12), calibration=batches)
+    off = prune(net, PruneConfig(**kw, reconstruct=False), input_shape=(1, 12, 12), calibration=batches)
+    assert auto.info["reconstruct"]["auto"] is True and on.info["reconstruct"]["auto"] is False
+    assert auto.info["reconstruct"]["layers"] == 3 and "reconstruct" not in off.info
+    for a, b in zip(auto.model.state_dict().values(), on.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not torch.equal(auto.model[3].weight, off.model[3].weight)  # conv 3 read pruned channels: refitted
+    free = prune(net, PruneConfig(**kw), input_shape=(1, 12, 12))  # no batches: plain pruning
+    assert "reconstruct" not in free.info
+    assert all(torch.equal(a, b) for a, b in zip(free.model.state_dict().values(),
+                                                 prune(net, PruneConfig(**kw, reconstruct=False),
+                                                       input_shape=(1, 12, 12)).model.state_dict().values()))
+
+
+@pytest.mark.parametrize("value", ["yes", "on", 2, None])
+def test_reconstruct_setting_is_checked(value):
+    with pytest.raises(ConfigError, match="reconstruct"):
+        PruneConfig(ratio=0.5, reconstruct=value)
+
+
 def test_reconstruction_needs_data():
     with pytest.raises(Exception, match="calibration"):
         prune(_conv_net(), PruneConfig(round_to=1, ratio=0.5, reconstruct=True), input_shape=(1, 12, 12))
@@ -249,6 +278,28 @@ def test_cli_gate_and_reconstruct_refuse_without_data(model_file, tmp_path, args
     err = capsys.readouterr().err
     assert err.startswith("error: ") and ("--data" in err or "gate-steps" in err)
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-reconstruct"]])
+def test_cli_reconstructs_by_default_with_data(model_file, tmp_path, flag, capsys):
+    import json
+
+    from metaprune.cli import main
+
+    out = tmp_path / "o"
+    assert main(["prune", model_file, "--ratio", "0.5", "--data", "synthetic", "--eval-batches", "1",
+                 "--reconstruct-batches", "2", "--no-latency", "-o", str(out), *flag]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out
+    if flag:
+        assert rep["config"]["reconstruct"] is False and "reconstruct" not in rep["result"]
+        assert "reconstructed" not in printed
+    else:
+        assert rep["config"]["reconstruct"] == "auto"
+        rec = rep["result"]["reconstruct"]
+        assert rec["auto"] is True and rec["batches"] == 2 and rec["layers"] > 0
+        assert rec["rel_err_after"] <= rec["rel_err_before"]
+        assert "reconstructed" in printed and "--no-reconstruct" in printed
 
 
 def test_cli_gate_reports_its_seconds(model_file, tmp_path):

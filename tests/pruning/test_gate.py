@@ -90,7 +90,7 @@ def test_gate_composes_with_reconstruction(tiny_resnet):
     from metaprune.pruning import prune
 
     batches = _batches(2, 32)
-    cfg = PruneConfig(round_to=1, ratio=0.4, criterion="gate", gate_steps=3, seed=1)
+    cfg = PruneConfig(round_to=1, ratio=0.4, criterion="gate", gate_steps=3, seed=1, reconstruct=False)
     plain = prune(tiny_resnet, cfg, input_shape=(1, 16, 16), calibration=batches)
     rec = prune(tiny_resnet, PruneConfig(round_to=1, ratio=0.4, criterion="gate", gate_steps=3, seed=1, reconstruct=True,
                                          reconstruct_batches=2), input_shape=(1, 16, 16), calibration=batches)
