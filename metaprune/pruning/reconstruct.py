@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from collections.abc import Iterable
 
@@ -125,6 +126,23 @@ def _rows(layer: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[to
     return X, Y
 
 
+CHUNK_ELEMENTS = 1 << 24  # design-matrix elements per chunk (128 MB in float64)
+
+
+def _chunks(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` split along the batch so that one chunk's design matrix holds at most ~``CHUNK_ELEMENTS``
+    (a VGG-16 layer at 224 px has 50,176 rows of 577 columns per image: a whole batch of 128 as one
+    float64 matrix would take 30 GB). Summing the chunks' normal equations gives the same fit."""
+    if isinstance(layer, nn.Conv2d):
+        k = layer.in_channels // layer.groups * math.prod(layer.kernel_size) + 1
+        per_sample = math.prod(y.shape[2:]) * k
+    else:
+        per_sample = math.prod(x.shape[1:-1]) * (x.shape[-1] + 1)
+    n = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    for i in range(0, len(x), n):
+        yield x[i:i + n], y[i:i + n]
+
+
 def _weight_matrix(layer: nn.Module) -> torch.Tensor:
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     if layer.bias is not None:
@@ -225,11 +243,12 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable[tuple[
                 y = _capture(orig, olay, x, output=True)
                 if out_idx is not None:
                     y = y.index_select(1 if isinstance(lay, nn.Conv2d) else -1, out_idx.to(device))
-                X, Y = _rows(lay, xin, y)
-                X, Y = X.double(), Y.double()
-                A = X.t() @ X if A is None else A + X.t() @ X
-                B = X.t() @ Y if B is None else B + X.t() @ Y
-                yy += float((Y * Y).sum())
+                for xc, yc in _chunks(lay, xin, y):
+                    X, Y = _rows(lay, xc, yc)
+                    X, Y = X.double(), Y.double()
+                    A = X.t() @ X if A is None else A + X.t() @ X
+                    B = X.t() @ Y if B is None else B + X.t() @ Y
+                    yy += float((Y * Y).sum())
             w0 = _weight_matrix(lay)
             if w0.shape[0] != A.shape[0] or w0.shape[1] != B.shape[1]:
                 raise PruningError(f"reconstruction of {name}: shapes do not match ({tuple(w0.shape)} vs "
