@@ -130,6 +130,11 @@ def _coerce(action: argparse.Action | None, key: str, value, path: Path):
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: {flag} is a switch; write true or false, not {value!r}")
         return value
+    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x, maybe with an "auto" default
+        if isinstance(value, bool) or (value == "auto" and action.default == "auto"):
+            return value
+        also = " or auto" if action.default == "auto" else ""
+        raise ConfigError(f"{path}: {flag} is a switch; write true or false{also}, not {value!r}")
     if isinstance(action, argparse._AppendAction):  # noqa: SLF001
         items = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):

@@ -127,6 +127,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                               "prune without --task, or install/update spa") from None
         if args.ratio is None:
             raise ConfigError("--task needs --ratio (the share of channels the adapters prune)")
+        if args.reconstruct is True:
+            raise ConfigError("--reconstruct refits a pruned model; with --task the adapters are trained on each task "
+                              "instead (spa): leave out --reconstruct")
         results = adapt_tasks(src, args.task, args.method, args.ratio, args.output, args)
         for task, res in zip(args.task, results or []):
             print(f"{task}: bundle {getattr(res, 'bundle_dir', res)}")

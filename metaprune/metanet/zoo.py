@@ -117,7 +117,7 @@ def load_member(path: str | Path) -> tuple[nn.Module, dict]:
 def _initial_prune(model: nn.Module, data: DataSplits, cfg: ZooConfig, out: Path) -> tuple[nn.Module, float]:
     from metaprune.pruning import PruneConfig, prune  # the pruning stage owns this
 
-    res = prune(model, PruneConfig(speedup=cfg.init_speedup, input_shape=input_shape(model, data)))
+    res = prune(model, PruneConfig(speedup=cfg.init_speedup), input_shape=input_shape(model, data))
     pruned = getattr(res, "model", res)
     ft = TrainConfig(**{**asdict(cfg.train), "epochs": cfg.finetune_epochs, "lr": cfg.train.lr * 0.1})
     pruned = train(pruned, data, ft, out_dir=out / "finetune", desc="zoo finetune").model

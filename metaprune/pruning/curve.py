@@ -91,6 +91,8 @@ def prunability_curve(model: nn.Module, data: DataSplits, max_speedup: float = 3
         divided by the unpruned accuracy. Deterministic for a given seed.
     """
     check_curve_options(max_speedup, steps, val_batches, calib_batches, batch_size)
+    if not isinstance(reconstruct, bool):  # "auto" / "false" from a preset would be truthy
+        raise ConfigError(f"curve's reconstruct must be true or false, not {reconstruct!r}")
     val_batches = val_batches or None  # 0: the whole validation split (as on the command line)
     device = resolve_device(device)  # the defaults are `metaprune curve`'s: auto = CUDA when present
     torch.manual_seed(seed)

@@ -270,7 +270,8 @@ def _check_runs(model: nn.Module, x, signature: dict, keep_output: bool) -> None
 def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | None = None,
           input_shape: tuple[int, ...] | None = None,
           calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-          inplace: bool = False) -> PruneResult:
+          inplace: bool = False,
+          reconstruct_calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> PruneResult:
     """Prune ``model`` structurally to ``config``'s target and return the smaller model.
 
     Args:
@@ -281,6 +282,8 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
         calibration: ``(x, y)`` batches, needed by the ``taylor`` and ``gate`` criteria and by
             reconstruction (which ``config.reconstruct="auto"``, the default, turns on when they are given).
         inplace: prune ``model`` itself (a plain ratio only); by default the input is left untouched.
+        reconstruct_calibration: the refit's batches, when they should differ from ``calibration`` (the CLI
+            gives ``taylor`` batches of 64 in file order and the refit seeded, shuffled batches of 128).
 
     A speed-up / params target is reached by bisection over the channel ratio (each trial prunes
     a fresh copy); the result is within ``config.tolerance`` of the target where the model's
@@ -293,12 +296,19 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     config = replace(config, round_to=multiple if multiple > 1 else None)
     check_criterion(config.criterion, model, calibration is not None)
     skipped_rec, auto_rec = None, config.reconstruct == "auto"
+    rec_batches = calibration if reconstruct_calibration is None else reconstruct_calibration
     if auto_rec:  # on with calibration batches, where the dependency graph allows it
-        rec = calibration is not None and not customized_pruners(model)
-        if calibration is not None and not rec:
-            skipped_rec = {"skipped": f"not available for {type(model).__name__} (its own torch-pruning pruners)",
-                           "auto": True}
-        config = replace(config, reconstruct=rec)
+        why = None
+        if rec_batches is None:
+            pass
+        elif customized_pruners(model):
+            why = f"not available for {type(model).__name__} (its own torch-pruning pruners)"
+        elif rec_batches is calibration and iter(calibration) is calibration and config.criterion in ("taylor", "gate"):
+            why = (f"the calibration batches are a one-shot iterator that criterion {config.criterion!r} consumes; "
+                   "pass a list or a DataLoader to refit")
+        if why:
+            skipped_rec = {"skipped": why, "auto": True}
+        config = replace(config, reconstruct=rec_batches is not None and why is None)
     if customized_pruners(model) and (config.criterion == "gate" or config.reconstruct):
         what = "criterion 'gate'" if config.criterion == "gate" else "--reconstruct"
         raise PruningError(f"{what} is not available for {type(model).__name__}: it builds its own torch-pruning "
@@ -316,7 +326,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     info: dict = {"round_to": round_info}
     if skipped_rec:
         info["reconstruct"] = skipped_rec
-    if config.reconstruct and calibration is None:
+    if config.reconstruct and rec_batches is None:
         raise PruningError("--reconstruct refits layers on calibration batches: call prune() with calibration "
                            "(the CLI: --data)")
     original = copy.deepcopy(model) if (config.reconstruct and inplace) else model
@@ -365,7 +375,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     if config.reconstruct:
         from metaprune.pruning.reconstruct import reconstruct
 
-        info["reconstruct"] = reconstruct(original, result.model, calibration, config.reconstruct_batches, x)
+        info["reconstruct"] = reconstruct(original, result.model, rec_batches, config.reconstruct_batches, x)
         info["reconstruct"]["auto"] = auto_rec
     from metaprune.pruning.gate import clear_scores
 

@@ -72,3 +72,19 @@ def test_config_strings_convert_to_the_option_type():
 
     act = argparse.ArgumentParser().add_argument("--lr", type=float)
     assert _coerce(act, "lr", "1e-3", Path("p.yaml")) == 1e-3
+
+
+@pytest.mark.parametrize("command,value,ok", [("prune", True, True), ("prune", False, True), ("prune", "auto", True),
+                                              ("curve", False, True), ("curve", "auto", False),
+                                              ("curve", "false", False), ("prune", "yes", False)])
+def test_preset_reconstruct_switch(command, value, ok):
+    """`reconstruct` is a --x / --no-x switch: true / false (and auto where that is its default, prune)."""
+    from metaprune.cli.common import _coerce
+    from metaprune.errors import ConfigError
+
+    action = next(a for a in _subparser(build_parser(), command)._actions if a.dest == "reconstruct")
+    if ok:
+        assert _coerce(action, "reconstruct", value, Path("p.yaml")) is value
+    else:
+        with pytest.raises(ConfigError, match="switch"):
+            _coerce(action, "reconstruct", value, Path("p.yaml"))

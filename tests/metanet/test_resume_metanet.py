@@ -243,3 +243,14 @@ def test_vit_zoo_builds_at_the_data_s_image_size_with_adamw(data, tmp_path):
     model, _ = load_member(tmp_path / "member_000")
     assert model.metaprune_arch["args"]["image_size"] == 16 and res[0]["arch"] == "vit_tiny_p4"
     assert json.loads((tmp_path / "zoo.json").read_text())["config"]["train"]["optimizer"] == "adamw"
+
+
+def test_zoo_with_initial_pruning(data, tmp_path):
+    """--init-speedup prunes every member to that MAC speed-up (then a short finetune) before it is stored."""
+    res = build_zoo(_zoo_cfg(count=1, init_speedup=2.0, finetune_epochs=1), data, tmp_path / "z")
+    assert res[0]["speedup"] == pytest.approx(2.0, rel=0.05)
+    model, metrics = load_member(tmp_path / "z" / "member_000")
+    from metaprune.models import create_model
+
+    full = sum(p.numel() for p in create_model("cifar_resnet20", num_classes=4, in_chans=1).parameters())
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"] < 0.7 * full

@@ -239,6 +239,53 @@ def test_reconstruction_is_on_by_default_with_calibration_batches():
                                                        input_shape=(1, 12, 12)).model.state_dict().values()))
 
 
+def test_default_refit_with_taylor_uses_its_own_batches(monkeypatch):
+    """taylor's gradient batches may differ from the refit's (the CLI: 64 in file order vs seeded 128); a
+    one-shot iterator that the criterion consumes is not refitted on (skipped with a note, no error)."""
+    from metaprune.pruning import reconstruct as rec_mod
+
+    net = _conv_net()
+    g = torch.Generator().manual_seed(3)
+    small = [(torch.randn(4, 1, 12, 12, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    big = [(torch.randn(16, 1, 12, 12, generator=g), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    seen = []
+    real = rec_mod.reconstruct
+    monkeypatch.setattr(rec_mod, "reconstruct", lambda o, p, b, *a, **k: seen.append(len(next(iter(b))[0])) or real(o, p, b, *a, **k))
+    cfg = PruneConfig(round_to=1, ratio=0.5, criterion="taylor", reconstruct_batches=2)
+    res = prune(net, cfg, input_shape=(1, 12, 12), calibration=small, reconstruct_calibration=big)
+    assert seen == [16] and res.info["reconstruct"]["batches"] == 2
+    once = prune(net, cfg, input_shape=(1, 12, 12), calibration=iter(small))
+    assert "one-shot" in once.info["reconstruct"]["skipped"] and seen == [16]
+    assert prune(net, cfg, input_shape=(1, 12, 12), calibration=small).info["reconstruct"]["layers"] == 3
+
+
+def test_cli_taylor_refits_on_seeded_batches_of_128(model_file, tmp_path, monkeypatch):
+    from metaprune.cli import main
+    from metaprune.pruning import reconstruct as rec_mod
+
+    seen = []
+    real = rec_mod.reconstruct
+    monkeypatch.setattr(rec_mod, "reconstruct", lambda o, p, b, *a, **k: seen.append(len(next(iter(b))[0])) or real(o, p, b, *a, **k))
+    assert main(["prune", model_file, "--ratio", "0.5", "--criterion", "taylor", "--data", "synthetic",
+                 "--eval-batches", "1", "--reconstruct-batches", "1", "--no-latency", "-o", str(tmp_path / "o"), "-q"]) == 0
+    assert seen == [128]
+
+
+def test_curve_reconstruct_must_be_a_bool(synthetic_data, tiny_resnet):
+    from metaprune.pruning import prunability_curve
+
+    with pytest.raises(ConfigError, match="true or false"):
+        prunability_curve(tiny_resnet, synthetic_data, max_speedup=2.0, steps=1, reconstruct="false")
+
+
+def test_cli_task_refuses_an_explicit_reconstruct(model_file, tmp_path, capsys):
+    from metaprune.cli import main
+
+    assert main(["prune", model_file, "--ratio", "0.5", "--task", "fmnist-tops", "--reconstruct",
+                 "-o", str(tmp_path / "b")]) == 2
+    assert "leave out --reconstruct" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["yes", "on", 2, None])
 def test_reconstruct_setting_is_checked(value):
     with pytest.raises(ConfigError, match="reconstruct"):
