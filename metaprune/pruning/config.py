@@ -55,10 +55,10 @@ class PruneConfig:
             calibration batches (the CLI: ``--data``) and the model's dependency graph allows it (not
             torchvision's Swin / MaxViT, where it is skipped and ``info["reconstruct"]`` says so), off
             without them; ``True``: always (calibration batches required); ``False``: never. It is the
-            default because it was the best method measured: at 3x MACs on held-out ResNet-20s +1.43 +- 0.19
-            points after the 80-step finetune (8 converged members, results/methods_c20.md), +2.5 to +3.8
+            default because it was the best method measured: at 3x MACs on held-out ResNet-20s +1.38 +- 0.20
+            points after the 80-step finetune (12 converged members, results/methods_c20.md), +2.5 to +3.8
             on 6 four-epoch ResNet-20s and +2.7 on 6 ResNet-56s (results/reconstruct_r*.md), +4.3 on 5 small
-            ViTs (results/methods_vit.md); without finetuning 89.8 % where the ranking alone keeps 48 %.
+            ViTs (results/methods_vit.md); without finetuning 89.7 % where the ranking alone keeps 48-50 %.
         reconstruct_batches: calibration batches used by ``reconstruct``.
         metanet: folder of a score metanetwork (``criterion="metanet"``: one forward pass of it on the model's
             graph gives every channel's score; see :mod:`metaprune.metanet.rank`).
