@@ -152,7 +152,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif args.finetune_epochs or args.criterion in ("taylor", "gate") or args.reconstruct is True:
         raise ConfigError("--finetune-epochs, --criterion taylor / gate and --reconstruct need --data")
     ft = train_config(args, epochs=args.finetune_epochs) if args.finetune_epochs else None
-    status(args, f"prune: {src} ({cfg.target[0]} {cfg.target[1]:g}, criterion {cfg.criterion})")
+    refit = data is not None and cfg.reconstruct is not False
+    status(args, f"prune: {src} ({cfg.target[0]} {cfg.target[1]:g}, criterion {cfg.criterion}"
+           + (", then reconstruction on the training data (--no-reconstruct skips it)" if refit else "") + ")")
     report = prune_file(src, Path(args.output), cfg, data=data, finetune=ft, device=args.device,
                         latency=runtimes, eval_batches=args.eval_batches, trust_pickle=args.trust_pickle)
     if args.json:

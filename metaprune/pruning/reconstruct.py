@@ -233,7 +233,9 @@ def reconstruct(original: nn.Module, pruned: nn.Module, batches: Iterable[tuple[
         m.momentum = 0.0
     per_layer = {}
     try:
-        for name in layers:
+        from metaprune.engine.runtime import progress
+
+        for name in progress(layers, desc="reconstruct", total=len(layers)):
             lay, olay = pmods[name], omods[name]
             out_idx = kept.get((name, "out"))
             A = B = None

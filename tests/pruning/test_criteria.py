@@ -286,6 +286,19 @@ def test_cli_task_refuses_an_explicit_reconstruct(model_file, tmp_path, capsys):
     assert "leave out --reconstruct" in capsys.readouterr().err
 
 
+def test_reconstruction_shows_progress(monkeypatch):
+    """The refit (on by default with data) walks its layers under a progress bar."""
+    from metaprune.engine import runtime
+
+    seen = []
+    real = runtime.progress
+    monkeypatch.setattr(runtime, "progress", lambda it, desc="", **k: seen.append((desc, k.get("total"))) or real(it, desc, **k))
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 1, 12, 12, generator=g), torch.zeros(8, dtype=torch.long))]
+    res = prune(_conv_net(), PruneConfig(round_to=1, ratio=0.5), input_shape=(1, 12, 12), calibration=batches)
+    assert ("reconstruct", res.info["reconstruct"]["layers"]) in seen
+
+
 @pytest.mark.parametrize("value", ["yes", "on", 2, None])
 def test_reconstruct_setting_is_checked(value):
     with pytest.raises(ConfigError, match="reconstruct"):
@@ -358,7 +371,9 @@ def test_cli_reconstructs_by_default_with_data(model_file, tmp_path, flag, capsy
     assert main(["prune", model_file, "--ratio", "0.5", "--data", "synthetic", "--eval-batches", "1",
                  "--reconstruct-batches", "2", "--no-latency", "-o", str(out), *flag]) == 0
     rep = json.loads((out / "report.json").read_text())
-    printed = capsys.readouterr().out
+    cap = capsys.readouterr()
+    printed = cap.out
+    assert ("then reconstruction" in cap.err) is not bool(flag)  # the status line says what will run
     if flag:
         assert rep["config"]["reconstruct"] is False and "reconstruct" not in rep["result"]
         assert "reconstructed" not in printed
