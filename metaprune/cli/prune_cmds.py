@@ -20,8 +20,13 @@ from metaprune.cli.common import (
 from metaprune.errors import ConfigError
 
 
-def _add_prune_options(p: argparse.ArgumentParser, reconstruct_default) -> None:
+def _add_prune_options(p: argparse.ArgumentParser, reconstruct_default=None) -> None:
+    """Ranking, refit and layer options of ``prune`` and ``curve``; ``reconstruct_default``: the refit's default
+    (None: :class:`PruneConfig`'s)."""
     from metaprune.pruning.config import CRITERIA, PruneConfig  # the library's defaults are the CLI's
+
+    if reconstruct_default is None:
+        reconstruct_default = PruneConfig.reconstruct
 
     p.add_argument("--criterion", default=PruneConfig.criterion, choices=list(CRITERIA),
                    help="channel importance: functional (default; ||(gamma,beta)|| x ||next layer's input columns||, "
@@ -56,7 +61,7 @@ def register(sub) -> None:
     tgt.add_argument("--ratio", type=float, help="share of prunable channels (and heads) removed, 0 < R < 1")
     tgt.add_argument("--speedup", type=float, help="prune until base MACs / pruned MACs reaches S (within 2%%)")
     tgt.add_argument("--params-ratio", type=float, help="prune until base params / pruned params reaches P")
-    _add_prune_options(p, "auto")  # PruneConfig.reconstruct (tests/cli/test_defaults.py)
+    _add_prune_options(p)
     p.add_argument("--round-to", default="auto", metavar="auto|block|N",
                    help="widths the hardware can use: 'auto' (default) keeps a multiple that suits the device and "
                    "dtype (CPU fp32 AVX2/AVX-512: 8, CUDA fp16/bf16: 8, CUDA fp32: 4; smaller for narrow layers; "

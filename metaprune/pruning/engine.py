@@ -267,6 +267,18 @@ def _check_runs(model: nn.Module, x, signature: dict, keep_output: bool) -> None
     check_outputs(signature, out, keep_output)
 
 
+def _auto_reconstruct_skip(model: nn.Module, criterion: str, calibration, rec_batches) -> str | None:
+    """Why ``reconstruct="auto"`` does not refit although it has batches (None: it refits, or has none)."""
+    if rec_batches is None:
+        return None
+    if customized_pruners(model):
+        return f"not available for {type(model).__name__} (its own torch-pruning pruners)"
+    if rec_batches is calibration and iter(calibration) is calibration and criterion in ("taylor", "gate"):
+        return (f"the calibration batches are a one-shot iterator that criterion {criterion!r} consumes; "
+                "pass a list or a DataLoader to refit")
+    return None
+
+
 def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | None = None,
           input_shape: tuple[int, ...] | None = None,
           calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -295,20 +307,11 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     multiple, round_info = rounding.resolve(config.round_to, model)  # "auto": the device/dtype table
     config = replace(config, round_to=multiple if multiple > 1 else None)
     check_criterion(config.criterion, model, calibration is not None)
-    skipped_rec, auto_rec = None, config.reconstruct == "auto"
+    auto_rec = config.reconstruct == "auto"
     rec_batches = calibration if reconstruct_calibration is None else reconstruct_calibration
+    skipped_rec = _auto_reconstruct_skip(model, config.criterion, calibration, rec_batches) if auto_rec else None
     if auto_rec:  # on with calibration batches, where the dependency graph allows it
-        why = None
-        if rec_batches is None:
-            pass
-        elif customized_pruners(model):
-            why = f"not available for {type(model).__name__} (its own torch-pruning pruners)"
-        elif rec_batches is calibration and iter(calibration) is calibration and config.criterion in ("taylor", "gate"):
-            why = (f"the calibration batches are a one-shot iterator that criterion {config.criterion!r} consumes; "
-                   "pass a list or a DataLoader to refit")
-        if why:
-            skipped_rec = {"skipped": why, "auto": True}
-        config = replace(config, reconstruct=rec_batches is not None and why is None)
+        config = replace(config, reconstruct=rec_batches is not None and skipped_rec is None)
     if customized_pruners(model) and (config.criterion == "gate" or config.reconstruct):
         what = "criterion 'gate'" if config.criterion == "gate" else "--reconstruct"
         raise PruningError(f"{what} is not available for {type(model).__name__}: it builds its own torch-pruning "
@@ -325,7 +328,7 @@ def prune(model: nn.Module, config: PruneConfig, example_input: torch.Tensor | N
     grads = False
     info: dict = {"round_to": round_info}
     if skipped_rec:
-        info["reconstruct"] = skipped_rec
+        info["reconstruct"] = {"skipped": skipped_rec, "auto": True}
     if config.reconstruct and rec_batches is None:
         raise PruningError("--reconstruct refits layers on calibration batches: call prune() with calibration "
                            "(the CLI: --data)")

@@ -56,14 +56,12 @@ def prune_file(source: str | os.PathLike, out_dir: str | os.PathLike, config: Pr
     if data is not None:
         _check_fits(model, data)
     shape = input_shape(model, data)
-    calib = rec_calib = None
+    rec_calib = None
     if data is not None and (config.criterion == "gate" or config.reconstruct):  # seeded, shuffled, batch 128
         # (reconstruct "auto", the default, is truthy: with data the pruned model is refitted)
         rec_calib = BatchLoader(data.train, 128, shuffle=True, augment=False, seed=config.seed, device=dev)
-    if config.criterion == "taylor" and data is not None:
-        calib = BatchLoader(data.train, 64, shuffle=False, augment=False, device=dev)
-    else:
-        calib = rec_calib
+    calib = (BatchLoader(data.train, 64, shuffle=False, augment=False, device=dev)
+             if config.criterion == "taylor" and data is not None else rec_calib)
     model = model.to(dev)
     example = torch.randn(1, *shape, device=dev)
     result = prune(model, config, example_input=example, calibration=calib, reconstruct_calibration=rec_calib)
